@@ -1,0 +1,480 @@
+"""Gateway: wires settings, broker, hub, heartbeats and metrics, and routes requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import logging
+import os
+import secrets
+import time
+from importlib import resources
+from typing import Any
+
+from .auth import AuthError, Identity, TokenVerifier, make_token
+from .broker import MemoryBroker, RedisBroker
+from .broker.base import Broker, BrokerUnavailable
+from .connection import HttpConnection
+from .envelope import EnvelopeError, encode_envelope, parse_envelope, validate_event_type
+from .frames import encode_json_event, encode_retry
+from .heartbeat import HeartbeatScheduler
+from .http import (
+    BadQuery,
+    Request,
+    Response,
+    error_response,
+    json_response,
+    parse_query,
+    stream_head,
+)
+from .hub import ConnectionHub
+from .metrics import Metrics
+from .naming import channel_name, is_valid_id, split_channel
+from .settings import Settings
+
+log = logging.getLogger("sse_gateway")
+conn_log = logging.getLogger("sse_gateway.connection")
+
+RETRY_AFTER_SECONDS = "5"
+MAX_PUBLISH_BATCH = 1000
+# Descriptors kept back from the open-file limit for Redis, the listener, logs and the loop.
+FD_RESERVE = 100
+# Extra sockets (health checks, refused clients) allowed beyond the stream limit.
+FD_SOCKET_SLACK = 50
+
+_PLAIN_PATHS = {"/healthz", "/readyz", "/metrics"}
+_DEV_PATHS = {"/", "/demo"}
+
+
+def effective_connection_limit(configured: int, fd_limit: int) -> int:
+    """Streams one process can hold without running out of file descriptors."""
+    return max(1, min(configured, fd_limit - FD_RESERVE - FD_SOCKET_SLACK))
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        fd_limit: int,
+        connection_limit: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.broker: Broker
+        if settings.redis is None:
+            self.broker = MemoryBroker(self.on_message, self.on_broker_state)
+        else:
+            self.broker = RedisBroker(settings.redis, self.on_message, self.on_broker_state)
+        self.hub = ConnectionHub(self.broker)
+        self.heartbeats = HeartbeatScheduler(settings.keepalive_period)
+        self.verifier = TokenVerifier(
+            secret=settings.jwt_secret,
+            brand_keys=settings.jwt_keys,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+        limit = connection_limit if connection_limit is not None else settings.connection_limit
+        self.connection_limit = effective_connection_limit(limit, fd_limit)
+        self.socket_budget = self.connection_limit + FD_SOCKET_SLACK
+        self.publish_api_key = settings.publish_api_key
+        self.max_body_bytes = min(64 << 20, (settings.max_event_bytes + 512) * MAX_PUBLISH_BATCH)
+        self.open_sockets = 0
+        self.streams = 0
+        self.draining = False
+        self._conn_numbers = itertools.count(1)
+        self._conn_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"
+        self._retry_frame = encode_retry(settings.retry_ms)
+        self._event_ids = _EventIds()
+        self._demo_page: bytes | None = None
+        self._register_gauges()
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("sse_connections", "Open SSE streams.", lambda: self.streams)
+        m.gauge("sse_connection_limit", "Effective stream limit.", lambda: self.connection_limit)
+        m.gauge("sse_broker_connected", "1 when the broker is connected.", self._broker_up)
+        m.gauge("sse_subscribed_channels", "Channels with local clients.", self._channel_count)
+
+    def _broker_up(self) -> float:
+        return 1.0 if self.broker.connected else 0.0
+
+    def _channel_count(self) -> float:
+        return float(self.hub.channel_count)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start()
+        self.heartbeats.start()
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def close_all_streams(self, reason: str = "shutdown") -> None:
+        for stream in self.hub.streams():
+            assert isinstance(stream, HttpConnection)
+            stream.close_stream(reason)
+
+    async def close(self) -> None:
+        self.heartbeats.stop()
+        await self.broker.close()
+
+    def ready_reason(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if not self.broker.connected:
+            return "broker_disconnected"
+        return None
+
+    # --- broker callbacks --------------------------------------------------------------------
+
+    def on_broker_state(self, connected: bool) -> None:
+        if connected:
+            self.metrics.broker_reconnects += 1
+        else:
+            log.warning("broker disconnected: open streams stay open, new ones get 503")
+
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        self.metrics.messages_received += 1
+        try:
+            envelope = parse_envelope(payload, self.settings.max_event_bytes)
+            frame = envelope.encode()
+        except EnvelopeError as exc:
+            self.metrics.invalid_messages[exc.reason] += 1
+            log.warning(
+                "invalid published message dropped: channel=%s reason=%s detail=%s",
+                channel.decode("utf-8", "replace"),
+                exc.reason,
+                exc,
+            )
+            return
+        self.metrics.delivered += self.hub.deliver(channel, frame)
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def handle(self, conn: HttpConnection, request: Request) -> None:
+        path = request.path
+        method = request.method
+        head_only = method == "HEAD"
+        try:
+            if path == "/v1/sse":
+                if method == "GET":
+                    self.open_stream(conn, request)
+                elif method == "OPTIONS":
+                    conn.respond(self.preflight(request), keep_alive=request.keep_alive)
+                else:
+                    conn.respond(_method_not_allowed("GET, OPTIONS"), keep_alive=False)
+                return
+            if path == "/v1/publish" and self.publish_api_key is not None:
+                if method != "POST":
+                    conn.respond(_method_not_allowed("POST"), keep_alive=False)
+                    return
+                conn.begin_async()
+                asyncio.get_running_loop().create_task(self._publish_and_respond(conn, request))
+                return
+            if path in _PLAIN_PATHS or (path in _DEV_PATHS and self.settings.dev):
+                if method not in ("GET", "HEAD"):
+                    conn.respond(_method_not_allowed("GET, HEAD"), keep_alive=False)
+                    return
+                conn.respond(self.plain(path), keep_alive=request.keep_alive, head_only=head_only)
+                return
+            conn.respond(
+                error_response(404, "not_found", f"no route for {path}"),
+                keep_alive=request.keep_alive,
+                head_only=head_only,
+            )
+        except Exception:
+            log.exception("error handling %s %s", method, path)
+            conn.respond(error_response(500, "internal_error", "internal error"), keep_alive=False)
+
+    def plain(self, path: str) -> Response:
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            reason = self.ready_reason()
+            if reason is None:
+                return json_response(200, {"status": "ready"})
+            return json_response(503, {"status": "not_ready", "reason": reason})
+        if path == "/metrics":
+            return Response(
+                200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
+            )
+        return Response(200, self.demo_page(), content_type="text/html; charset=utf-8")
+
+    def demo_page(self) -> bytes:
+        if self._demo_page is None:
+            page = resources.files("sse_gateway").joinpath("static/demo.html").read_text()
+            # Dev mode only: the page comes pre-filled with a sample token and the publish key.
+            secret = self.settings.jwt_secret
+            token = make_token(secret, "demo", "player-1", ttl=24 * 3600) if secret else ""
+            page = page.replace("__TOKEN__", token)
+            page = page.replace("__PUBLISH_KEY__", self.settings.publish_api_key or "")
+            self._demo_page = page.encode("utf-8")
+        return self._demo_page
+
+    # --- CORS --------------------------------------------------------------------------------
+
+    def _origin_check(self, request: Request) -> tuple[list[tuple[str, str]], Response | None]:
+        """CORS headers for an allowed browser origin, or the 403 for one that is not."""
+        origin = request.header(b"origin")
+        if origin is None:
+            return [], None
+        if origin.rstrip("/") in self.settings.cors_origins:
+            return [
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"),
+                ("Vary", "Origin"),
+            ], None
+        host = request.header(b"host")
+        if host is not None and origin in (f"http://{host}", f"https://{host}"):
+            return [], None  # the gateway's own pages (the demo) are same-origin
+        return [], error_response(
+            403, "origin_not_allowed", f"origin {origin} is not allowed (SSE_CORS_ORIGINS)"
+        )
+
+    def preflight(self, request: Request) -> Response:
+        cors, refusal = self._origin_check(request)
+        if refusal is not None:
+            return refusal
+        if not cors:
+            return error_response(400, "bad_request", "a CORS preflight needs an Origin header")
+        cors += [
+            ("Access-Control-Allow-Methods", "GET"),
+            (
+                "Access-Control-Allow-Headers",
+                "Authorization, Last-Event-ID, X-Brand-ID, Cache-Control",
+            ),
+            ("Access-Control-Max-Age", "600"),
+        ]
+        return Response(204, b"", headers=cors)
+
+    # --- streams -----------------------------------------------------------------------------
+
+    def _refuse(self, conn: HttpConnection, response: Response, code: str) -> None:
+        self.metrics.rejected[code] += 1
+        conn.respond(response, keep_alive=False)
+
+    def authenticate(self, request: Request) -> tuple[Identity, list[tuple[str, str]]]:
+        """The identity of a stream request and its CORS headers; raises AuthError."""
+        cors, refusal = self._origin_check(request)
+        if refusal is not None:
+            raise AuthError(403, "origin_not_allowed", json.loads(refusal.body)["message"])
+        try:
+            query = parse_query(request.query_string)
+        except BadQuery as exc:
+            raise AuthError(400, "bad_request", str(exc)) from exc
+        token: str | None = None
+        authorization = request.header(b"authorization")
+        if authorization is not None:
+            scheme, _, credentials = authorization.strip().partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                raise AuthError(401, "invalid_token", "Authorization must be 'Bearer <token>'")
+            token = credentials.strip()
+        elif "token" in query:
+            token = query["token"]
+        if not token:
+            raise AuthError(401, "missing_token", "a token is required (Authorization or ?token=)")
+        identity = self.verifier.verify(token)
+        for claimed in (request.header(b"x-brand-id"), query.get("brand_id")):
+            if claimed is not None and claimed != identity.brand_id:
+                raise AuthError(403, "brand_mismatch", "brand_id does not match the token's brand")
+        return identity, cors
+
+    def open_stream(self, conn: HttpConnection, request: Request) -> None:
+        try:
+            identity, cors = self.authenticate(request)
+        except AuthError as exc:
+            headers: list[tuple[str, str]] = []
+            if exc.status == 401:
+                challenge = 'Bearer realm="sse-gateway"'
+                if exc.code != "missing_token":
+                    challenge += ', error="invalid_token"'
+                headers.append(("WWW-Authenticate", challenge))
+            self._refuse(conn, error_response(exc.status, exc.code, exc.message, headers), exc.code)
+            return
+        retry_after = [("Retry-After", RETRY_AFTER_SECONDS), *cors]
+        if self.draining:
+            response = error_response(503, "draining", "the gateway is shutting down", retry_after)
+            self._refuse(conn, response, "draining")
+            return
+        if self.streams >= self.connection_limit:
+            response = error_response(
+                503, "connection_limit", "the gateway is at its connection limit", retry_after
+            )
+            self._refuse(conn, response, "connection_limit")
+            return
+        if not self.broker.connected:
+            response = error_response(
+                503, "broker_unavailable", "the message broker is not connected", retry_after
+            )
+            self._refuse(conn, response, "broker_unavailable")
+            return
+        self.streams += 1
+        self.metrics.opened += 1
+        conn_no = next(self._conn_numbers)
+        conn.become_stream(
+            channel_name(identity.brand_id, identity.player_id),
+            conn_no,
+            stream_head(cors) + self._retry_frame,
+        )
+        conn_log.info(
+            "stream open id=%s brand=%s player=%s",
+            self.connection_id(conn_no),
+            identity.brand_id,
+            identity.player_id,
+        )
+        self.hub.join(conn, lambda: self._stream_ready(conn, identity))
+
+    def connection_id(self, conn_no: int) -> str:
+        return f"{self._conn_prefix}-{conn_no:x}"
+
+    def _stream_ready(self, conn: HttpConnection, identity: Identity) -> None:
+        """The channel is subscribed: say `connected`, then the stream receives events."""
+        if conn.closed or conn.transport is None:
+            return
+        payload = {
+            "connection_id": self.connection_id(conn.conn_no),
+            "brand_id": identity.brand_id,
+            "player_id": identity.player_id,
+            "heartbeat_interval": self.settings.keepalive_period,
+        }
+        conn.transport.write(encode_json_event("connected", payload))
+        conn.active = True
+        self.heartbeats.add(conn)
+
+    def stream_closed(self, conn: HttpConnection, reason: str) -> None:
+        """Bookkeeping for a stream that ends, whoever ended it. Called once per stream."""
+        self.streams -= 1
+        self.metrics.closed[reason] += 1
+        self.hub.leave(conn)
+        if conn.hb_slot >= 0:
+            self.heartbeats.remove(conn)
+        conn.active = False
+        brand_player = split_channel(conn.channel) or ("?", "?")
+        level = logging.WARNING if reason == "slow_consumer" else logging.INFO
+        conn_log.log(
+            level,
+            "stream close id=%s brand=%s player=%s duration=%.3fs reason=%s",
+            self.connection_id(conn.conn_no),
+            brand_player[0],
+            brand_player[1],
+            time.monotonic() - conn.opened_at,
+            reason,
+        )
+
+    # --- publishing --------------------------------------------------------------------------
+
+    async def _publish_and_respond(self, conn: HttpConnection, request: Request) -> None:
+        try:
+            response = await self.publish_request(request)
+        except Exception:
+            log.exception("publish failed")
+            response = error_response(500, "internal_error", "internal error")
+        conn.respond(response, keep_alive=request.keep_alive)
+        conn.end_async()
+
+    async def publish_request(self, request: Request) -> Response:
+        assert self.publish_api_key is not None
+        authorization = request.header(b"authorization") or ""
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            key.strip().encode(), self.publish_api_key.encode()
+        ):
+            return error_response(
+                401,
+                "invalid_api_key",
+                "Authorization: Bearer <SSE_PUBLISH_API_KEY> required",
+                [("WWW-Authenticate", 'Bearer realm="sse-gateway-publish"')],
+            )
+        try:
+            body = json.loads(request.body)
+        except (ValueError, RecursionError):
+            return error_response(400, "invalid_json", "request body is not JSON")
+        items = body if isinstance(body, list) else [body]
+        if isinstance(body, list) and not 1 <= len(body) <= MAX_PUBLISH_BATCH:
+            return error_response(
+                400, "invalid_batch", f"a batch holds 1 to {MAX_PUBLISH_BATCH} events"
+            )
+        messages: list[tuple[bytes, bytes]] = []
+        for index, item in enumerate(items):
+            prefix = f"[{index}]." if isinstance(body, list) else ""
+            try:
+                messages.append(self._publish_message(item))
+            except _PublishFieldError as exc:
+                status = 413 if exc.field == "data" and exc.too_large else 400
+                code = "payload_too_large" if status == 413 else "invalid_field"
+                return error_response(status, code, f"{prefix}{exc.field}: {exc}")
+        ids: list[str] = []
+        try:
+            for channel, payload in messages:
+                await self.broker.publish(channel, payload)
+                self.metrics.published += 1
+        except BrokerUnavailable as exc:
+            return error_response(
+                503,
+                "broker_unavailable",
+                f"not stored: {exc}",
+                [("Retry-After", RETRY_AFTER_SECONDS)],
+            )
+        ids = [json.loads(payload)["id"] for _, payload in messages]
+        if isinstance(body, list):
+            return json_response(202, {"ids": ids})
+        return json_response(202, {"id": ids[0]})
+
+    def _publish_message(self, item: Any) -> tuple[bytes, bytes]:
+        if not isinstance(item, dict):
+            raise _PublishFieldError("body", "must be a JSON object")
+        brand, player = item.get("brand_id"), item.get("player_id")
+        if not is_valid_id(brand):
+            raise _PublishFieldError("brand_id", "must be 1-64 chars of [A-Za-z0-9_.-]")
+        if not is_valid_id(player):
+            raise _PublishFieldError("player_id", "must be 1-64 chars of [A-Za-z0-9_.-]")
+        try:
+            event_type = validate_event_type(item.get("type"))
+        except EnvelopeError as exc:
+            raise _PublishFieldError("type", str(exc)) from exc
+        if "data" not in item:
+            raise _PublishFieldError("data", "is required (any JSON value)")
+        assert isinstance(brand, str) and isinstance(player, str)
+        payload = encode_envelope(event_type, item["data"], self._event_ids.next())
+        if len(payload) > self.settings.max_event_bytes:
+            raise _PublishFieldError(
+                "data",
+                f"event of {len(payload)} bytes exceeds {self.settings.max_event_bytes}",
+                too_large=True,
+            )
+        return channel_name(brand, player), payload
+
+
+class _PublishFieldError(ValueError):
+    def __init__(self, field: str, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.field = field
+        self.too_large = too_large
+
+
+class _EventIds:
+    """`<unix ms>-<seq>` ids, increasing within a process (the form Redis stream ids take)."""
+
+    __slots__ = ("_last_ms", "_seq")
+
+    def __init__(self) -> None:
+        self._last_ms = 0
+        self._seq = 0
+
+    def next(self) -> str:
+        now = int(time.time() * 1000)
+        if now <= self._last_ms:
+            self._seq += 1
+        else:
+            self._last_ms, self._seq = now, 0
+        return f"{self._last_ms}-{self._seq}"
+
+
+def _method_not_allowed(allow: str) -> Response:
+    return error_response(
+        405, "method_not_allowed", f"method not allowed; use {allow}", [("Allow", allow)]
+    )

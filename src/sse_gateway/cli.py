@@ -1,0 +1,137 @@
+"""`sse-gateway serve` and `sse-gateway token`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .auth import make_token, random_secret
+from .logs import configure_logging
+from .settings import OPTIONS, Settings, SettingsError, load_settings
+
+log = logging.getLogger("sse_gateway")
+
+EXIT_USAGE = 2
+DEV_BRAND = "demo"
+DEV_PLAYER = "player-1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sse-gateway", description="Server-Sent Events gateway fed by Redis Pub/Sub."
+    )
+    parser.add_argument("--version", action="version", version=f"sse-gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Every flag overrides the environment variable named.",
+    )
+    for option in OPTIONS:
+        serve.add_argument(option.flag, dest=option.attr, metavar="VALUE", help=_help(option))
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: throwaway JWT secret and publish key, sample token, demo page",
+    )
+
+    token = commands.add_parser("token", help="print a player token signed with SSE_JWT_SECRET")
+    token.add_argument("--brand", required=True, help="brand id")
+    token.add_argument("--player", required=True, help="player id (the token's sub)")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
+    token.add_argument("--secret", help="HS256 secret (default: $SSE_JWT_SECRET)")
+    return parser
+
+
+def _help(option: object) -> str:
+    from .settings import Option
+
+    assert isinstance(option, Option)
+    return f"{option.help} (env {option.env})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "token":
+        return _token(args)
+    return _serve(args)
+
+
+def _token(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get("SSE_JWT_SECRET")
+    if not secret:
+        print("error: no secret: set SSE_JWT_SECRET or pass --secret", file=sys.stderr)
+        return EXIT_USAGE
+    if args.ttl <= 0:
+        print(f"error: --ttl: invalid value {args.ttl!r}: must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        print(make_token(secret, args.brand, args.player, args.ttl))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {option.attr: getattr(args, option.attr) for option in OPTIONS}
+    try:
+        settings = load_settings(os.environ, flags, dev=args.dev)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.jwt_secret is None and not settings.jwt_keys:
+        if not settings.dev:
+            print(
+                "error: no token key: set SSE_JWT_SECRET or SSE_JWT_KEYS_FILE "
+                "(or run with --dev for a throwaway secret)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        settings = settings.replace(jwt_secret=random_secret())
+    if settings.dev and settings.publish_api_key is None:
+        settings = settings.replace(publish_api_key=random_secret())
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
+        log.warning("SSE_JWT_SECRET is shorter than 32 bytes; HS256 wants at least 32")
+    if settings.dev:
+        _print_dev_banner(settings)
+    from .server import run
+
+    return run(settings)
+
+
+def _print_dev_banner(settings: Settings) -> None:
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    base = f"http://{host}:{settings.port}"
+    lines = ["", "sse-gateway dev mode"]
+    if settings.redis is None:
+        lines.append("  broker: embedded in-memory (single process, nothing leaves it)")
+    if settings.jwt_secret is not None:
+        token = make_token(settings.jwt_secret, DEV_BRAND, DEV_PLAYER, ttl=24 * 3600)
+        publish_body = (
+            f'{{"brand_id":"{DEV_BRAND}","player_id":"{DEV_PLAYER}",'
+            '"type":"notification","data":{"title":"hello"}}'
+        )
+        lines += [
+            f"  demo page: {base}/demo",
+            f"  sample token (brand {DEV_BRAND}, player {DEV_PLAYER}, 24h):",
+            f"    {token}",
+            "  stream it:",
+            f"    curl -N -H 'Authorization: Bearer {token}' {base}/v1/sse",
+        ]
+        if settings.publish_api_key is not None:
+            command = (
+                f"curl -X POST -H 'Authorization: Bearer {settings.publish_api_key}' "
+                f"-H 'Content-Type: application/json' -d {shlex.quote(publish_body)} "
+                f"{base}/v1/publish"
+            )
+            lines += ["  publish to it:", f"    {command}"]
+    lines.append("")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,87 @@
+"""Published-message envelopes: parsing and validation, pure over bytes."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .frames import dump_json, encode_event
+
+EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+RESERVED_TYPES = frozenset({"connected", "heartbeat", "error", "close"})
+
+
+class EnvelopeError(ValueError):
+    """A published message the gateway drops; `reason` is the metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    type: str
+    data: Any
+    id: str | None = None
+
+    def encode(self) -> bytes:
+        """The SSE frame for this event, the same bytes for every connection."""
+        return encode_event(self.type, dump_json(self.data), self.id)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validate_event_type(value: object) -> str:
+    if value is None:
+        raise EnvelopeError("missing_type", "missing field 'type'")
+    if not isinstance(value, str) or not EVENT_TYPE_PATTERN.fullmatch(value):
+        raise EnvelopeError("bad_type", "'type' must match [A-Za-z0-9_.:-]{1,64}")
+    if value in RESERVED_TYPES:
+        raise EnvelopeError("reserved_type", f"'type' {value!r} is reserved by the gateway")
+    return value
+
+
+def validate_event_id(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not EVENT_ID_PATTERN.fullmatch(value):
+        raise EnvelopeError("bad_id", "'id' must be a string matching [A-Za-z0-9_.:-]{1,128}")
+    return value
+
+
+def envelope_from_object(obj: object) -> Envelope:
+    if not isinstance(obj, dict):
+        raise EnvelopeError("not_object", "message is not a JSON object")
+    event_type = validate_event_type(obj.get("type"))
+    if "data" not in obj:
+        raise EnvelopeError("missing_data", "missing field 'data'")
+    return Envelope(type=event_type, data=obj["data"], id=validate_event_id(obj.get("id")))
+
+
+def parse_envelope(payload: bytes, max_bytes: int) -> Envelope:
+    """Parses one published message; raises EnvelopeError naming why it is dropped."""
+    if len(payload) > max_bytes:
+        raise EnvelopeError("too_large", f"message of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError("not_utf8", "message is not UTF-8") from exc
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise EnvelopeError("not_json", f"message is not JSON: {exc}") from exc
+    return envelope_from_object(obj)
+
+
+def encode_envelope(event_type: str, data: Any, event_id: str | None = None) -> bytes:
+    """The wire form publishers send on a player's channel."""
+    body: dict[str, Any] = {"type": event_type, "data": data}
+    if event_id is not None:
+        body["id"] = event_id
+    return dump_json(body).encode("utf-8")

@@ -1,0 +1,55 @@
+"""SSE frame encoding: pure functions from values to the bytes written on the wire.
+
+A field value may never contain a line break of its own: `data` is split into one `data:` line
+per line, and `id` / `event` are refused, so published content can never end or forge a frame.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
+
+
+class FrameError(ValueError):
+    """A value that cannot be sent as an SSE field."""
+
+
+def _data_lines(data: str) -> str:
+    return "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+
+
+def encode_event(event: str | None, data: str, event_id: str | None = None) -> bytes:
+    """One complete SSE frame: optional `id:`, optional `event:`, `data:` lines, blank line."""
+    parts = []
+    if event_id is not None:
+        if _FORBIDDEN_IN_FIELD.search(event_id):
+            raise FrameError("id contains a line break or NUL")
+        parts.append(f"id: {event_id}\n")
+    if event is not None:
+        if not event or _FORBIDDEN_IN_FIELD.search(event):
+            raise FrameError("event type is empty or contains a line break")
+        parts.append(f"event: {event}\n")
+    parts.append(_data_lines(data))
+    parts.append("\n")
+    return "".join(parts).encode("utf-8")
+
+
+def encode_json_event(event: str, payload: Any, event_id: str | None = None) -> bytes:
+    return encode_event(event, dump_json(payload), event_id)
+
+
+def encode_retry(retry_ms: int) -> bytes:
+    return f"retry: {int(retry_ms)}\n\n".encode("ascii")
+
+
+def encode_comment(text: str = "") -> bytes:
+    return "".join(f": {line}\n" for line in _LINE_BREAK.split(text)).encode("utf-8") + b"\n"
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON; non-ASCII kept as UTF-8 (SSE streams are UTF-8 by definition)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

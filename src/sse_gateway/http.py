@@ -1,0 +1,103 @@
+"""HTTP/1.1 response encoding and request helpers: pure functions over bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl
+
+from .frames import dump_json
+
+SERVER_HEADER = b"Server: sse-gateway\r\n"
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query_string: str
+    headers: dict[bytes, bytes]
+    keep_alive: bool
+    body: bytes = b""
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class BadQuery(ValueError):
+    pass
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """Query parameters; a repeated parameter is ambiguous for auth, so it is refused."""
+    result: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadQuery("query string is not valid UTF-8 or percent-encoding") from exc
+    for key, value in pairs:
+        if key in result:
+            raise BadQuery(f"query parameter {key!r} is repeated")
+        result[key] = value
+    return result
+
+
+def json_response(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return Response(status, dump_json(payload).encode("utf-8"), headers=list(headers))
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Iterable[tuple[str, str]] = ()
+) -> Response:
+    return json_response(status, {"error": code, "message": message}, headers)
+
+
+def encode_head(
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    *,
+    content_type: str,
+    content_length: int | None,
+    keep_alive: bool,
+) -> bytes:
+    reason = HTTPStatus(status).phrase
+    lines = [f"HTTP/1.1 {status} {reason}\r\n", f"Content-Type: {content_type}\r\n"]
+    if content_length is not None:
+        lines.append(f"Content-Length: {content_length}\r\n")
+    lines.append("Connection: keep-alive\r\n" if keep_alive else "Connection: close\r\n")
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    return "".join(lines).encode("latin-1") + SERVER_HEADER + b"\r\n"
+
+
+def encode_response(response: Response, *, keep_alive: bool, head_only: bool = False) -> bytes:
+    head = encode_head(
+        response.status,
+        response.headers,
+        content_type=response.content_type,
+        content_length=len(response.body),
+        keep_alive=keep_alive,
+    )
+    return head if head_only else head + response.body
+
+
+def stream_head(headers: Iterable[tuple[str, str]]) -> bytes:
+    """The head of an SSE response: close-delimited body, never cached, never buffered."""
+    base = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"), *headers]
+    return encode_head(
+        200,
+        base,
+        content_type="text/event-stream; charset=utf-8",
+        content_length=None,
+        keep_alive=False,
+    )

@@ -1,0 +1,32 @@
+"""Ids and channel names. One rule for both so a channel name can never be widened or collide."""
+
+from __future__ import annotations
+
+import re
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CHANNEL_PREFIX = "SSE::"
+
+
+def is_valid_id(value: object) -> bool:
+    """Brand and player ids: 1-64 chars of [A-Za-z0-9_.-]; `::` and glob chars cannot appear."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+def channel_name(brand_id: str, player_id: str) -> bytes:
+    """The Redis Pub/Sub channel of one player: `SSE::{brand_id}::{player_id}`."""
+    return f"{CHANNEL_PREFIX}{brand_id}::{player_id}".encode("ascii")
+
+
+def split_channel(channel: bytes) -> tuple[str, str] | None:
+    """(brand_id, player_id) of a channel name, or None when it is not one of ours."""
+    try:
+        text = channel.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not text.startswith(CHANNEL_PREFIX):
+        return None
+    parts = text[len(CHANNEL_PREFIX) :].split("::")
+    if len(parts) != 2 or not (is_valid_id(parts[0]) and is_valid_id(parts[1])):
+        return None
+    return parts[0], parts[1]

@@ -1,0 +1,175 @@
+"""Process level: event loop, open-file limit, listener, signals, draining and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+
+from .app import Gateway, effective_connection_limit
+from .connection import HttpConnection
+from .settings import Settings
+
+log = logging.getLogger("sse_gateway")
+
+LISTEN_BACKLOG = 4096
+
+
+def raise_fd_limit() -> int:
+    """Raises the soft open-file limit to the hard limit; returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def per_worker_limit(settings: Settings) -> int:
+    return math.ceil(settings.connection_limit / settings.workers)
+
+
+def warn_about_fd_limit(settings: Settings, fd_limit: int) -> None:
+    wanted = per_worker_limit(settings)
+    effective = effective_connection_limit(wanted, fd_limit)
+    if effective < wanted:
+        workers_needed = math.ceil(settings.connection_limit / effective)
+        log.warning(
+            "SSE_CONNECTION_LIMIT=%d exceeds what the open-file limit allows (%d per process): "
+            "enforcing %d streams per process, %d in all; run with --workers %d "
+            "(SSE_WORKERS) to serve %d",
+            settings.connection_limit,
+            fd_limit,
+            effective,
+            effective * settings.workers,
+            workers_needed,
+            settings.connection_limit,
+        )
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        log.warning("uvloop is not installed; running on the default asyncio loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
+    loop = asyncio.get_running_loop()
+    fd_limit = raise_fd_limit()
+    gateway = Gateway(settings, fd_limit=fd_limit, connection_limit=per_worker_limit(settings))
+    await gateway.start()
+    try:
+        server = await loop.create_server(
+            lambda: HttpConnection(gateway),
+            settings.host,
+            settings.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+        )
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
+        await gateway.close()
+        return 1
+    addresses = ", ".join(_format_address(s) for s in server.sockets)
+    log.info(
+        "sse-gateway listening on %s; %s; stream limit %d; keep-alive %.3gs",
+        addresses,
+        gateway.broker.description,
+        gateway.connection_limit,
+        settings.keepalive_period,
+    )
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await drain(gateway, server, settings.drain_seconds)
+    return 0
+
+
+async def drain(gateway: Gateway, server: asyncio.Server, drain_seconds: float) -> None:
+    """Stop accepting, report not-ready, close every stream, all within the drain period."""
+    started = time.monotonic()
+    log.info("draining: %d streams, at most %.3gs", gateway.streams, drain_seconds)
+    gateway.begin_drain()
+    server.close()
+    gateway.close_all_streams("shutdown")
+    deadline = started + max(0.0, drain_seconds - 0.5)
+    while gateway.open_sockets > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(gateway.close(), timeout=max(0.2, deadline - time.monotonic()))
+    except Exception as exc:  # a broken broker connection must not fail the shutdown
+        log.debug("while closing the broker: %r", exc)
+    log.info("drained in %.2fs", time.monotonic() - started)
+
+
+def _format_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(settings: Settings) -> int:
+    """Runs the gateway in this process, or supervises `settings.workers` worker processes."""
+    _use_uvloop()
+    warn_about_fd_limit(settings, raise_fd_limit())
+    if settings.workers <= 1:
+        return asyncio.run(serve(settings))
+    return _supervise(settings)
+
+
+def _worker_main(settings: Settings) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+    _use_uvloop()
+    sys.exit(asyncio.run(serve(settings, reuse_port=True)))
+
+
+def _supervise(settings: Settings) -> int:
+    """Worker processes share the port with SO_REUSEPORT; the kernel spreads connections."""
+    context = multiprocessing.get_context("fork")
+    workers: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker_main, args=(settings,), daemon=False)
+        process.start()
+        return process
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("starting %d worker processes", settings.workers)
+    workers.extend(spawn() for _ in range(settings.workers))
+    while True:
+        time.sleep(0.2)
+        if stopping:
+            deadline = time.monotonic() + settings.drain_seconds + 2
+            for process in workers:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.kill()
+            failed = [p for p in workers if p.exitcode not in (0, -signal.SIGTERM)]
+            return 1 if failed else 0
+        for index, process in enumerate(workers):
+            if not process.is_alive():
+                log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
+                workers[index] = spawn()

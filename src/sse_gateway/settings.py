@@ -1,0 +1,276 @@
+"""One typed settings object, read once at start from env vars and `serve` flags (flag wins)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .naming import is_valid_id
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the CLI exits with status 2."""
+
+    def __init__(self, variable: str, value: str, reason: str) -> None:
+        super().__init__(f"{variable}: invalid value {value!r}: {reason}")
+        self.variable = variable
+        self.value = value
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    def url(self, *, redact: bool = True) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if self.password is not None:
+            secret = "***" if redact else self.password
+            auth = f"{self.username or ''}:{secret}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrandKey:
+    alg: str
+    key: str
+
+
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256", "EdDSA")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis: RedisAddress | None = None
+    connection_limit: int = 50_000
+    keepalive_period: float = 15.0
+    event_buffer_size: int = 50
+    host: str = "0.0.0.0"
+    port: int = 8080
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_keys_file: str | None = None
+    jwt_keys: Mapping[str, BrandKey] = field(default_factory=dict, repr=False)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    retry_ms: int = 3000
+    max_event_bytes: int = 65_536
+    drain_seconds: float = 10.0
+    cors_origins: frozenset[str] = frozenset()
+    publish_api_key: str | None = field(default=None, repr=False)
+    workers: int = 1
+    log_format: str = "text"
+    log_level: str = "INFO"
+    dev: bool = False
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its env var, its `serve` flag and how to parse it."""
+
+    attr: str
+    env: str
+    flag: str
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("redis", "EVENTS_REDIS_STORAGE", "--redis", "Redis address; unset: embedded broker"),
+    Option("connection_limit", "SSE_CONNECTION_LIMIT", "--connection-limit", "max SSE streams"),
+    Option("keepalive_period", "SSE_KEEPALIVE_PERIOD", "--keepalive-period", "e.g. 15s, 500ms"),
+    Option("event_buffer_size", "SSE_EVENT_BUFFER_SIZE", "--event-buffer-size", "queued events"),
+    Option("host", "SSE_HOST", "--host", "listen address"),
+    Option("port", "SSE_PORT", "--port", "listen port"),
+    Option("jwt_secret", "SSE_JWT_SECRET", "--jwt-secret", "HS256 secret for every brand"),
+    Option("jwt_keys_file", "SSE_JWT_KEYS_FILE", "--jwt-keys-file", "per-brand keys (JSON)"),
+    Option("jwt_audience", "SSE_JWT_AUDIENCE", "--jwt-audience", "required aud"),
+    Option("jwt_issuer", "SSE_JWT_ISSUER", "--jwt-issuer", "required iss"),
+    Option("retry_ms", "SSE_RETRY_MS", "--retry-ms", "retry: sent to clients"),
+    Option("max_event_bytes", "SSE_MAX_EVENT_BYTES", "--max-event-bytes", "max message size"),
+    Option("drain_seconds", "SSE_DRAIN_SECONDS", "--drain-seconds", "SIGTERM drain time"),
+    Option("cors_origins", "SSE_CORS_ORIGINS", "--cors-origins", "comma-separated origins"),
+    Option(
+        "publish_api_key", "SSE_PUBLISH_API_KEY", "--publish-api-key", "enables POST /v1/publish"
+    ),
+    Option("workers", "SSE_WORKERS", "--workers", "worker processes (SO_REUSEPORT)"),
+    Option("log_format", "SSE_LOG_FORMAT", "--log-format", "text or json"),
+    Option("log_level", "SSE_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING, ERROR"),
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `15`, `1.5`, `500ms`, `15s`, `1m`, `1h`."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("expected seconds as a number, or a number with ms, s, m or h")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_redis_address(text: str) -> RedisAddress:
+    """`host`, `host:port`, `[::1]:port`, `redis://[user:pass@]host[:port][/db]`, `rediss://…`."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if "://" not in text:
+        text = "redis://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("scheme must be redis:// or rediss://")
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ValueError("bad port") from exc
+    if not parts.hostname:
+        raise ValueError("missing host")
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ValueError("database must be a number")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=int(db_text),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def load_jwt_keys(path: str) -> dict[str, BrandKey]:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError('expected a non-empty object {"<brand_id>": {"alg": ..., "key": ...}}')
+    keys: dict[str, BrandKey] = {}
+    for brand, entry in raw.items():
+        if not is_valid_id(brand):
+            raise ValueError(f"brand id {brand!r} is not [A-Za-z0-9_.-]{{1,64}}")
+        if not isinstance(entry, dict):
+            raise ValueError(f"brand {brand!r}: expected an object with alg and key")
+        alg, key = entry.get("alg"), entry.get("key")
+        if alg not in JWT_ALGORITHMS:
+            raise ValueError(f"brand {brand!r}: alg must be one of {', '.join(JWT_ALGORITHMS)}")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"brand {brand!r}: key must be a non-empty string")
+        if alg != "HS256" and "-----BEGIN" not in key:
+            raise ValueError(f"brand {brand!r}: {alg} needs a PEM public key")
+        if alg == "HS256" and "-----BEGIN" in key:
+            raise ValueError(f"brand {brand!r}: HS256 takes a shared secret, not a PEM key")
+        keys[brand] = BrandKey(alg=str(alg), key=key)
+    return keys
+
+
+def _positive_int(text: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError as exc:
+        raise ValueError("expected an integer") from exc
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(f"expected at least {minimum}{upper}")
+    return value
+
+
+def _parse(attr: str, text: str) -> Any:
+    """Turns one raw string into the typed value of `attr`; ValueError explains a bad one."""
+    if attr == "redis":
+        return parse_redis_address(text)
+    if attr in ("connection_limit", "event_buffer_size"):
+        return _positive_int(text)
+    if attr == "workers":
+        return _positive_int(text, maximum=64)
+    if attr == "port":
+        return _positive_int(text, minimum=0, maximum=65535)
+    if attr == "retry_ms":
+        return _positive_int(text, minimum=0, maximum=86_400_000)
+    if attr == "max_event_bytes":
+        return _positive_int(text, minimum=64)
+    if attr == "keepalive_period":
+        seconds = parse_duration(text)
+        if not 0.05 <= seconds <= 3600:
+            raise ValueError("must be between 50ms and 1h")
+        return seconds
+    if attr == "drain_seconds":
+        seconds = parse_duration(text)
+        if seconds > 3600:
+            raise ValueError("must be at most 1h")
+        return seconds
+    if attr == "cors_origins":
+        origins = frozenset(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+        for origin in origins:
+            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError(f"origin {origin!r} is not scheme://host[:port]")
+        if "*" in origins:
+            raise ValueError("'*' cannot be combined with credentials; list exact origins")
+        return origins
+    if attr == "log_format":
+        if text not in ("text", "json"):
+            raise ValueError("expected text or json")
+        return text
+    if attr == "log_level":
+        level = text.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+        return level
+    if attr == "host":
+        if not text.strip():
+            raise ValueError("empty host")
+        return text.strip()
+    if attr in ("jwt_secret", "jwt_audience", "jwt_issuer", "jwt_keys_file", "publish_api_key"):
+        if not text:
+            raise ValueError("empty value")
+        return text
+    raise AssertionError(attr)
+
+
+_SECRETS = frozenset({"jwt_secret", "publish_api_key"})
+
+
+def load_settings(
+    env: Mapping[str, str], flags: Mapping[str, str | None], *, dev: bool
+) -> Settings:
+    """Builds the settings from env vars, then flags (flag wins). Raises SettingsError."""
+    values: dict[str, Any] = {"dev": dev}
+    for option in OPTIONS:
+        raw = flags.get(option.attr)
+        name = option.flag
+        if raw is None:
+            raw = env.get(option.env)
+            name = option.env
+            if raw is not None and raw == "" and option.attr != "jwt_secret":
+                continue  # an empty env var counts as unset, as in most deployment tools
+        if raw is None:
+            continue
+        try:
+            values[option.attr] = _parse(option.attr, raw)
+        except ValueError as exc:
+            shown = "***" if option.attr in _SECRETS else raw
+            raise SettingsError(name, shown, str(exc)) from exc
+    keys_file = values.get("jwt_keys_file")
+    if keys_file is not None:
+        try:
+            values["jwt_keys"] = load_jwt_keys(keys_file)
+        except ValueError as exc:
+            raise SettingsError("SSE_JWT_KEYS_FILE", keys_file, str(exc)) from exc
+    return Settings(**values)
