@@ -8,18 +8,27 @@ import itertools
 import json
 import logging
 import os
+import random
 import secrets
 import time
+from functools import partial
 from importlib import resources
 from typing import Any
 
 from .auth import AuthError, Identity, TokenVerifier, make_token
 from .broker import MemoryBroker, RedisBroker
-from .broker.base import Broker, BrokerUnavailable
+from .broker.base import Broker, BrokerUnavailable, RawEntry
 from .connection import HttpConnection
-from .envelope import EnvelopeError, encode_envelope, parse_envelope, validate_event_type
+from .envelope import EVENT_ID_PATTERN, EnvelopeError, envelope_from_object, parse_envelope
 from .frames import encode_json_event, encode_retry
 from .heartbeat import HeartbeatScheduler
+from .history import (
+    HistoryEvent,
+    ReplayMerge,
+    StreamId,
+    format_stream_id,
+    parse_stream_id,
+)
 from .http import (
     BadQuery,
     Request,
@@ -29,15 +38,19 @@ from .http import (
     parse_query,
     stream_head,
 )
-from .hub import ConnectionHub
+from .hub import Channel, ConnectionHub
 from .metrics import Metrics
-from .naming import channel_name, is_valid_id, split_channel
+from .naming import channel_name, split_channel
+from .publish import InvalidEvent, PreparedEvent, event_from_mapping
+from .replay import HistoryReader
 from .settings import Settings
 
 log = logging.getLogger("sse_gateway")
 conn_log = logging.getLogger("sse_gateway.connection")
 
 RETRY_AFTER_SECONDS = "5"
+# On shutdown each client is told to come back after SSE_RETRY_MS plus up to this much.
+SHUTDOWN_RETRY_SPREAD_MS = 10_000
 MAX_PUBLISH_BATCH = 1000
 # Descriptors kept back from the open-file limit for Redis, the listener, logs and the loop.
 FD_RESERVE = 100
@@ -65,9 +78,21 @@ class Gateway:
         self.metrics = Metrics()
         self.broker: Broker
         if settings.redis is None:
-            self.broker = MemoryBroker(self.on_message, self.on_broker_state)
+            self.broker = MemoryBroker(
+                self.on_message,
+                self.on_broker_state,
+                history_size=settings.history_size,
+                history_ttl=settings.history_ttl,
+            )
         else:
-            self.broker = RedisBroker(settings.redis, self.on_message, self.on_broker_state)
+            self.broker = RedisBroker(
+                settings.redis,
+                self.on_message,
+                self.on_broker_state,
+                history_size=settings.history_size,
+                history_ttl=settings.history_ttl,
+                max_event_bytes=settings.max_event_bytes,
+            )
         self.hub = ConnectionHub(self.broker)
         self.heartbeats = HeartbeatScheduler(settings.keepalive_period)
         self.verifier = TokenVerifier(
@@ -87,7 +112,7 @@ class Gateway:
         self._conn_numbers = itertools.count(1)
         self._conn_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"
         self._retry_frame = encode_retry(settings.retry_ms)
-        self._event_ids = _EventIds()
+        self.history = HistoryReader(self.broker, settings.history_size)
         self._demo_page: bytes | None = None
         self._register_gauges()
 
@@ -114,9 +139,12 @@ class Gateway:
         self.draining = True
 
     def close_all_streams(self, reason: str = "shutdown") -> None:
+        """Closes every stream, each with its own `retry:` so clients do not return at once."""
+        base = self.settings.retry_ms
+        spread = max(base, SHUTDOWN_RETRY_SPREAD_MS)
         for stream in self.hub.streams():
             assert isinstance(stream, HttpConnection)
-            stream.close_stream(reason)
+            stream.close_stream(reason, final=encode_retry(base + random.randrange(spread)))
 
     async def close(self) -> None:
         self.heartbeats.stop()
@@ -134,8 +162,55 @@ class Gateway:
     def on_broker_state(self, connected: bool) -> None:
         if connected:
             self.metrics.broker_reconnects += 1
-        else:
-            log.warning("broker disconnected: open streams stay open, new ones get 503")
+            return
+        log.warning("broker disconnected: open streams stay open, new ones get 503")
+        # Whatever is published until each channel is subscribed again is read back from
+        # history; live events of the channel wait until that refill has been delivered.
+        for channel in self.hub.channels():
+            if channel.held is None:
+                channel.held = []
+            self.broker.when_subscribed(channel.name, partial(self._refill, channel))
+
+    def _refill(self, channel: Channel) -> None:
+        if channel.held is None or self.hub.get(channel.name) is not channel:
+            return
+        future = self.history.read(channel.name, channel.gap_start())
+        future.add_done_callback(partial(self._refilled, channel))
+
+    def _refilled(self, channel: Channel, future: asyncio.Future[list[RawEntry]]) -> None:
+        held = channel.held
+        if held is None or self.hub.get(channel.name) is not channel:
+            return
+        if future.cancelled() or future.exception() is not None:
+            # Redis went away again: on_broker_state(False) registers the next attempt.
+            return
+        merge = ReplayMerge(parse_stream_id(channel.last_id))
+        events = merge.merge(self._history_events(channel.name, future.result()), held)
+        channel.held = None
+        if merge.last is not None:
+            channel.last_id = format_stream_id(merge.last)
+        for event_id, frame in events:
+            self.metrics.delivered += channel.write(frame, event_id)
+
+    def _history_events(self, channel: bytes, entries: list[RawEntry]) -> list[HistoryEvent]:
+        events = []
+        for event_id, event_type, data in entries:
+            try:
+                envelope = envelope_from_object(
+                    {"type": event_type, "data": json.loads(data), "id": event_id}
+                )
+            except (EnvelopeError, ValueError, RecursionError) as exc:
+                reason = exc.reason if isinstance(exc, EnvelopeError) else "not_json"
+                self.metrics.invalid_messages[reason] += 1
+                log.warning(
+                    "invalid history entry skipped: channel=%s id=%s reason=%s",
+                    channel.decode("utf-8", "replace"),
+                    event_id,
+                    reason,
+                )
+                continue
+            events.append(HistoryEvent(event_id, envelope.encode()))
+        return events
 
     def on_message(self, channel: bytes, payload: bytes) -> None:
         self.metrics.messages_received += 1
@@ -151,7 +226,7 @@ class Gateway:
                 exc,
             )
             return
-        self.metrics.delivered += self.hub.deliver(channel, frame)
+        self.metrics.delivered += self.hub.deliver(channel, frame, envelope.id)
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -295,6 +370,17 @@ class Gateway:
                 headers.append(("WWW-Authenticate", challenge))
             self._refuse(conn, error_response(exc.status, exc.code, exc.message, headers), exc.code)
             return
+        last_event_id = request.header(b"last-event-id")
+        if last_event_id is None:
+            last_event_id = parse_query(request.query_string).get("last_event_id")
+        if last_event_id is not None:
+            last_event_id = last_event_id.strip()
+            if not EVENT_ID_PATTERN.fullmatch(last_event_id):
+                response = error_response(
+                    400, "invalid_last_event_id", "Last-Event-ID must match [A-Za-z0-9_.:-]{1,128}"
+                )
+                self._refuse(conn, response, "invalid_last_event_id")
+                return
         retry_after = [("Retry-After", RETRY_AFTER_SECONDS), *cors]
         if self.draining:
             response = error_response(503, "draining", "the gateway is shutting down", retry_after)
@@ -326,22 +412,74 @@ class Gateway:
             identity.brand_id,
             identity.player_id,
         )
-        self.hub.join(conn, lambda: self._stream_ready(conn, identity))
+        self.hub.join(conn, partial(self._stream_ready, conn, identity, last_event_id))
 
     def connection_id(self, conn_no: int) -> str:
         return f"{self._conn_prefix}-{conn_no:x}"
 
-    def _stream_ready(self, conn: HttpConnection, identity: Identity) -> None:
-        """The channel is subscribed: say `connected`, then the stream receives events."""
+    def _stream_ready(
+        self, conn: HttpConnection, identity: Identity, last_event_id: str | None
+    ) -> None:
+        """The channel is subscribed: replay what was missed, say `connected`, go live."""
         if conn.closed or conn.transport is None:
             return
-        payload = {
+        if last_event_id is None:
+            self._go_live(conn, identity, None, [])
+            return
+        # Live events from now on wait in `held`, history is read, then both are merged.
+        conn.held = []
+        if parse_stream_id(last_event_id) is None:
+            self._go_live(conn, identity, False, [])  # not a history id: nothing to recover
+            return
+        future = self.history.read(conn.channel, last_event_id)
+        future.add_done_callback(partial(self._replayed, conn, identity, last_event_id))
+
+    def _replayed(
+        self,
+        conn: HttpConnection,
+        identity: Identity,
+        last_event_id: str,
+        future: asyncio.Future[list[RawEntry]],
+    ) -> None:
+        if conn.closed or conn.transport is None:
+            return
+        entries: list[RawEntry] = []
+        if not future.cancelled() and future.exception() is None:
+            entries = future.result()
+        # Recovered only when the history still holds the client's last id: then nothing
+        # between it and the first entry we send can be missing.
+        recovered = bool(entries) and entries[0][0] == last_event_id
+        replayed = self._history_events(conn.channel, entries[1:]) if recovered else []
+        self.metrics.replays[("recovered" if recovered else "not_recovered")] += 1
+        self._go_live(conn, identity, recovered, replayed, parse_stream_id(last_event_id))
+
+    def _go_live(
+        self,
+        conn: HttpConnection,
+        identity: Identity,
+        recovered: bool | None,
+        replayed: list[HistoryEvent],
+        last: StreamId | None = None,
+    ) -> None:
+        """Writes `connected`, the replayed and held events, then makes the stream live."""
+        assert conn.transport is not None
+        payload: dict[str, Any] = {
             "connection_id": self.connection_id(conn.conn_no),
             "brand_id": identity.brand_id,
             "player_id": identity.player_id,
             "heartbeat_interval": self.settings.keepalive_period,
         }
-        conn.transport.write(encode_json_event("connected", payload))
+        if recovered is not None:
+            payload["recovered"] = recovered
+        frames = [encode_json_event("connected", payload)]
+        held = conn.held
+        conn.held = None
+        if held is not None:
+            events = ReplayMerge(last).merge(replayed, held)
+            frames.extend(frame for _, frame in events)
+            self.metrics.replayed_events += len(replayed)
+            self.metrics.delivered += len(events)
+        conn.transport.write(b"".join(frames))
         conn.active = True
         self.heartbeats.add(conn)
 
@@ -393,25 +531,28 @@ class Gateway:
             body = json.loads(request.body)
         except (ValueError, RecursionError):
             return error_response(400, "invalid_json", "request body is not JSON")
-        items = body if isinstance(body, list) else [body]
-        if isinstance(body, list) and not 1 <= len(body) <= MAX_PUBLISH_BATCH:
+        is_batch = isinstance(body, list)
+        items = body if is_batch else [body]
+        if is_batch and not 1 <= len(body) <= MAX_PUBLISH_BATCH:
             return error_response(
                 400, "invalid_batch", f"a batch holds 1 to {MAX_PUBLISH_BATCH} events"
             )
-        messages: list[tuple[bytes, bytes]] = []
+        events: list[PreparedEvent] = []
         for index, item in enumerate(items):
-            prefix = f"[{index}]." if isinstance(body, list) else ""
             try:
-                messages.append(self._publish_message(item))
-            except _PublishFieldError as exc:
-                status = 413 if exc.field == "data" and exc.too_large else 400
-                code = "payload_too_large" if status == 413 else "invalid_field"
-                return error_response(status, code, f"{prefix}{exc.field}: {exc}")
-        ids: list[str] = []
+                events.append(
+                    event_from_mapping(item, max_event_bytes=self.settings.max_event_bytes)
+                )
+            except InvalidEvent as exc:
+                where = f"[{index}]." if is_batch else ""
+                if exc.too_large:
+                    return error_response(413, "payload_too_large", f"{where}{exc}")
+                return json_response(
+                    400,
+                    {"error": "invalid_field", "message": f"{where}{exc}", "field": exc.field},
+                )
         try:
-            for channel, payload in messages:
-                await self.broker.publish(channel, payload)
-                self.metrics.published += 1
+            published = await self.broker.publish_events(events)
         except BrokerUnavailable as exc:
             return error_response(
                 503,
@@ -419,59 +560,10 @@ class Gateway:
                 f"not stored: {exc}",
                 [("Retry-After", RETRY_AFTER_SECONDS)],
             )
-        ids = [json.loads(payload)["id"] for _, payload in messages]
-        if isinstance(body, list):
-            return json_response(202, {"ids": ids})
-        return json_response(202, {"id": ids[0]})
-
-    def _publish_message(self, item: Any) -> tuple[bytes, bytes]:
-        if not isinstance(item, dict):
-            raise _PublishFieldError("body", "must be a JSON object")
-        brand, player = item.get("brand_id"), item.get("player_id")
-        if not is_valid_id(brand):
-            raise _PublishFieldError("brand_id", "must be 1-64 chars of [A-Za-z0-9_.-]")
-        if not is_valid_id(player):
-            raise _PublishFieldError("player_id", "must be 1-64 chars of [A-Za-z0-9_.-]")
-        try:
-            event_type = validate_event_type(item.get("type"))
-        except EnvelopeError as exc:
-            raise _PublishFieldError("type", str(exc)) from exc
-        if "data" not in item:
-            raise _PublishFieldError("data", "is required (any JSON value)")
-        assert isinstance(brand, str) and isinstance(player, str)
-        payload = encode_envelope(event_type, item["data"], self._event_ids.next())
-        if len(payload) > self.settings.max_event_bytes:
-            raise _PublishFieldError(
-                "data",
-                f"event of {len(payload)} bytes exceeds {self.settings.max_event_bytes}",
-                too_large=True,
-            )
-        return channel_name(brand, player), payload
-
-
-class _PublishFieldError(ValueError):
-    def __init__(self, field: str, message: str, *, too_large: bool = False) -> None:
-        super().__init__(message)
-        self.field = field
-        self.too_large = too_large
-
-
-class _EventIds:
-    """`<unix ms>-<seq>` ids, increasing within a process (the form Redis stream ids take)."""
-
-    __slots__ = ("_last_ms", "_seq")
-
-    def __init__(self) -> None:
-        self._last_ms = 0
-        self._seq = 0
-
-    def next(self) -> str:
-        now = int(time.time() * 1000)
-        if now <= self._last_ms:
-            self._seq += 1
-        else:
-            self._last_ms, self._seq = now, 0
-        return f"{self._last_ms}-{self._seq}"
+        self.metrics.published += len(published)
+        if is_batch:
+            return json_response(202, {"ids": [str(p) for p in published]})
+        return json_response(202, {"id": str(published[0]), "receivers": published[0].receivers})
 
 
 def _method_not_allowed(allow: str) -> Response:

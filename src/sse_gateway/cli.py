@@ -46,6 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--player", required=True, help="player id (the token's sub)")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
     token.add_argument("--secret", help="HS256 secret (default: $SSE_JWT_SECRET)")
+    publish = commands.add_parser(
+        "publish",
+        help="publish an event for a player (history + PUBLISH); prints its id",
+        description="Publish through Redis (EVENTS_REDIS_STORAGE / --redis), or through a "
+        "running gateway's POST /v1/publish (--gateway URL, with SSE_PUBLISH_API_KEY).",
+    )
+    publish.add_argument("--brand", required=True, help="brand id")
+    publish.add_argument("--player", required=True, help="player id")
+    publish.add_argument("--type", required=True, dest="event_type", help="event type")
+    publish.add_argument("--data", required=True, help="event data as JSON")
+    publish.add_argument("--redis", help="Redis address (default: $EVENTS_REDIS_STORAGE)")
+    publish.add_argument("--gateway", help="base URL of a gateway, e.g. http://127.0.0.1:8080")
+    publish.add_argument("--api-key", help="publish API key (default: $SSE_PUBLISH_API_KEY)")
+    publish.add_argument("--history-size", type=int, default=100, help="(env SSE_HISTORY_SIZE)")
+    publish.add_argument("--history-ttl", default=None, help="e.g. 24h (env SSE_HISTORY_TTL)")
     return parser
 
 
@@ -60,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "token":
         return _token(args)
+    if args.command == "publish":
+        from .publish_cli import publish_command
+
+        return publish_command(args)
     return _serve(args)
 
 

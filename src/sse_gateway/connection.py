@@ -44,6 +44,7 @@ class HttpConnection(asyncio.Protocol):
         "header_bytes",
         "header_name",
         "headers",
+        "held",
         "opened_at",
         "parser",
         "paused",
@@ -73,6 +74,8 @@ class HttpConnection(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.queue: deque[bytes] | None = None
+        # Live events that arrive while this stream replays history wait here.
+        self.held: list[tuple[str | None, bytes]] | None = None
         self.hb_slot = -1
         self.conn_no = 0
         self.opened_at = 0.0
@@ -264,6 +267,7 @@ class HttpConnection(asyncio.Protocol):
         self.app.stream_closed(self, reason)
         self.closed = True
         self.queue = None
+        self.held = None
         transport = self.transport
         if transport is None:
             return

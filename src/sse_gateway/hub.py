@@ -2,79 +2,111 @@
 
 Channels are reference-counted by the list of streams that joined them: the broker hears
 `subscribe` for the first and `unsubscribe` after the last. A stream receives events only once
-it is active (its `connected` frame written), so no event can overtake `connected`.
+it is active (its `connected` frame written); while it replays history its live events are
+held instead, and so are a whole channel's while it refills a gap after a broker outage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .broker.base import Broker
+from .history import parse_stream_id
+
+Held = list[tuple[str | None, bytes]]
 
 
 class Stream(Protocol):
     channel: bytes
     active: bool
+    held: Held | None
 
     def send(self, frame: bytes) -> None: ...
 
 
-class ConnectionHub:
-    __slots__ = ("_broker", "_members", "delivered")
+class Channel:
+    """One player's channel on this process: its streams and what it last delivered."""
 
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._members: dict[bytes, list[Stream]] = {}
-        self.delivered = 0
+    __slots__ = ("held", "last_id", "name", "since_ms", "streams")
 
-    @property
-    def channel_count(self) -> int:
-        return len(self._members)
+    def __init__(self, name: bytes, since_ms: int) -> None:
+        self.name = name
+        self.streams: list[Stream] = []
+        # The newest history id delivered here, and when (broker clock) the channel began:
+        # together they say where a gap after a broker outage starts.
+        self.last_id: str | None = None
+        self.since_ms = since_ms
+        self.held: Held | None = None
 
-    def join(self, stream: Stream, on_ready: Callable[[], None]) -> bytes:
-        """Adds a stream; `on_ready` runs once its channel's subscription is active.
+    def gap_start(self) -> str:
+        return self.last_id if self.last_id is not None else f"{self.since_ms}-0"
 
-        Returns the hub's own copy of the channel name so every stream of a player shares it.
-        """
-        members = self._members.get(stream.channel)
-        if members is None:
-            self._members[stream.channel] = members = []
-            self._broker.subscribe(stream.channel)
-        else:
-            stream.channel = members[0].channel
-        members.append(stream)
-        self._broker.when_subscribed(stream.channel, on_ready)
-        return stream.channel
-
-    def leave(self, stream: Stream) -> None:
-        members = self._members.get(stream.channel)
-        if members is None:
-            return
-        try:
-            members.remove(stream)
-        except ValueError:
-            return
-        if not members:
-            del self._members[stream.channel]
-            self._broker.unsubscribe(stream.channel)
-
-    def has_listeners(self, channel: bytes) -> bool:
-        return channel in self._members
-
-    def deliver(self, channel: bytes, frame: bytes) -> int:
-        """Writes one encoded frame to every active stream of the channel."""
-        members = self._members.get(channel)
-        if not members:
-            return 0
+    def write(self, frame: bytes, event_id: str | None) -> int:
         sent = 0
         # A copy: a send may close a slow stream, which removes it from the list.
-        for stream in tuple(members):
+        for stream in tuple(self.streams):
             if stream.active:
                 stream.send(frame)
                 sent += 1
-        self.delivered += sent
+            elif stream.held is not None:
+                stream.held.append((event_id, frame))
         return sent
 
+
+class ConnectionHub:
+    __slots__ = ("_broker", "_channels")
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._channels: dict[bytes, Channel] = {}
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    def join(self, stream: Stream, on_ready: Callable[[], None]) -> Channel:
+        """Adds a stream; `on_ready` runs once its channel's subscription is active."""
+        channel = self._channels.get(stream.channel)
+        if channel is None:
+            channel = Channel(stream.channel, self._broker.redis_time_ms())
+            self._channels[stream.channel] = channel
+            self._broker.subscribe(stream.channel)
+        else:
+            stream.channel = channel.name  # every stream of a player shares one bytes object
+        channel.streams.append(stream)
+        self._broker.when_subscribed(channel.name, on_ready)
+        return channel
+
+    def leave(self, stream: Stream) -> None:
+        channel = self._channels.get(stream.channel)
+        if channel is None:
+            return
+        try:
+            channel.streams.remove(stream)
+        except ValueError:
+            return
+        if not channel.streams:
+            del self._channels[stream.channel]
+            self._broker.unsubscribe(stream.channel)
+
+    def get(self, name: bytes) -> Channel | None:
+        return self._channels.get(name)
+
+    def channels(self) -> Iterator[Channel]:
+        return iter(tuple(self._channels.values()))
+
+    def deliver(self, name: bytes, frame: bytes, event_id: str | None) -> int:
+        """Writes one encoded frame to every active stream of the channel."""
+        channel = self._channels.get(name)
+        if channel is None:
+            return 0
+        if channel.held is not None:
+            channel.held.append((event_id, frame))
+            return 0
+        if event_id is not None and parse_stream_id(event_id) is not None:
+            channel.last_id = event_id
+        return channel.write(frame, event_id)
+
     def streams(self) -> list[Stream]:
-        return [stream for members in self._members.values() for stream in members]
+        return [stream for channel in self._channels.values() for stream in channel.streams]

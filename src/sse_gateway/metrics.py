@@ -20,6 +20,8 @@ class Metrics:
         "opened",
         "published",
         "rejected",
+        "replayed_events",
+        "replays",
     )
 
     def __init__(self) -> None:
@@ -27,6 +29,8 @@ class Metrics:
         self.delivered = 0
         self.messages_received = 0
         self.published = 0
+        self.replayed_events = 0
+        self.replays: Counter[str] = Counter()
         self.broker_reconnects = 0
         self.closed: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -71,6 +75,8 @@ class Metrics:
             self.invalid_messages,
         )
         counter("sse_events_delivered_total", "Event frames written to streams.", self.delivered)
+        labelled("sse_replays_total", "Last-Event-ID replays, by outcome.", "outcome", self.replays)
+        counter("sse_events_replayed_total", "Events sent from history.", self.replayed_events)
         counter("sse_events_published_total", "Events published through the API.", self.published)
         counter(
             "sse_broker_reconnects_total",

@@ -70,6 +70,8 @@ class Settings:
     drain_seconds: float = 10.0
     cors_origins: frozenset[str] = frozenset()
     publish_api_key: str | None = field(default=None, repr=False)
+    history_size: int = 100
+    history_ttl: float = 86_400.0
     workers: int = 1
     log_format: str = "text"
     log_level: str = "INFO"
@@ -107,20 +109,22 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "publish_api_key", "SSE_PUBLISH_API_KEY", "--publish-api-key", "enables POST /v1/publish"
     ),
+    Option("history_size", "SSE_HISTORY_SIZE", "--history-size", "events kept per player"),
+    Option("history_ttl", "SSE_HISTORY_TTL", "--history-ttl", "history expiry, e.g. 24h"),
     Option("workers", "SSE_WORKERS", "--workers", "worker processes (SO_REUSEPORT)"),
     Option("log_format", "SSE_LOG_FORMAT", "--log-format", "text or json"),
     Option("log_level", "SSE_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING, ERROR"),
 )
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from `15`, `1.5`, `500ms`, `15s`, `1m`, `1h`."""
+    """Seconds from `15`, `1.5`, `500ms`, `15s`, `1m`, `1h`, `1d`."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError("expected seconds as a number, or a number with ms, s, m or h")
+        raise ValueError("expected seconds as a number, or a number with ms, s, m, h or d")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
@@ -198,6 +202,13 @@ def _parse(attr: str, text: str) -> Any:
         return parse_redis_address(text)
     if attr in ("connection_limit", "event_buffer_size"):
         return _positive_int(text)
+    if attr == "history_size":
+        return _positive_int(text, maximum=100_000)
+    if attr == "history_ttl":
+        seconds = parse_duration(text)
+        if not 1 <= seconds <= 365 * 86400:
+            raise ValueError("must be between 1s and 365 days")
+        return seconds
     if attr == "workers":
         return _positive_int(text, maximum=64)
     if attr == "port":

@@ -3,6 +3,9 @@
 The hub reference-counts channels and calls `subscribe` for a channel's first local client and
 `unsubscribe` after its last; a broker only tracks which channels are wanted. `when_subscribed`
 lets a connection write `connected` only once its channel's subscription is really active.
+
+A broker also keeps each player's history (a Redis stream, or memory for the embedded broker):
+`publish_events` appends and publishes, `read_history` reads entries back for replays.
 """
 
 from __future__ import annotations
@@ -10,15 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from ..publish import PreparedEvent, PublishedEvent
+
 MessageHandler = Callable[[bytes, bytes], None]
 """Called with (channel, payload) for every message of a subscribed channel."""
 
 StateHandler = Callable[[bool], None]
 """Called with True when the broker connection is up, False when it is lost."""
 
+RawEntry = tuple[str, str, str]
+"""A history entry as stored: (stream id, event type, data as JSON text)."""
+
 
 class BrokerUnavailable(Exception):
-    """A publish that could not be handed to the broker; the caller knows it was not stored."""
+    """The broker could not be reached; for a publish: the event was not stored."""
 
 
 class Broker(Protocol):
@@ -40,5 +48,13 @@ class Broker(Protocol):
     def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
         """Calls `callback` once the subscription to a wanted channel is active (maybe now)."""
 
-    async def publish(self, channel: bytes, payload: bytes) -> int:
-        """Publishes; returns how many gateway processes received it. BrokerUnavailable."""
+    def redis_time_ms(self) -> int:
+        """Now, on the clock that names history ids (Redis' own clock for Redis)."""
+
+    async def publish_events(self, events: list[PreparedEvent]) -> list[PublishedEvent]:
+        """Appends each event to its player's history and publishes it. BrokerUnavailable."""
+
+    async def read_history(
+        self, requests: list[tuple[bytes, str]], limit: int
+    ) -> list[list[RawEntry]]:
+        """For each (channel, start id): at most `limit` entries with id >= start, oldest first."""

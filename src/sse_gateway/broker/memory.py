@@ -1,19 +1,50 @@
-"""Embedded in-memory broker: a single process, no Redis. For development and tests."""
+"""Embedded in-memory broker: a single process, no Redis. For development and tests.
+
+It keeps history like the Redis broker does (capped per player, expiring after the last
+event), so publishing and Last-Event-ID replay behave the same without Redis.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from collections import deque
 from collections.abc import Callable
 
-from .base import MessageHandler, StateHandler
+from ..history import StreamId, format_stream_id, parse_stream_id
+from ..publish import PreparedEvent, PublishedEvent
+from .base import MessageHandler, RawEntry, StateHandler
+
+SWEEP_SECONDS = 60.0
+
+
+class _History:
+    __slots__ = ("entries", "expires_at")
+
+    def __init__(self, size: int) -> None:
+        self.entries: deque[tuple[StreamId, RawEntry]] = deque(maxlen=size)
+        self.expires_at = 0.0
 
 
 class MemoryBroker:
-    def __init__(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+    def __init__(
+        self,
+        on_message: MessageHandler,
+        on_state: StateHandler,
+        *,
+        history_size: int = 100,
+        history_ttl: float = 86_400.0,
+    ) -> None:
         self._on_message = on_message
         self._on_state = on_state
         self._channels: set[bytes] = set()
         self._running = False
+        self._history: dict[bytes, _History] = {}
+        self._history_size = history_size
+        self._history_ttl = history_ttl
+        self._last_id: StreamId = (0, 0)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def connected(self) -> bool:
@@ -25,10 +56,13 @@ class MemoryBroker:
 
     async def start(self) -> None:
         self._running = True
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
         self._on_state(True)
 
     async def close(self) -> None:
         self._running = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     def subscribe(self, channel: bytes) -> None:
         self._channels.add(channel)
@@ -39,9 +73,56 @@ class MemoryBroker:
     def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
         callback()
 
-    async def publish(self, channel: bytes, payload: bytes) -> int:
-        if channel not in self._channels:
-            return 0
-        # Delivered on the next loop turn, as a message read from a socket would be.
-        asyncio.get_running_loop().call_soon(self._on_message, channel, payload)
-        return 1
+    def redis_time_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def _next_id(self) -> StreamId:
+        # Redis stream ids: milliseconds, then a sequence within the same millisecond.
+        now = int(time.time() * 1000)
+        last_ms, last_seq = self._last_id
+        self._last_id = (now, 0) if now > last_ms else (last_ms, last_seq + 1)
+        return self._last_id
+
+    async def publish_events(self, events: list[PreparedEvent]) -> list[PublishedEvent]:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        results = []
+        for event in events:
+            stream_id = self._next_id()
+            event_id = format_stream_id(stream_id)
+            history = self._history.get(event.channel)
+            if history is None or history.expires_at <= now:
+                self._history[event.channel] = history = _History(self._history_size)
+            history.entries.append((stream_id, (event_id, event.type, event.data_json)))
+            history.expires_at = now + self._history_ttl
+            envelope = (
+                f'{{"type":{json.dumps(event.type)},"data":{event.data_json},"id":"{event_id}"}}'
+            )
+            receivers = 0
+            if event.channel in self._channels:
+                # Delivered on a later loop turn, as a message read from a socket would be.
+                loop.call_soon(self._on_message, event.channel, envelope.encode("utf-8"))
+                receivers = 1
+            results.append(PublishedEvent(event_id, receivers))
+        return results
+
+    async def read_history(
+        self, requests: list[tuple[bytes, str]], limit: int
+    ) -> list[list[RawEntry]]:
+        now = time.monotonic()
+        out: list[list[RawEntry]] = []
+        for channel, start in requests:
+            history = self._history.get(channel)
+            start_id = parse_stream_id(start) or (0, 0)
+            if history is None or history.expires_at <= now:
+                out.append([])
+                continue
+            entries = [entry for sid, entry in history.entries if sid >= start_id]
+            out.append(entries[:limit])
+        return out
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for channel in [c for c, h in self._history.items() if h.expires_at <= now]:
+            del self._history[channel]
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)

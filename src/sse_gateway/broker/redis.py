@@ -6,7 +6,8 @@ resubscription after a reconnect sends Redis one huge command. Redis answers eve
 with one confirmation per channel, in order, which lets a waiter be tied to the exact command
 that made its channel active.
 
-Publishing (and, later, history reads) go through a separate redis-py command connection.
+Publishing and history reads go through redis-py on a small blocking pool (at most
+`COMMAND_CONNECTIONS` sockets), with reads batched by the caller into pipelines.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-
 from typing import cast
 
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from ..publish import PreparedEvent, PublishedEvent, Publisher, PublishUnavailable, client_kwargs
 from ..settings import RedisAddress
-from .base import BrokerUnavailable, MessageHandler, StateHandler
+from .base import BrokerUnavailable, MessageHandler, RawEntry, StateHandler
 
 log = logging.getLogger("sse_gateway.broker")
 
@@ -38,6 +39,11 @@ PING_INTERVAL = 5.0
 PING_TIMEOUT = 15.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
+COMMAND_CONNECTIONS = 4
+HISTORY_PIPELINE = 1000
+
+
+_PUBSUB_KINDS = frozenset({b"message", b"subscribe", b"unsubscribe", b"pong"})
 
 
 def encode_command(*args: bytes) -> bytes:
@@ -78,7 +84,14 @@ class _PubSubProtocol(asyncio.Protocol):
 
 class RedisBroker:
     def __init__(
-        self, address: RedisAddress, on_message: MessageHandler, on_state: StateHandler
+        self,
+        address: RedisAddress,
+        on_message: MessageHandler,
+        on_state: StateHandler,
+        *,
+        history_size: int = 100,
+        history_ttl: float = 86_400.0,
+        max_event_bytes: int = 65_536,
     ) -> None:
         self._address = address
         self._on_message = on_message
@@ -101,16 +114,21 @@ class RedisBroker:
         self._command_waiters: deque[asyncio.Future[object]] = deque()
         self._last_pong = 0.0
         self._ever_connected = False
-        self._commands = aioredis.Redis(
-            host=address.host,
-            port=address.port,
-            db=address.db,
-            username=address.username,
-            password=address.password,
-            ssl=address.tls,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=CONNECT_TIMEOUT,
-            retry_on_timeout=False,
+        self._clock_offset_ms = 0.0
+        kwargs = client_kwargs(address)
+        ssl_enabled = kwargs.pop("ssl")
+        pool = aioredis.BlockingConnectionPool(
+            max_connections=COMMAND_CONNECTIONS,
+            timeout=CONNECT_TIMEOUT,
+            connection_class=(aioredis.SSLConnection if ssl_enabled else aioredis.Connection),
+            **kwargs,
+        )
+        self._commands = aioredis.Redis(connection_pool=pool)
+        self._publisher = Publisher(
+            self._commands,
+            history_size=history_size,
+            history_ttl=int(history_ttl),
+            max_event_bytes=max_event_bytes,
         )
 
     @property
@@ -195,9 +213,14 @@ class RedisBroker:
             reply = await self._command(protocol, encode_command(*args))
             if isinstance(reply, Exception):
                 raise RedisHandshakeError(f"AUTH failed: {reply}")
-        reply = await self._command(protocol, encode_command(b"PING"))
-        if isinstance(reply, Exception):
-            raise RedisHandshakeError(f"PING failed: {reply}")
+        sent = time.time()
+        reply = await self._command(protocol, encode_command(b"TIME"))
+        received = time.time()
+        if isinstance(reply, Exception) or not isinstance(reply, list):
+            raise RedisHandshakeError(f"TIME failed: {reply}")
+        # Redis' clock names stream ids; the offset turns a local instant into such an id.
+        redis_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000
+        self._clock_offset_ms = redis_ms - (sent + received) * 500
 
     async def _command(self, protocol: _PubSubProtocol, data: bytes) -> object:
         assert protocol.transport is not None
@@ -251,7 +274,7 @@ class RedisBroker:
         for channel in list(self._pending):
             if channel not in self._wanted:
                 del self._pending[channel]
-        if was_connected:
+        if was_connected and not self._closing:
             self._on_state(False)
 
     # --- subscriptions -----------------------------------------------------------------------
@@ -325,7 +348,7 @@ class RedisBroker:
     # --- replies -----------------------------------------------------------------------------
 
     def _on_reply(self, reply: object) -> None:
-        if type(reply) is list:
+        if type(reply) is list and reply and reply[0] in _PUBSUB_KINDS:
             kind = reply[0]
             if kind == b"message":
                 self._on_message(reply[1], reply[2])
@@ -358,13 +381,31 @@ class RedisBroker:
         if self._outbox and self._unconfirmed < MAX_INFLIGHT // 2:
             self._drain_outbox()
 
-    # --- publishing --------------------------------------------------------------------------
+    def redis_time_ms(self) -> int:
+        return int(time.time() * 1000 + self._clock_offset_ms)
 
-    async def publish(self, channel: bytes, payload: bytes) -> int:
+    # --- publishing and history --------------------------------------------------------------
+
+    async def publish_events(self, events: list[PreparedEvent]) -> list[PublishedEvent]:
         try:
-            return int(await self._commands.publish(channel, payload))
+            return await self._publisher.publish_many_prepared(events)
+        except PublishUnavailable as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def read_history(
+        self, requests: list[tuple[bytes, str]], limit: int
+    ) -> list[list[RawEntry]]:
+        results: list[list[RawEntry]] = []
+        try:
+            for start in range(0, len(requests), HISTORY_PIPELINE):
+                async with self._commands.pipeline(transaction=False) as pipe:
+                    for channel, first_id in requests[start : start + HISTORY_PIPELINE]:
+                        pipe.xrange(channel, min=first_id, max="+", count=limit)
+                    replies = await pipe.execute()
+                results.extend(_entries(reply) for reply in replies)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+        return results
 
     @property
     def commands(self) -> aioredis.Redis:
@@ -373,3 +414,19 @@ class RedisBroker:
 
 class RedisHandshakeError(Exception):
     pass
+
+
+def _entries(reply: list[tuple[bytes, dict[bytes, bytes]]]) -> list[RawEntry]:
+    entries: list[RawEntry] = []
+    for entry_id, fields in reply:
+        event_type, data = fields.get(b"t"), fields.get(b"d")
+        if event_type is None or data is None:
+            continue  # not written by publish.lua; nothing to replay
+        entries.append(
+            (
+                entry_id.decode("ascii"),
+                event_type.decode("utf-8", "replace"),
+                data.decode("utf-8", "replace"),
+            )
+        )
+    return entries

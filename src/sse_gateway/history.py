@@ -1,0 +1,75 @@
+"""Event ids and the merge of replayed history with live events: pure functions.
+
+History lives in a Redis stream per player, so an event id is the stream entry id
+`<ms>-<seq>`: ids of one player are strictly increasing and can be compared. A replay reads
+the entries after a client's last id while live events are already arriving; `ReplayMerge`
+turns both into one sequence with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+
+StreamId = tuple[int, int]
+
+
+def parse_stream_id(value: str | None) -> StreamId | None:
+    """(ms, seq) of a Redis stream id, or None for any other id (live-only events)."""
+    if value is None:
+        return None
+    match = _STREAM_ID.fullmatch(value)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def format_stream_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    id: str
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """Entries after a requested id; `recovered` when the history still held that id."""
+
+    recovered: bool
+    events: list[HistoryEvent] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ReplayMerge:
+    """Orders replayed and live events of one stream: each id once, ascending, nothing lost.
+
+    `last` is the newest stream id already sent. Live events without a stream id (a plain
+    PUBLISH) cannot be replayed or compared, so they always pass.
+    """
+
+    last: StreamId | None = None
+
+    def admit(self, event_id: str | None) -> bool:
+        """Whether an event must be sent; advances `last` when it is."""
+        parsed = parse_stream_id(event_id)
+        if parsed is None:
+            return True
+        if self.last is not None and parsed <= self.last:
+            return False
+        self.last = parsed
+        return True
+
+    def merge(
+        self, replayed: list[HistoryEvent], held: list[tuple[str | None, bytes]]
+    ) -> list[tuple[str | None, bytes]]:
+        """(id, frame) to write, in order: replayed entries, then held live ones not yet sent."""
+        out: list[tuple[str | None, bytes]] = [
+            (event.id, event.frame) for event in replayed if self.admit(event.id)
+        ]
+        out.extend((event_id, frame) for event_id, frame in held if self.admit(event_id))
+        return out

@@ -1,0 +1,79 @@
+"""`sse-gateway publish`: one event, through Redis or through a gateway's HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+from .publish import InvalidEvent, PublishUnavailable, SyncPublisher, prepare_event
+from .settings import parse_duration
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 1
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def publish_command(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        return _fail(f"--data: invalid value {args.data!r}: not JSON ({exc})")
+    try:
+        prepare_event(args.brand, args.player, args.event_type, data)
+    except InvalidEvent as exc:
+        return _fail(str(exc))
+    if args.gateway:
+        return _via_gateway(args, data)
+    address = args.redis or os.environ.get("EVENTS_REDIS_STORAGE")
+    if not address:
+        return _fail(
+            "no Redis: set EVENTS_REDIS_STORAGE or --redis, or use --gateway URL to publish "
+            "through a running gateway (the embedded broker lives inside the gateway process)"
+        )
+    ttl_text = args.history_ttl or os.environ.get("SSE_HISTORY_TTL") or "24h"
+    size = int(os.environ.get("SSE_HISTORY_SIZE", args.history_size))
+    try:
+        ttl = int(parse_duration(ttl_text))
+        publisher = SyncPublisher.from_url(address, history_size=size, history_ttl=ttl)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        event_id = publisher.publish(args.brand, args.player, args.event_type, data)
+    except PublishUnavailable as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    finally:
+        publisher.close()
+    print(event_id)
+    print(f"received by {event_id.receivers} gateway process(es)", file=sys.stderr)
+    return 0
+
+
+def _via_gateway(args: argparse.Namespace, data: object) -> int:
+    key = args.api_key or os.environ.get("SSE_PUBLISH_API_KEY")
+    if not key:
+        return _fail("--gateway needs --api-key or SSE_PUBLISH_API_KEY")
+    body = json.dumps(
+        {"brand_id": args.brand, "player_id": args.player, "type": args.event_type, "data": data}
+    ).encode()
+    request = urllib.request.Request(
+        args.gateway.rstrip("/") + "/v1/publish",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(json.loads(response.read())["id"])
+            return 0
+    except urllib.error.HTTPError as exc:
+        return _fail(f"gateway answered {exc.code}: {exc.read().decode(errors='replace')}", 1)
+    except (urllib.error.URLError, OSError) as exc:
+        return _fail(f"gateway unreachable: {exc}", EXIT_UNAVAILABLE)
