@@ -110,7 +110,7 @@ class Gateway:
         self.streams = 0
         self.draining = False
         self._conn_numbers = itertools.count(1)
-        self._conn_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"
+        self._conn_prefix = f"{os.getpid():06x}{secrets.token_hex(3)}"
         self._retry_frame = encode_retry(settings.retry_ms)
         self.history = HistoryReader(self.broker, settings.history_size)
         self._demo_page: bytes | None = None
@@ -415,7 +415,8 @@ class Gateway:
         self.hub.join(conn, partial(self._stream_ready, conn, identity, last_event_id))
 
     def connection_id(self, conn_no: int) -> str:
-        return f"{self._conn_prefix}-{conn_no:x}"
+        # Fixed-width counter after a per-process prefix: unique across workers and restarts.
+        return f"{self._conn_prefix}{conn_no:010x}"
 
     def _stream_ready(
         self, conn: HttpConnection, identity: Identity, last_event_id: str | None

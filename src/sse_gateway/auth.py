@@ -73,7 +73,11 @@ class TokenVerifier:
             algorithm, key = "HS256", self._secret
         else:
             raise _invalid("no key is configured for this token's brand")
-        options: Any = {"require": ["exp"], "verify_aud": self._audience is not None}
+        options: Any = {
+            "require": ["exp"],
+            "verify_aud": self._audience is not None,
+            "verify_sub": False,  # checked below, as a player id, with its own error code
+        }
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,

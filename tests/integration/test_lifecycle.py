@@ -1,0 +1,198 @@
+"""Probes, metrics, logs and SIGTERM draining."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+from support.asserts import assert_error, assert_retry_after
+from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_for
+from support.sse import request
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_probes(gateway: Gateway) -> None:
+    health = gateway.get("/healthz")
+    assert health.status == 200
+    assert (health.header("Content-Type") or "").startswith("application/json")
+    assert health.json() == {"status": "ok"}
+    wait_for(lambda: gateway.get("/readyz").status == 200, what="readyz")
+    ready = gateway.get("/readyz")
+    assert ready.json() == {"status": "ready"}
+
+
+def test_metrics_reflect_open_streams(
+    gateway: Gateway, redis_server: RedisServer, ids: Callable[..., str]
+) -> None:
+    response = gateway.get("/metrics")
+    assert response.status == 200
+    assert (response.header("Content-Type") or "").startswith("text/plain")
+    text = response.body.decode()
+    assert "# TYPE sse_connections gauge" in text
+    for name in (
+        "sse_connections",
+        "sse_connection_limit",
+        "sse_connections_opened_total",
+        "sse_messages_received_total",
+        "sse_events_delivered_total",
+        "sse_broker_connected",
+        "sse_broker_reconnects_total",
+        "sse_subscribed_channels",
+    ):
+        assert f"# TYPE {name} " in text, f"{name} missing from /metrics"
+    for name in (
+        "sse_connections_closed_total",
+        "sse_connections_rejected_total",
+        "sse_invalid_messages_total",
+    ):
+        assert f"# TYPE {name} counter" in text, f"{name} missing from /metrics"
+    before = gateway.metrics()
+    assert before.value("sse_connections") == 0
+    # The default is 50000, lowered to what the open-file limit allows (with a logged warning).
+    limit = before.value("sse_connection_limit")
+    assert 0 < limit <= 50_000
+    if limit < 50_000:
+        assert str(int(limit)) in gateway.logs(), "the effective limit was not logged"
+    brand = ids("b")
+    clients = [gateway.stream(brand, f"p{i}") for i in range(3)]
+    try:
+        wait_for(lambda: gateway.metrics().value("sse_connections") == 3, what="3 connections")
+        r = redis_server.client()
+        publish(r, brand, "p0", {"type": "m", "data": 1})
+        r.close()
+        clients[0].wait_event("m")
+        clients[1].close()
+        wait_for(lambda: gateway.metrics().value("sse_connections") == 2, what="2 connections")
+        after = gateway.metrics()
+        assert after.value("sse_connections_opened_total") == 3
+        assert after.value("sse_connections_closed_total", reason="client") == 1
+        assert after.value("sse_subscribed_channels") == 2
+        assert after.value("sse_messages_received_total") >= 1
+        assert after.value("sse_events_delivered_total") >= 1
+        assert after.value("sse_broker_connected") == 1
+    finally:
+        for client in clients:
+            client.close()
+    wait_for(lambda: gateway.metrics().value("sse_connections") == 0, what="0 connections")
+    request(gateway.port, "GET", "/v1/sse")
+    request(gateway.port, "GET", "/v1/sse", {"Authorization": "Bearer junk"})
+    rejected = gateway.metrics()
+    assert rejected.value("sse_connections_rejected_total", reason="missing_token") == 1
+    assert rejected.value("sse_connections_rejected_total", reason="invalid_token") == 1
+
+
+def test_logs_one_line_per_connection_and_never_the_token(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, ids: Callable[..., str]
+) -> None:
+    gw = gateway_factory(redis=redis_server)
+    brand, player = ids("logb"), ids("logp")
+    header_token = gw.token(brand, player)
+    query_token = gw.token(brand, player, ttl=7200)
+    with gw.stream(brand, player):
+        pass
+    with gw.open(f"/v1/sse?token={query_token}") as client:
+        assert client.status == 200
+        client.wait_connected()
+    request(gw.port, "GET", f"/v1/sse?token={query_token}x")  # invalid, also never logged
+    wait_for(lambda: gw.metrics().value("sse_connections") == 0, what="streams closed")
+    wait_for(
+        lambda: sum(1 for line in gw.logs().splitlines() if player in line) >= 4,
+        timeout=10,
+        what="open and close log lines of both connections",
+    )
+    logs = gw.logs()
+    for token in (header_token, query_token):
+        assert token not in logs
+        assert token.split(".")[2] not in logs, "a token signature appeared in the logs"
+    lines = [line for line in logs.splitlines() if player in line]
+    assert len(lines) == 4, f"expected one open and one close line per stream: {lines}"
+    assert all(brand in line for line in lines), lines
+    closes = [line for line in lines if "client" in line]
+    assert len(closes) == 2, f"close lines must give the reason (client): {lines}"
+    assert all(re.search(r"\d+(\.\d+)?\s*m?s\b", line) for line in closes), (
+        f"close lines must give the duration: {closes}"
+    )
+
+
+def test_json_logs(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, ids: Callable[..., str]
+) -> None:
+    gw = gateway_factory("--log-format", "json", redis=redis_server)
+    brand, player = ids("b"), ids("p")
+    with gw.stream(brand, player) as client:
+        r = redis_server.client()
+        r.publish(f"SSE::{brand}::{player}", b"not json")
+        publish(r, brand, player, {"type": "ok", "data": 1})
+        r.close()
+        client.wait_event("ok")
+    wait_for(lambda: "invalid published message" in gw.logs(), what="the warning")
+    wait_for(lambda: gw.metrics().value("sse_connections") == 0, what="stream closed")
+    lines = [line for line in gw.logs().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+    assert any(player in line for line in lines)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_and_exits_zero(
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    ids: Callable[..., str],
+    sig: signal.Signals,
+) -> None:
+    gw = gateway_factory("--drain-seconds", "2", "--keepalive-period", "1s", redis=redis_server)
+    brand = ids("b")
+    streams = [gw.stream(brand, f"p{i}") for i in range(3)]
+    try:
+        started = time.monotonic()
+        gw.signal(sig)
+        # Draining: /readyz stops being 200 (503 draining, or the port is closed already).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                response = gw.get("/readyz", timeout=2)
+            except (OSError, EOFError):
+                break
+            if response.status != 200:
+                assert response.status == 503, response
+                assert response.json() == {"status": "not_ready", "reason": "draining"}
+                break
+            assert time.monotonic() < deadline, "/readyz still 200 10 s after the signal"
+            time.sleep(0.02)
+        # A new stream during the drain is refused (503 draining, or the listener is closed).
+        try:
+            late = request(
+                gw.port, "GET", "/v1/sse", {"Authorization": f"Bearer {gw.token(brand, 'late')}"}
+            )
+        except (OSError, EOFError):
+            pass  # refused or reset: the listener is closed
+        else:
+            assert_error(late, 503, "draining")
+            assert_retry_after(late)
+        for stream in streams:
+            assert stream.wait_closed(timeout=15), "an open stream was not closed by the drain"
+        rc = gw.wait(timeout=2 + 15)
+        elapsed = time.monotonic() - started
+        assert rc == 0, f"exit status {rc}\n{gw.logs()}"
+        assert elapsed < 2 + 15
+        assert "shutdown" in gw.logs(), "stream close lines must give the reason (shutdown)"
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_with_no_clients_exits_zero_quickly(
+    gateway_factory: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gw = gateway_factory("--drain-seconds", "2", redis=redis_server)
+    gw.terminate()
+    assert gw.wait(timeout=15) == 0, gw.logs()
