@@ -226,6 +226,14 @@ class Gateway:
                 exc,
             )
             return
+        except Exception:
+            # Whatever a publisher sends must never take down the shared Pub/Sub reader.
+            self.metrics.invalid_messages["unencodable"] += 1
+            log.exception(
+                "invalid published message dropped: channel=%s reason=unencodable",
+                channel.decode("utf-8", "replace"),
+            )
+            return
         self.metrics.delivered += self.hub.deliver(channel, frame, envelope.id)
 
     # --- routing -----------------------------------------------------------------------------

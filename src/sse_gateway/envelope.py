@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .frames import dump_json, encode_event
+import orjson
+
+from .frames import dump_json, encode_event, encode_json_line_event
 
 EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -30,7 +32,12 @@ class Envelope:
 
     def encode(self) -> bytes:
         """The SSE frame for this event, the same bytes for every connection."""
-        return encode_event(self.type, dump_json(self.data), self.id)
+        try:
+            # Compact JSON never holds a raw line break, so it is one `data:` line as it is.
+            data = orjson.dumps(self.data)
+        except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the general path
+            return encode_event(self.type, dump_json(self.data), self.id)
+        return encode_json_line_event(self.type, data, self.id)
 
 
 def _reject_constant(name: str) -> Any:
@@ -69,14 +76,24 @@ def parse_envelope(payload: bytes, max_bytes: int) -> Envelope:
     if len(payload) > max_bytes:
         raise EnvelopeError("too_large", f"message of {len(payload)} bytes exceeds {max_bytes}")
     try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        obj = _parse_strictly(payload)  # classifies the error, and takes what orjson will not
+    return envelope_from_object(obj)
+
+
+def _parse_strictly(payload: bytes) -> Any:
+    try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EnvelopeError("not_utf8", "message is not UTF-8") from exc
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        # What parses must also serialize: 1e400 parses as inf, "\ud800" as a lone surrogate.
+        dump_json(obj).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise EnvelopeError("not_json", f"message is not JSON: {exc}") from exc
-    return envelope_from_object(obj)
+    return obj
 
 
 def encode_envelope(event_type: str, data: Any, event_id: str | None = None) -> bytes:

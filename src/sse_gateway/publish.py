@@ -100,10 +100,11 @@ def prepare_event(
         raise InvalidEvent("type", str(exc)) from exc
     try:
         data_json = dump_json(data)
-    except (TypeError, ValueError) as exc:
+        data_bytes = data_json.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidEvent("data", f"is not JSON-serializable: {exc}") from exc
     # The envelope adds the type, the id (≤ 41 chars) and 30 bytes of punctuation.
-    size = len(data_json.encode("utf-8")) + len(checked_type) + 72
+    size = len(data_bytes) + len(checked_type) + 72
     if size > max_event_bytes:
         raise InvalidEvent(
             "data", f"event of about {size} bytes exceeds {max_event_bytes}", too_large=True

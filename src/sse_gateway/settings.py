@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import jwt
+
 from .naming import is_valid_id
 
 
@@ -139,9 +141,13 @@ def parse_redis_address(text: str) -> RedisAddress:
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError("scheme must be redis:// or rediss://")
     try:
-        port = parts.port or 6379
+        port = parts.port
     except ValueError as exc:
         raise ValueError("bad port") from exc
+    if port is None:
+        port = 6379
+    elif port == 0:
+        raise ValueError("port must be 1-65535")
     if not parts.hostname:
         raise ValueError("missing host")
     db_text = parts.path.lstrip("/") or "0"
@@ -181,6 +187,10 @@ def load_jwt_keys(path: str) -> dict[str, BrandKey]:
             raise ValueError(f"brand {brand!r}: {alg} needs a PEM public key")
         if alg == "HS256" and "-----BEGIN" in key:
             raise ValueError(f"brand {brand!r}: HS256 takes a shared secret, not a PEM key")
+        try:
+            jwt.get_algorithm_by_name(alg).prepare_key(key)
+        except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"brand {brand!r}: not a usable {alg} key: {exc}") from exc
         keys[brand] = BrandKey(alg=str(alg), key=key)
     return keys
 

@@ -69,13 +69,20 @@ class _PubSubProtocol(asyncio.Protocol):
         reader = self.reader
         reader.feed(data)
         on_reply = self.broker._on_reply
-        try:
-            while (reply := reader.gets()) is not False:
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError:
+                log.error("redis pubsub: protocol error, reconnecting")
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            if reply is False:
+                return
+            try:
                 on_reply(reply)
-        except hiredis.ProtocolError:
-            log.error("redis pubsub: protocol error, reconnecting")
-            if self.transport is not None:
-                self.transport.abort()
+            except Exception:  # one bad message must not cost every client its connection
+                log.exception("redis pubsub: error while handling a reply")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -150,12 +157,13 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closing = True
+        protocol = self._protocol  # _run's cleanup forgets it when the task is cancelled
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
         await self._commands.aclose()
 
     async def _run(self) -> None:

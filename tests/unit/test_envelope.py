@@ -1,0 +1,300 @@
+"""Published-message envelopes: every drop reason of docs/api.md, and the frames they become."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sse_spec_parser import Event, parse_sse
+
+from sse_gateway.envelope import (
+    RESERVED_TYPES,
+    Envelope,
+    EnvelopeError,
+    encode_envelope,
+    parse_envelope,
+)
+
+MAX = 65_536
+
+
+def reason_of(payload: bytes, max_bytes: int = MAX) -> str:
+    with pytest.raises(EnvelopeError) as info:
+        parse_envelope(payload, max_bytes)
+    return info.value.reason
+
+
+# --- every documented reason -----------------------------------------------------------------
+
+
+def test_too_large() -> None:
+    payload = encode_envelope("t", "x" * 200)
+    assert reason_of(payload, max_bytes=len(payload) - 1) == "too_large"
+
+
+def test_exactly_max_bytes_is_accepted() -> None:
+    payload = encode_envelope("t", "x" * 200)
+    assert parse_envelope(payload, len(payload)).data == "x" * 200
+
+
+def test_too_large_is_checked_before_anything_else() -> None:
+    assert reason_of(b"\xff" * 100, max_bytes=10) == "too_large"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xff", b'{"type":"t","data":"\xc3"}', b'{"type":"t","data":"\xed\xa0\x80"}', b"\x80abc"],
+)
+def test_not_utf8(payload: bytes) -> None:
+    assert reason_of(payload) == "not_utf8"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"   ", b"{", b'{"type":"t","data":}', b"{'type':'t','data':1}", b'{"type":"t"} x'],
+)
+def test_not_json(payload: bytes) -> None:
+    assert reason_of(payload) == "not_json"
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_literals_are_not_json(constant: bytes) -> None:
+    assert reason_of(b'{"type":"t","data":' + constant + b"}") == "not_json"
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_nested_deep_inside_data_is_not_json(constant: bytes) -> None:
+    assert reason_of(b'{"type":"t","data":{"a":[1,{"b":' + constant + b"}]}}") == "not_json"
+
+
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+def test_deep_nesting_is_not_json_and_does_not_crash(depth: int) -> None:
+    payload = b'{"type":"t","data":' + b"[" * depth + b"]" * depth + b"}"
+    assert reason_of(payload, max_bytes=len(payload)) == "not_json"
+
+
+def test_deep_nesting_of_objects_is_not_json() -> None:
+    depth = 50_000
+    payload = b'{"a":' * depth + b"1" + b"}" * depth
+    assert reason_of(payload, max_bytes=len(payload)) == "not_json"
+
+
+def test_moderate_nesting_is_fine() -> None:
+    payload = b'{"type":"t","data":' + b"[" * 100 + b"]" * 100 + b"}"
+    envelope = parse_envelope(payload, MAX)
+    assert json.loads(parse_sse(envelope.encode()).events[0].data) == json.loads(payload)["data"]
+
+
+@pytest.mark.parametrize("payload", [b"[]", b'[{"type":"t","data":1}]', b'"s"', b"1", b"null"])
+def test_not_object(payload: bytes) -> None:
+    assert reason_of(payload) == "not_object"
+
+
+@pytest.mark.parametrize("payload", [b'{"data":1}', b'{"type":null,"data":1}', b"{}"])
+def test_missing_type(payload: bytes) -> None:
+    assert reason_of(payload) == "missing_type"
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        "",
+        "a b",
+        "a\nb",
+        "é",
+        "a/b",
+        "x" * 65,
+        1,
+        True,
+        ["t"],
+        {"t": 1},
+    ],
+)
+def test_bad_type(event_type: object) -> None:
+    assert reason_of(json.dumps({"type": event_type, "data": 1}).encode()) == "bad_type"
+
+
+@pytest.mark.parametrize("event_type", sorted(RESERVED_TYPES))
+def test_reserved_type(event_type: str) -> None:
+    assert reason_of(json.dumps({"type": event_type, "data": 1}).encode()) == "reserved_type"
+
+
+def test_reserved_types_are_the_documented_ones() -> None:
+    assert frozenset({"connected", "heartbeat", "error", "close"}) == RESERVED_TYPES
+
+
+def test_reserved_type_check_is_case_sensitive() -> None:
+    assert parse_envelope(b'{"type":"Connected","data":1}', MAX).type == "Connected"
+
+
+def test_missing_data() -> None:
+    assert reason_of(b'{"type":"t"}') == "missing_data"
+    assert reason_of(b'{"type":"t","id":"1"}') == "missing_data"
+
+
+@pytest.mark.parametrize(
+    "event_id", ["", "a b", "a\nb", "x" * 129, "é", 1, 1.5, True, ["1"], {"id": "1"}]
+)
+def test_bad_id(event_id: object) -> None:
+    payload = json.dumps({"type": "t", "data": 1, "id": event_id}).encode()
+    assert reason_of(payload) == "bad_id"
+
+
+def test_null_id_counts_as_absent() -> None:
+    assert parse_envelope(b'{"type":"t","data":1,"id":null}', MAX).id is None
+
+
+@pytest.mark.parametrize("event_type", ["a", "x" * 64, "A-z_0.9:x", "order.created", "n:1"])
+def test_type_boundaries_accepted(event_type: str) -> None:
+    payload = json.dumps({"type": event_type, "data": 1}).encode()
+    assert parse_envelope(payload, MAX).type == event_type
+
+
+@pytest.mark.parametrize("event_id", ["1", "x" * 128, "1764302400000-0", "a:b.c_d-e"])
+def test_id_boundaries_accepted(event_id: str) -> None:
+    payload = json.dumps({"type": "t", "data": 1, "id": event_id}).encode()
+    assert parse_envelope(payload, MAX).id == event_id
+
+
+def test_envelope_error_carries_reason_and_message() -> None:
+    with pytest.raises(EnvelopeError) as info:
+        parse_envelope(b'{"type":"close","data":1}', MAX)
+    assert info.value.reason == "reserved_type"
+    assert "close" in str(info.value)
+
+
+# --- valid envelopes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, 0, -1.5, True, "", "text", [], {}, {"title": "hi", "n": [1, 2, {"x": None}]}],
+)
+def test_any_json_value_is_valid_data(data: object) -> None:
+    envelope = parse_envelope(json.dumps({"type": "t", "data": data}).encode(), MAX)
+    assert envelope == Envelope(type="t", data=data, id=None)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    envelope = parse_envelope(b'{"type":"t","data":1,"extra":{"x":1}}', MAX)
+    assert envelope == Envelope(type="t", data=1)
+
+
+def test_valid_envelope_encodes_compact_json_data() -> None:
+    payload = b'{ "type" : "notification" , "data" : { "title" : "hi" , "n" : [ 1 , 2 ] } }'
+    frame = parse_envelope(payload, MAX).encode()
+    assert frame == b'event: notification\ndata: {"title":"hi","n":[1,2]}\n\n'
+
+
+def test_id_is_in_the_frame_only_when_present() -> None:
+    with_id = parse_envelope(b'{"type":"t","data":1,"id":"42"}', MAX).encode()
+    without_id = parse_envelope(b'{"type":"t","data":1}', MAX).encode()
+    assert with_id == b"id: 42\nevent: t\ndata: 1\n\n"
+    assert without_id == b"event: t\ndata: 1\n\n"
+    assert parse_sse(with_id).events == [Event(type="t", data="1", id="42")]
+
+
+def test_null_data_is_sent_as_null() -> None:
+    frame = parse_envelope(b'{"type":"t","data":null}', MAX).encode()
+    assert parse_sse(frame).events == [Event(type="t", data="null", id="")]
+
+
+def test_non_ascii_data_stays_utf8_in_the_frame() -> None:
+    frame = parse_envelope('{"type":"t","data":"héllo \\u00e9 ✓"}'.encode(), MAX).encode()
+    assert frame == 'event: t\ndata: "héllo é ✓"\n\n'.encode()
+
+
+def test_string_data_with_line_breaks_stays_one_event() -> None:
+    payload = encode_envelope("t", "a\nb\r\nevent: close\n\n")
+    frame = parse_envelope(payload, MAX).encode()
+    events = parse_sse(frame).events
+    assert len(events) == 1
+    assert json.loads(events[0].data) == "a\nb\r\nevent: close\n\n"
+
+
+def test_encode_envelope_wire_form() -> None:
+    assert encode_envelope("t", {"a": 1}) == b'{"type":"t","data":{"a":1}}'
+    assert encode_envelope("t", None, "7") == b'{"type":"t","data":null,"id":"7"}'
+
+
+# --- parse, then encode: only EnvelopeError may ever escape ----------------------------------
+#
+# The gateway calls parse_envelope(...).encode() inside the Redis reader's data_received and
+# catches only EnvelopeError there, so any other exception from either step drops the shared
+# Pub/Sub connection. These payloads are all syntactically valid JSON.
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b'{"type":"t","data":1e400}', id="float-overflow"),
+        pytest.param(b'{"type":"t","data":-1e400}', id="negative-float-overflow"),
+        pytest.param(b'{"type":"t","data":[1,{"x":1e999}]}', id="nested-float-overflow"),
+        pytest.param(b'{"type":"t","data":"\\ud800"}', id="lone-high-surrogate"),
+        pytest.param(b'{"type":"t","data":"a\\udc00b"}', id="lone-low-surrogate"),
+        pytest.param(b'{"type":"t","data":{"\\udfff":1}}', id="lone-surrogate-in-key"),
+    ],
+)
+def test_valid_json_payload_is_either_dropped_or_encodable(payload: bytes) -> None:
+    try:
+        envelope = parse_envelope(payload, MAX)
+    except EnvelopeError:
+        return
+    frame = envelope.encode()  # must not raise: the envelope was accepted
+    assert len(parse_sse(frame).events) == 1
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    data=json_values,
+    event_type=st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).filter(
+        lambda t: t not in RESERVED_TYPES
+    ),
+    event_id=st.none() | st.from_regex(r"[A-Za-z0-9_.:-]{1,128}", fullmatch=True),
+)
+def test_published_envelope_round_trips_to_one_event(
+    data: object, event_type: str, event_id: str | None
+) -> None:
+    payload = encode_envelope(event_type, data, event_id)
+    envelope = parse_envelope(payload, len(payload))
+    events = parse_sse(envelope.encode()).events
+    assert len(events) == 1
+    assert events[0].type == event_type
+    assert events[0].id == (event_id or "")
+    # Compact JSON on one line; floats may be spelled differently (5e-06 / 5e-6), same value.
+    assert "\n" not in events[0].data
+    assert json.loads(events[0].data) == data
+
+
+@given(payload=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_arbitrary_payload_raises_only_envelope_error(payload: bytes) -> None:
+    try:
+        envelope = parse_envelope(payload, MAX)
+    except EnvelopeError as exc:
+        assert exc.reason in {
+            "too_large",
+            "not_utf8",
+            "not_json",
+            "not_object",
+            "missing_type",
+            "bad_type",
+            "reserved_type",
+            "missing_data",
+            "bad_id",
+        }
+        return
+    assert len(parse_sse(envelope.encode()).events) == 1

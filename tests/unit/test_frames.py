@@ -1,0 +1,218 @@
+"""SSE frame encoding, checked through an independent spec-following parser."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sse_spec_parser import Event, parse_sse
+
+from sse_gateway.frames import (
+    FrameError,
+    dump_json,
+    encode_comment,
+    encode_event,
+    encode_json_event,
+    encode_retry,
+)
+
+
+def normalize_breaks(text: str) -> str:
+    return re.sub(r"\r\n|\r", "\n", text)
+
+
+# --- the exact bytes -------------------------------------------------------------------------
+
+
+def test_event_with_id_type_and_data_has_fields_in_order_and_ends_with_blank_line() -> None:
+    assert encode_event("notification", '{"a":1}', "42") == (
+        b'id: 42\nevent: notification\ndata: {"a":1}\n\n'
+    )
+
+
+def test_event_without_id_has_no_id_line() -> None:
+    frame = encode_event("notification", "x")
+    assert frame == b"event: notification\ndata: x\n\n"
+    assert b"id:" not in frame
+
+
+def test_event_without_type_is_a_plain_message() -> None:
+    frame = encode_event(None, "x")
+    assert frame == b"data: x\n\n"
+    assert parse_sse(frame).events == [Event(type="message", data="x", id="")]
+
+
+@pytest.mark.parametrize(
+    ("data", "lines"),
+    [
+        ("a\nb", [b"data: a", b"data: b"]),
+        ("a\rb", [b"data: a", b"data: b"]),
+        ("a\r\nb", [b"data: a", b"data: b"]),
+        ("a\n\nb", [b"data: a", b"data: ", b"data: b"]),
+        ("a\r\rb", [b"data: a", b"data: ", b"data: b"]),
+        ("a\n", [b"data: a", b"data: "]),
+        ("\na", [b"data: ", b"data: a"]),
+        ("", [b"data: "]),
+    ],
+)
+def test_data_is_split_into_one_data_line_per_line(data: str, lines: list[bytes]) -> None:
+    frame = encode_event("t", data)
+    assert frame == b"event: t\n" + b"".join(line + b"\n" for line in lines) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["a\nb", "a\rb", "a\r\nb", "line1\r\n\r\nline3", "\n", "\r", "\r\n", "x\r", "\n\n\n"],
+)
+def test_data_with_line_breaks_round_trips_through_a_conforming_parser(data: str) -> None:
+    parsed = parse_sse(encode_event("t", data, "1"))
+    assert parsed.events == [Event(type="t", data=normalize_breaks(data), id="1")]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "event: forged\nid: 99\ndata: x\n\n",
+        "\n\nevent: close\ndata: bye\n\n",
+        "x\r\rretry: 1\r\r",
+        "\r\n\r\nid: 7\r\n",
+    ],
+)
+def test_data_cannot_end_the_frame_or_forge_fields(data: str) -> None:
+    parsed = parse_sse(encode_event("t", data))
+    assert len(parsed.events) == 1
+    assert parsed.events[0].type == "t"
+    assert parsed.events[0].id == ""
+    assert parsed.retry is None
+    assert parsed.events[0].data == normalize_breaks(data)
+
+
+def test_data_keeps_leading_spaces_and_colons() -> None:
+    data = "  two spaces\n:not a comment\ndata: nested"
+    parsed = parse_sse(encode_event("t", data))
+    assert parsed.events == [Event(type="t", data=data, id="")]
+    assert parsed.comments == []
+
+
+def test_unicode_line_separators_are_not_sse_line_breaks() -> None:
+    data = "a\u2028b\u0085c\x0bd\x0ce\x1cf"
+    frame = encode_event("t", data)
+    assert frame.count(b"data:") == 1
+    assert parse_sse(frame).events == [Event(type="t", data=data, id="")]
+
+
+def test_non_ascii_data_is_utf8() -> None:
+    frame = encode_event("t", "héllo ✓ 𝄞")
+    assert "data: héllo ✓ 𝄞\n".encode() in frame
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\r\nb", "\n", "a\x00b", "\x00"])
+def test_id_with_line_break_or_nul_is_refused(bad: str) -> None:
+    with pytest.raises(FrameError):
+        encode_event("t", "x", bad)
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\r\nb", "\r", "a\x00b", ""])
+def test_event_type_with_line_break_nul_or_empty_is_refused(bad: str) -> None:
+    with pytest.raises(FrameError):
+        encode_event(bad, "x")
+
+
+def test_frame_error_is_a_value_error() -> None:
+    assert issubclass(FrameError, ValueError)
+
+
+def test_retry_frame() -> None:
+    assert encode_retry(3000) == b"retry: 3000\n\n"
+    parsed = parse_sse(encode_retry(3000))
+    assert parsed.retry == 3000
+    assert parsed.events == []
+
+
+def test_retry_frame_then_event() -> None:
+    parsed = parse_sse(encode_retry(1500) + encode_event("connected", "{}"))
+    assert parsed.retry == 1500
+    assert parsed.events == [Event(type="connected", data="{}", id="")]
+
+
+def test_comment_frame_dispatches_no_event_even_with_line_breaks() -> None:
+    frame = encode_comment("keep\nalive\r\nplease")
+    parsed = parse_sse(frame)
+    assert parsed.events == []
+    assert parsed.comments == ["keep", "alive", "please"]
+    assert frame.endswith(b"\n\n")
+
+
+def test_empty_comment() -> None:
+    assert encode_comment() == b": \n\n"
+
+
+def test_encode_json_event_is_compact_and_keeps_non_ascii() -> None:
+    frame = encode_json_event("connected", {"b": "é", "a": [1, 2]}, "5")
+    assert frame == 'id: 5\nevent: connected\ndata: {"b":"é","a":[1,2]}\n\n'.encode()
+
+
+def test_json_with_line_breaks_in_strings_stays_on_one_data_line() -> None:
+    frame = encode_json_event("t", {"text": "a\nb\r\nc"})
+    assert frame.count(b"data:") == 1
+    assert json.loads(parse_sse(frame).events[0].data) == {"text": "a\nb\r\nc"}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_dump_json_refuses_non_finite_numbers(value: float) -> None:
+    with pytest.raises(ValueError):
+        dump_json({"v": value})
+
+
+# --- properties ------------------------------------------------------------------------------
+
+event_types = st.text(min_size=1).filter(lambda s: not re.search(r"[\r\n\x00]", s))
+event_ids = st.text().filter(lambda s: not re.search(r"[\r\n\x00]", s))
+
+
+@given(data=st.text())
+def test_any_text_data_parses_back_as_exactly_one_event(data: str) -> None:
+    parsed = parse_sse(encode_event("t", data))
+    assert len(parsed.events) == 1
+    assert parsed.events[0].data == normalize_breaks(data)
+    assert parsed.events[0].type == "t"
+
+
+@given(
+    data=st.lists(st.sampled_from(["a", " ", ":", "\r", "\n", "\r\n", "é", "data: "])).map("".join)
+)
+def test_data_made_of_separators_parses_back_as_exactly_one_event(data: str) -> None:
+    parsed = parse_sse(encode_event("t", data))
+    assert len(parsed.events) == 1
+    assert parsed.events[0].data == normalize_breaks(data)
+
+
+@given(event=event_types, event_id=event_ids, data=st.text())
+def test_type_and_id_round_trip(event: str, event_id: str, data: str) -> None:
+    parsed = parse_sse(encode_event(event, data, event_id))
+    assert parsed.events == [Event(type=event, data=normalize_breaks(data), id=event_id)]
+
+
+@given(
+    prefix=st.text(),
+    breaker=st.sampled_from(["\r", "\n", "\r\n", "\x00"]),
+    suffix=st.text(),
+)
+def test_any_id_or_type_with_a_breaker_is_refused(prefix: str, breaker: str, suffix: str) -> None:
+    bad = prefix + breaker + suffix
+    with pytest.raises(FrameError):
+        encode_event("t", "x", bad)
+    with pytest.raises(FrameError):
+        encode_event(bad, "x")
+
+
+@given(frames=st.lists(st.tuples(event_types, st.text()), min_size=1, max_size=5))
+def test_concatenated_frames_parse_as_as_many_events(frames: list[tuple[str, str]]) -> None:
+    stream = b"".join(encode_event(event, data) for event, data in frames)
+    parsed = parse_sse(stream)
+    assert [(e.type, e.data) for e in parsed.events] == [
+        (event, normalize_breaks(data)) for event, data in frames
+    ]
