@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
+LINT_PATHS := $(wildcard src tests bench)
 
 .PHONY: run test lint typecheck pytest deps system-deps venv clean bench-smoke
 
@@ -31,8 +32,8 @@ system-deps:
 deps: $(VENV)/.dev-installed system-deps
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy --strict src/sse_gateway
