@@ -26,7 +26,6 @@ from .history import (
     HistoryEvent,
     ReplayMerge,
     StreamId,
-    format_stream_id,
     parse_stream_id,
 )
 from .http import (
@@ -51,6 +50,7 @@ conn_log = logging.getLogger("sse_gateway.connection")
 RETRY_AFTER_SECONDS = "5"
 # On shutdown each client is told to come back after SSE_RETRY_MS plus up to this much.
 SHUTDOWN_RETRY_SPREAD_MS = 10_000
+REFILL_RETRY_SECONDS = 1.0
 MAX_PUBLISH_BATCH = 1000
 # Descriptors kept back from the open-file limit for Redis, the listener, logs and the loop.
 FD_RESERVE = 100
@@ -140,11 +140,13 @@ class Gateway:
 
     def close_all_streams(self, reason: str = "shutdown") -> None:
         """Closes every stream, each with its own `retry:` so clients do not return at once."""
-        base = self.settings.retry_ms
-        spread = max(base, SHUTDOWN_RETRY_SPREAD_MS)
         for stream in self.hub.streams():
             assert isinstance(stream, HttpConnection)
-            stream.close_stream(reason, final=encode_retry(base + random.randrange(spread)))
+            stream.close_stream(reason, final=self._jittered_retry())
+
+    def _jittered_retry(self) -> bytes:
+        base = self.settings.retry_ms
+        return encode_retry(base + random.randrange(max(base, SHUTDOWN_RETRY_SPREAD_MS)))
 
     async def close(self) -> None:
         self.heartbeats.stop()
@@ -167,30 +169,76 @@ class Gateway:
         # Whatever is published until each channel is subscribed again is read back from
         # history; live events of the channel wait until that refill has been delivered.
         for channel in self.hub.channels():
+            channel.generation += 1
             if channel.held is None:
                 channel.held = []
-            self.broker.when_subscribed(channel.name, partial(self._refill, channel))
+            self.broker.when_subscribed(
+                channel.name, partial(self._refill, channel, channel.generation)
+            )
 
-    def _refill(self, channel: Channel) -> None:
-        if channel.held is None or self.hub.get(channel.name) is not channel:
+    def _refill(self, channel: Channel, generation: int) -> None:
+        if channel.generation != generation or self.hub.get(channel.name) is not channel:
             return
         future = self.history.read(channel.name, channel.gap_start())
-        future.add_done_callback(partial(self._refilled, channel))
+        future.add_done_callback(partial(self._refilled, channel, generation))
 
-    def _refilled(self, channel: Channel, future: asyncio.Future[list[RawEntry]]) -> None:
+    def _refilled(
+        self, channel: Channel, generation: int, future: asyncio.Future[list[RawEntry]]
+    ) -> None:
+        failed = future.cancelled() or future.exception() is not None
         held = channel.held
-        if held is None or self.hub.get(channel.name) is not channel:
+        if (
+            held is None
+            or channel.generation != generation
+            or self.hub.get(channel.name) is not channel
+        ):
+            return  # a newer outage owns this channel's refill now
+        if failed:
+            if self.broker.connected:  # only the read failed: try again shortly
+                asyncio.get_running_loop().call_later(
+                    REFILL_RETRY_SECONDS, self._refill, channel, generation
+                )
+            return  # else the next on_broker_state(False) registers the next attempt
+        entries = future.result()
+        if not self._refill_covers(channel.last, entries):
+            # History no longer reaches back to the gap: say so rather than skip events
+            # silently. Reconnecting clients get `recovered: false` and refetch their state.
+            channel.held = None
+            log.warning(
+                "history does not cover the outage of %s; closing its %d streams",
+                channel.name.decode(),
+                len(channel.streams),
+            )
+            for stream in tuple(channel.streams):
+                assert isinstance(stream, HttpConnection)
+                stream.close_stream("history_gap", final=self._jittered_retry())
             return
-        if future.cancelled() or future.exception() is not None:
-            # Redis went away again: on_broker_state(False) registers the next attempt.
-            return
-        merge = ReplayMerge(parse_stream_id(channel.last_id))
-        events = merge.merge(self._history_events(channel.name, future.result()), held)
+        merge = ReplayMerge(channel.last)
+        events = merge.merge(self._history_events(channel.name, entries), held)
         channel.held = None
-        if merge.last is not None:
-            channel.last_id = format_stream_id(merge.last)
+        channel.last = merge.last
         for event_id, frame in events:
-            self.metrics.delivered += channel.write(frame, event_id)
+            self.metrics.delivered += channel.write(frame, event_id, parse_stream_id(event_id))
+
+    def _replay_covers(self, last: StreamId, entries: list[RawEntry]) -> bool:
+        """A client's replay: the history must still hold its last id, and all that follows."""
+        if len(entries) >= self.history.limit:
+            return False  # the read was cut short: there is more than a replay may send
+        return bool(entries) and parse_stream_id(entries[0][0]) == last
+
+    def _refill_covers(self, last: StreamId | None, entries: list[RawEntry]) -> bool:
+        """A channel's refill after an outage: is every event since `last` among `entries`?
+
+        Unlike a client's replay, `last` may legitimately be absent: a Redis restart without
+        persistence starts the stream afresh (all it holds came after the outage), and a plain
+        PUBLISH never was in the history. Only a stream trimmed past `last` (it holds one more
+        entry than the history size only once trimming began) proves events are lost.
+        """
+        if len(entries) >= self.history.limit:
+            return False
+        if last is None or (entries and parse_stream_id(entries[0][0]) == last):
+            return True
+        return len(entries) <= self.settings.history_size
 
     def _history_events(self, channel: bytes, entries: list[RawEntry]) -> list[HistoryEvent]:
         events = []
@@ -433,34 +481,35 @@ class Gateway:
         if conn.closed or conn.transport is None:
             return
         if last_event_id is None:
-            self._go_live(conn, identity, None, [])
+            self._go_live(conn, identity, None, [], None)
+            return
+        last = parse_stream_id(last_event_id)
+        if last is None:
+            self._go_live(conn, identity, False, [], None)  # not a history id: can't recover
             return
         # Live events from now on wait in `held`, history is read, then both are merged.
         conn.held = []
-        if parse_stream_id(last_event_id) is None:
-            self._go_live(conn, identity, False, [])  # not a history id: nothing to recover
-            return
         future = self.history.read(conn.channel, last_event_id)
-        future.add_done_callback(partial(self._replayed, conn, identity, last_event_id))
+        future.add_done_callback(partial(self._replayed, conn, identity, last))
 
     def _replayed(
         self,
         conn: HttpConnection,
         identity: Identity,
-        last_event_id: str,
+        last: StreamId,
         future: asyncio.Future[list[RawEntry]],
     ) -> None:
-        if conn.closed or conn.transport is None:
-            return
         entries: list[RawEntry] = []
         if not future.cancelled() and future.exception() is None:
             entries = future.result()
-        # Recovered only when the history still holds the client's last id: then nothing
-        # between it and the first entry we send can be missing.
-        recovered = bool(entries) and entries[0][0] == last_event_id
+        if conn.closed or conn.transport is None:
+            return
+        # Recovered only when the history still holds the client's last id and the read was
+        # not cut short: then nothing between it and the events we send can be missing.
+        recovered = self._replay_covers(last, entries)
         replayed = self._history_events(conn.channel, entries[1:]) if recovered else []
-        self.metrics.replays[("recovered" if recovered else "not_recovered")] += 1
-        self._go_live(conn, identity, recovered, replayed, parse_stream_id(last_event_id))
+        self.metrics.replays["recovered" if recovered else "not_recovered"] += 1
+        self._go_live(conn, identity, recovered, replayed, last)
 
     def _go_live(
         self,
@@ -468,7 +517,7 @@ class Gateway:
         identity: Identity,
         recovered: bool | None,
         replayed: list[HistoryEvent],
-        last: StreamId | None = None,
+        last: StreamId | None,
     ) -> None:
         """Writes `connected`, the replayed and held events, then makes the stream live."""
         assert conn.transport is not None
@@ -484,8 +533,10 @@ class Gateway:
         held = conn.held
         conn.held = None
         if held is not None:
-            events = ReplayMerge(last).merge(replayed, held)
+            merge = ReplayMerge(last)
+            events = merge.merge(replayed, held)
             frames.extend(frame for _, frame in events)
+            conn.floor = merge.last
             self.metrics.replayed_events += len(replayed)
             self.metrics.delivered += len(events)
         conn.transport.write(b"".join(frames))

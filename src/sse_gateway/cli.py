@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--redis", help="Redis address (default: $EVENTS_REDIS_STORAGE)")
     publish.add_argument("--gateway", help="base URL of a gateway, e.g. http://127.0.0.1:8080")
     publish.add_argument("--api-key", help="publish API key (default: $SSE_PUBLISH_API_KEY)")
-    publish.add_argument("--history-size", type=int, default=100, help="(env SSE_HISTORY_SIZE)")
+    publish.add_argument("--history-size", help="default 100 (env SSE_HISTORY_SIZE)")
     publish.add_argument("--history-ttl", default=None, help="e.g. 24h (env SSE_HISTORY_TTL)")
     return parser
 

@@ -40,9 +40,9 @@ class HttpConnection(asyncio.Protocol):
         "channel",
         "closed",
         "conn_no",
+        "floor",
         "hb_slot",
         "header_bytes",
-        "header_name",
         "headers",
         "held",
         "opened_at",
@@ -61,7 +61,6 @@ class HttpConnection(asyncio.Protocol):
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.header_name = b""
         self.header_bytes = 0
         self.body: list[bytes] | None = None
         self.body_limit = 0
@@ -76,6 +75,7 @@ class HttpConnection(asyncio.Protocol):
         self.queue: deque[bytes] | None = None
         # Live events that arrive while this stream replays history wait here.
         self.held: list[tuple[str | None, bytes]] | None = None
+        self.floor: tuple[int, int] | None = None
         self.hb_slot = -1
         self.conn_no = 0
         self.opened_at = 0.0

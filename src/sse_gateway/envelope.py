@@ -13,6 +13,8 @@ from .frames import dump_json, encode_event, encode_json_line_event
 
 EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# Integers orjson parses exactly fit in 64 bits; a run of 20+ digits (or -19) may not.
+_BEYOND_64_BITS = re.compile(rb"\d{20}|-\d{19}")
 RESERVED_TYPES = frozenset({"connected", "heartbeat", "error", "close"})
 
 
@@ -75,10 +77,13 @@ def parse_envelope(payload: bytes, max_bytes: int) -> Envelope:
     """Parses one published message; raises EnvelopeError naming why it is dropped."""
     if len(payload) > max_bytes:
         raise EnvelopeError("too_large", f"message of {len(payload)} bytes exceeds {max_bytes}")
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        obj = _parse_strictly(payload)  # classifies the error, and takes what orjson will not
+    if _BEYOND_64_BITS.search(payload) is not None:
+        obj = _parse_strictly(payload)  # orjson would turn such an integer into a float
+    else:
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            obj = _parse_strictly(payload)  # classifies the error, takes what orjson will not
     return envelope_from_object(obj)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .broker.base import Broker
-from .history import parse_stream_id
+from .history import StreamId, format_stream_id, parse_stream_id
 
 Held = list[tuple[str | None, bytes]]
 
@@ -21,6 +21,9 @@ class Stream(Protocol):
     channel: bytes
     active: bool
     held: Held | None
+    # After a replay: the newest id this stream was sent. Live copies of replayed events
+    # that arrive late (Pub/Sub and history reads are separate sockets) are skipped.
+    floor: StreamId | None
 
     def send(self, frame: bytes) -> None: ...
 
@@ -28,25 +31,33 @@ class Stream(Protocol):
 class Channel:
     """One player's channel on this process: its streams and what it last delivered."""
 
-    __slots__ = ("held", "last_id", "name", "since_ms", "streams")
+    __slots__ = ("generation", "held", "last", "name", "since_ms", "streams")
 
     def __init__(self, name: bytes, since_ms: int) -> None:
         self.name = name
         self.streams: list[Stream] = []
         # The newest history id delivered here, and when (broker clock) the channel began:
         # together they say where a gap after a broker outage starts.
-        self.last_id: str | None = None
+        self.last: StreamId | None = None
         self.since_ms = since_ms
+        # While not None, live events wait here: a refill from history is under way.
         self.held: Held | None = None
+        # Bumped at every broker outage, so a refill that an outage overtook is ignored.
+        self.generation = 0
 
     def gap_start(self) -> str:
-        return self.last_id if self.last_id is not None else f"{self.since_ms}-0"
+        return format_stream_id(self.last) if self.last is not None else f"{self.since_ms}-0"
 
-    def write(self, frame: bytes, event_id: str | None) -> int:
+    def write(self, frame: bytes, event_id: str | None, parsed: StreamId | None) -> int:
         sent = 0
         # A copy: a send may close a slow stream, which removes it from the list.
         for stream in tuple(self.streams):
             if stream.active:
+                floor = stream.floor
+                if floor is not None and parsed is not None:
+                    if parsed <= floor:
+                        continue
+                    stream.floor = None  # caught up: channel order suffices from here on
                 stream.send(frame)
                 sent += 1
             elif stream.held is not None:
@@ -104,9 +115,14 @@ class ConnectionHub:
         if channel.held is not None:
             channel.held.append((event_id, frame))
             return 0
-        if event_id is not None and parse_stream_id(event_id) is not None:
-            channel.last_id = event_id
-        return channel.write(frame, event_id)
+        parsed = None
+        if event_id is not None:
+            parsed = parse_stream_id(event_id)
+            if parsed is not None:
+                if channel.last is not None and parsed <= channel.last:
+                    return 0  # a late live copy of an event already refilled from history
+                channel.last = parsed
+        return channel.write(frame, event_id, parsed)
 
     def streams(self) -> list[Stream]:
         return [stream for channel in self._channels.values() for stream in channel.streams]

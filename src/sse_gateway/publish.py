@@ -21,7 +21,10 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
 import redis.exceptions
+import redis.retry
+from redis.backoff import NoBackoff
 
 from .envelope import EnvelopeError, validate_event_type
 from .frames import dump_json
@@ -132,6 +135,11 @@ def event_from_mapping(item: object, *, max_event_bytes: int) -> PreparedEvent:
     )
 
 
+def async_no_retry() -> redis.asyncio.retry.Retry:
+    # A retried EVALSHA after a lost reply would store and deliver the event twice.
+    return redis.asyncio.retry.Retry(NoBackoff(), 0)
+
+
 def client_kwargs(address: RedisAddress) -> dict[str, Any]:
     return {
         "host": address.host,
@@ -175,7 +183,8 @@ class Publisher:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Publisher:
-        return cls(aioredis.Redis(**client_kwargs(parse_redis_address(url))), **options)
+        client = aioredis.Redis(**client_kwargs(parse_redis_address(url)), retry=async_no_retry())
+        return cls(client, **options)
 
     async def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:
         event = prepare_event(brand_id, player_id, type, data, max_event_bytes=self.max_event_bytes)
@@ -237,7 +246,10 @@ class SyncPublisher:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SyncPublisher:
-        return cls(redis.Redis(**client_kwargs(parse_redis_address(url))), **options)
+        client = redis.Redis(
+            **client_kwargs(parse_redis_address(url)), retry=redis.retry.Retry(NoBackoff(), 0)
+        )
+        return cls(client, **options)
 
     def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:
         event = prepare_event(brand_id, player_id, type, data, max_event_bytes=self.max_event_bytes)

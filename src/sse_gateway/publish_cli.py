@@ -8,9 +8,17 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
-from .publish import InvalidEvent, PublishUnavailable, SyncPublisher, prepare_event
-from .settings import parse_duration
+from .publish import (
+    DEFAULT_HISTORY_SIZE,
+    DEFAULT_HISTORY_TTL,
+    InvalidEvent,
+    PublishUnavailable,
+    SyncPublisher,
+    prepare_event,
+)
+from .settings import OPTIONS, SettingsError, parse_value
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 1
@@ -38,12 +46,24 @@ def publish_command(args: argparse.Namespace) -> int:
             "no Redis: set EVENTS_REDIS_STORAGE or --redis, or use --gateway URL to publish "
             "through a running gateway (the embedded broker lives inside the gateway process)"
         )
-    ttl_text = args.history_ttl or os.environ.get("SSE_HISTORY_TTL") or "24h"
-    size = int(os.environ.get("SSE_HISTORY_SIZE", args.history_size))
     try:
-        ttl = int(parse_duration(ttl_text))
-        publisher = SyncPublisher.from_url(address, history_size=size, history_ttl=ttl)
-    except ValueError as exc:
+        history: dict[str, Any] = {}
+        for attr, flag in (("history_size", "--history-size"), ("history_ttl", "--history-ttl")):
+            option = next(o for o in OPTIONS if o.attr == attr)
+            raw = getattr(args, attr)
+            name = flag if raw is not None else option.env
+            raw = raw if raw is not None else os.environ.get(option.env)
+            if raw is not None:
+                try:
+                    history[attr] = parse_value(attr, raw)
+                except ValueError as exc:
+                    raise SettingsError(name, raw, str(exc)) from exc
+        publisher = SyncPublisher.from_url(
+            address,
+            history_size=history.get("history_size", DEFAULT_HISTORY_SIZE),
+            history_ttl=int(history.get("history_ttl", DEFAULT_HISTORY_TTL)),
+        )
+    except ValueError as exc:  # SettingsError, or a bad Redis address
         return _fail(str(exc))
     try:
         event_id = publisher.publish(args.brand, args.player, args.event_type, data)

@@ -21,13 +21,15 @@ BATCH = 1000
 class HistoryReader:
     def __init__(self, broker: Broker, history_size: int) -> None:
         self._broker = broker
-        self._limit = history_size + 1  # the entry at the start id itself, then the rest
+        # The entry at the start id itself, up to history_size after it, and one more: a read
+        # that returns `limit` entries was cut short.
+        self.limit = history_size + 2
         self._pending: list[tuple[bytes, str, asyncio.Future[list[RawEntry]]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def read(self, channel: bytes, start_id: str) -> asyncio.Future[list[RawEntry]]:
-        """Entries of `channel` with id >= start_id (at most history size + 1)."""
+        """Entries of `channel` with id >= start_id (at most `limit`)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[RawEntry]] = loop.create_future()
         self._pending.append((channel, start_id, future))
@@ -47,7 +49,7 @@ class HistoryReader:
     async def _run(self, batch: list[tuple[bytes, str, asyncio.Future[list[RawEntry]]]]) -> None:
         try:
             results = await self._broker.read_history(
-                [(channel, start) for channel, start, _ in batch], self._limit
+                [(channel, start) for channel, start, _ in batch], self.limit
             )
         except Exception as exc:
             log.warning("history read of %d channels failed: %s", len(batch), exc)

@@ -206,7 +206,7 @@ def _positive_int(text: str, *, minimum: int = 1, maximum: int | None = None) ->
     return value
 
 
-def _parse(attr: str, text: str) -> Any:
+def parse_value(attr: str, text: str) -> Any:
     """Turns one raw string into the typed value of `attr`; ValueError explains a bad one."""
     if attr == "redis":
         return parse_redis_address(text)
@@ -284,7 +284,7 @@ def load_settings(
         if raw is None:
             continue
         try:
-            values[option.attr] = _parse(option.attr, raw)
+            values[option.attr] = parse_value(option.attr, raw)
         except ValueError as exc:
             shown = "***" if option.attr in _SECRETS else raw
             raise SettingsError(name, shown, str(exc)) from exc

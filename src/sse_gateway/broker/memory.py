@@ -23,7 +23,8 @@ class _History:
     __slots__ = ("entries", "expires_at")
 
     def __init__(self, size: int) -> None:
-        self.entries: deque[tuple[StreamId, RawEntry]] = deque(maxlen=size)
+        # One more than the size, as publish.lua keeps: see the comment there.
+        self.entries: deque[tuple[StreamId, RawEntry]] = deque(maxlen=size + 1)
         self.expires_at = 0.0
 
 

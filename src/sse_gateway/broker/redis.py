@@ -26,7 +26,14 @@ import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ..publish import PreparedEvent, PublishedEvent, Publisher, PublishUnavailable, client_kwargs
+from ..publish import (
+    PreparedEvent,
+    PublishedEvent,
+    Publisher,
+    PublishUnavailable,
+    async_no_retry,
+    client_kwargs,
+)
 from ..settings import RedisAddress
 from .base import BrokerUnavailable, MessageHandler, RawEntry, StateHandler
 
@@ -127,6 +134,7 @@ class RedisBroker:
         pool = aioredis.BlockingConnectionPool(
             max_connections=COMMAND_CONNECTIONS,
             timeout=CONNECT_TIMEOUT,
+            retry=async_no_retry(),
             connection_class=(aioredis.SSLConnection if ssl_enabled else aioredis.Connection),
             **kwargs,
         )
@@ -247,8 +255,9 @@ class RedisBroker:
                 if protocol.transport is not None:
                     protocol.transport.abort()
                 return
-            if protocol.transport is not None:
-                protocol.transport.write(encode_command(b"PING"))
+            if protocol.transport is None or protocol.transport.is_closing():
+                return
+            protocol.transport.write(encode_command(b"PING"))
 
     def _on_connected(self) -> None:
         if self._ever_connected:
@@ -343,7 +352,7 @@ class RedisBroker:
 
     def _drain_outbox(self) -> None:
         protocol = self._protocol
-        if protocol is None or protocol.transport is None:
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             return
         chunks: list[bytes] = []
         while self._outbox and self._unconfirmed < MAX_INFLIGHT:
