@@ -10,6 +10,7 @@ from sse_spec_parser import Event, parse_sse
 
 from sse_gateway.broker.memory import MemoryBroker
 from sse_gateway.envelope import parse_envelope
+from sse_gateway.history import parse_stream_id
 from sse_gateway.hub import ConnectionHub, Held
 from sse_gateway.naming import channel_name
 from sse_gateway.publish import PreparedEvent
@@ -24,6 +25,7 @@ class FakeStream:
         self.channel = bytes(bytearray(channel))
         self.active = active
         self.held: Held | None = None
+        self.floor: tuple[int, int] | None = None
         self.frames: list[bytes] = []
         self.on_send: Callable[[FakeStream], None] | None = None
 
@@ -246,24 +248,27 @@ def test_a_held_channel_delivers_nothing_and_keeps_the_events() -> None:
     assert hub.deliver(CH, b"f1", "5-0") == 0
     assert stream.frames == []
     assert channel.held == [("5-0", b"f1")]
-    assert channel.last_id is None
+
+    assert channel.last is None
 
 
 @pytest.mark.parametrize(
     ("ids", "last"),
     [
-        (["1-0", "2-0"], "2-0"),
-        (["1-0", "custom-id"], "1-0"),
-        (["7-3", None], "7-3"),
+        (["1-0", "2-0"], (2, 0)),
+        (["1-0", "custom-id"], (1, 0)),
+        (["7-3", None], (7, 3)),
         (["x"], None),
     ],
 )
-def test_last_id_tracks_history_ids_only(ids: list[str | None], last: str | None) -> None:
+def test_last_id_tracks_history_ids_only(
+    ids: list[str | None], last: tuple[int, int] | None
+) -> None:
     hub, _ = make_hub()
     channel = hub.join(FakeStream(CH), noop)
     for event_id in ids:
         hub.deliver(CH, FRAME, event_id)
-    assert channel.last_id == last
+    assert channel.last == last
 
 
 def test_a_stream_closing_during_delivery_does_not_disturb_the_others() -> None:
@@ -306,7 +311,20 @@ def test_published_events_reach_active_streams_through_the_memory_broker() -> No
         assert parse_sse(b"".join(b.frames)).events == [expected]
         assert waiting.frames == []
         assert hub.get(CH) is not None
-        assert hub.get(CH).last_id == str(published)  # type: ignore[union-attr]
+        assert hub.get(CH).last == parse_stream_id(published)  # type: ignore[union-attr]
         await broker.close()
 
     run(body)
+
+
+def test_late_copies_below_the_channel_and_stream_floors_are_skipped() -> None:
+    hub = ConnectionHub(RecordingBroker())
+    replayed, plain = FakeStream(CH), FakeStream(CH)
+    for stream in (replayed, plain):
+        hub.join(stream, lambda: None)
+    replayed.floor = (7, 0)  # this stream was sent up to 7-0 from history
+    assert hub.deliver(CH, b"f5", "5-0") == 1  # only the stream without a floor
+    assert hub.deliver(CH, b"f5", "5-0") == 0  # at or below the channel's last id: a copy
+    assert hub.deliver(CH, b"f8", "8-0") == 2  # newer than both: everyone, floor cleared
+    assert replayed.floor is None
+    assert replayed.frames == [b"f8"] and plain.frames == [b"f5", b"f8"]
