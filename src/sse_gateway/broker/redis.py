@@ -47,6 +47,7 @@ PING_TIMEOUT = 15.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
+YIELD_AFTER_BYTES = 32 * 1024
 HISTORY_PIPELINE = 1000
 
 
@@ -73,6 +74,12 @@ class _PubSubProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if len(data) >= YIELD_AFTER_BYTES and transport is not None:
+            # A flood of messages must not starve accepts, requests and heartbeats: after a
+            # large read, let the rest of the loop run before reading again.
+            transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._resume)
         reader = self.reader
         reader.feed(data)
         on_reply = self.broker._on_reply
@@ -90,6 +97,10 @@ class _PubSubProtocol(asyncio.Protocol):
                 on_reply(reply)
             except Exception:  # one bad message must not cost every client its connection
                 log.exception("redis pubsub: error while handling a reply")
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
