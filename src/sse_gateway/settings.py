@@ -258,6 +258,8 @@ def parse_value(attr: str, text: str) -> Any:
         if not text.strip():
             raise ValueError("empty host")
         return text.strip()
+    if attr == "jwt_secret" and ("-----BEGIN" in text or text.startswith("ssh-")):
+        raise ValueError("an HS256 secret, not a PEM/SSH key (use SSE_JWT_KEYS_FILE for those)")
     if attr in ("jwt_secret", "jwt_audience", "jwt_issuer", "jwt_keys_file", "publish_api_key"):
         if not text:
             raise ValueError("empty value")
