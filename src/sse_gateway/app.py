@@ -19,7 +19,13 @@ from .auth import AuthError, Identity, TokenVerifier, make_token
 from .broker import MemoryBroker, RedisBroker
 from .broker.base import Broker, BrokerUnavailable, RawEntry
 from .connection import HttpConnection
-from .envelope import EVENT_ID_PATTERN, EnvelopeError, envelope_from_object, parse_envelope
+from .envelope import (
+    EVENT_ID_PATTERN,
+    EnvelopeError,
+    envelope_from_object,
+    load_json,
+    parse_envelope,
+)
 from .frames import encode_json_event, encode_retry
 from .heartbeat import HeartbeatScheduler
 from .history import (
@@ -107,7 +113,9 @@ class Gateway:
         self.publish_api_key = settings.publish_api_key
         self.max_body_bytes = min(64 << 20, (settings.max_event_bytes + 512) * MAX_PUBLISH_BATCH)
         self.open_sockets = 0
+        self.stream_sockets = 0  # streams whose socket is not closed yet (drain waits on it)
         self.streams = 0
+        self._ever_connected = False
         self.draining = False
         self._conn_numbers = itertools.count(1)
         self._conn_prefix = f"{os.getpid():06x}{secrets.token_hex(3)}"
@@ -146,7 +154,7 @@ class Gateway:
 
     def _jittered_retry(self) -> bytes:
         base = self.settings.retry_ms
-        return encode_retry(base + random.randrange(max(base, SHUTDOWN_RETRY_SPREAD_MS)))
+        return encode_retry(base + random.randrange(SHUTDOWN_RETRY_SPREAD_MS))
 
     async def close(self) -> None:
         self.heartbeats.stop()
@@ -163,7 +171,9 @@ class Gateway:
 
     def on_broker_state(self, connected: bool) -> None:
         if connected:
-            self.metrics.broker_reconnects += 1
+            if self._ever_connected:
+                self.metrics.broker_reconnects += 1
+            self._ever_connected = True
             return
         log.warning("broker disconnected: open streams stay open, new ones get 503")
         # Whatever is published until each channel is subscribed again is read back from
@@ -234,10 +244,10 @@ class Gateway:
         PUBLISH never was in the history. Only a stream trimmed past `last` (it holds one more
         entry than the history size only once trimming began) proves events are lost.
         """
-        if len(entries) >= self.history.limit:
-            return False
-        if last is None or (entries and parse_stream_id(entries[0][0]) == last):
-            return True
+        if last is not None and entries and parse_stream_id(entries[0][0]) == last:
+            return len(entries) < self.history.limit
+        # `last` is not there (or the channel delivered nothing yet): only a stream that is
+        # full may have been trimmed past the gap's start.
         return len(entries) <= self.settings.history_size
 
     def _history_events(self, channel: bytes, entries: list[RawEntry]) -> list[HistoryEvent]:
@@ -245,10 +255,10 @@ class Gateway:
         for event_id, event_type, data in entries:
             try:
                 envelope = envelope_from_object(
-                    {"type": event_type, "data": json.loads(data), "id": event_id}
+                    {"type": event_type, "data": load_json(data.encode()), "id": event_id}
                 )
-            except (EnvelopeError, ValueError, RecursionError) as exc:
-                reason = exc.reason if isinstance(exc, EnvelopeError) else "not_json"
+            except EnvelopeError as exc:
+                reason = exc.reason
                 self.metrics.invalid_messages[reason] += 1
                 log.warning(
                     "invalid history entry skipped: channel=%s id=%s reason=%s",
@@ -320,6 +330,20 @@ class Gateway:
         except Exception:
             log.exception("error handling %s %s", method, path)
             conn.respond(error_response(500, "internal_error", "internal error"), keep_alive=False)
+
+    def accepts_body(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether a POST's body is kept: only for an authorized publish, never otherwise."""
+        if self.publish_api_key is None or not url.startswith(b"/v1/publish"):
+            return False
+        authorization = dict(headers).get(b"authorization", b"").decode("latin-1")
+        return self._publish_authorized(authorization)
+
+    def _publish_authorized(self, authorization: str) -> bool:
+        assert self.publish_api_key is not None
+        scheme, _, key = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            key.strip().encode(), self.publish_api_key.encode()
+        )
 
     def plain(self, path: str) -> Response:
         if path == "/healthz":
@@ -499,11 +523,16 @@ class Gateway:
         last: StreamId,
         future: asyncio.Future[list[RawEntry]],
     ) -> None:
-        entries: list[RawEntry] = []
-        if not future.cancelled() and future.exception() is None:
-            entries = future.result()
+        failed = future.cancelled() or future.exception() is not None
         if conn.closed or conn.transport is None:
             return
+        if failed:
+            # Not "recovered: false" (that tells the client to refetch its state): the history
+            # could not be read, so the client is asked to come back and try again.
+            self.metrics.replays["failed"] += 1
+            conn.close_stream("replay_failed", final=self._jittered_retry())
+            return
+        entries = future.result()
         # Recovered only when the history still holds the client's last id and the read was
         # not cut short: then nothing between it and the events we send can be missing.
         recovered = self._replay_covers(last, entries)
@@ -575,12 +604,7 @@ class Gateway:
         conn.end_async()
 
     async def publish_request(self, request: Request) -> Response:
-        assert self.publish_api_key is not None
-        authorization = request.header(b"authorization") or ""
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            key.strip().encode(), self.publish_api_key.encode()
-        ):
+        if not self._publish_authorized(request.header(b"authorization") or ""):
             return error_response(
                 401,
                 "invalid_api_key",

@@ -30,6 +30,10 @@ WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
 
 
+class _StreamStarted(Exception):
+    """Raised from a parser callback to stop parsing once the connection is a stream."""
+
+
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "active",
@@ -120,8 +124,10 @@ class HttpConnection(asyncio.Protocol):
         self.app.open_sockets -= 1
         self._cancel_timer()
         self.parser = None
-        if self.conn_no and not self.closed:
-            self.app.stream_closed(self, "client" if exc is None else "error")
+        if self.conn_no:
+            self.app.stream_sockets -= 1
+            if not self.closed:
+                self.app.stream_closed(self, "client" if exc is None else "error")
         self.closed = True
         self.transport = None
 
@@ -140,27 +146,43 @@ class HttpConnection(asyncio.Protocol):
 
     # --- httptools callbacks -----------------------------------------------------------------
 
+    # Bytes after a request that became a stream (a pipelined request, say) are still in the
+    # parser's buffer: every callback refuses them once the parser is gone.
+
     def on_message_begin(self) -> None:
+        if self.parser is None:
+            raise _StreamStarted
         self.url = b""
         self.headers = []
         self.header_bytes = 0
         self.body = None
 
     def on_url(self, url: bytes) -> None:
+        if self.parser is None:
+            raise _StreamStarted
         self.url += url
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.parser is None:
+            raise _StreamStarted
         self.headers.append((name.lower(), value))
         self._count_header_bytes(len(name) + len(value) + 4)
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
-        if self.parser is not None and self.parser.get_method() == b"POST":
+        parser = self.parser
+        if parser is None:
+            raise _StreamStarted
+        # Only an authorized publish has a body worth keeping; any other is read and dropped.
+        # The header timer keeps running until the whole message is in: a body that never
+        # ends cannot hold the socket.
+        if parser.get_method() == b"POST" and self.app.accepts_body(self.url, self.headers):
             self.body = []
             self.body_limit = self.app.max_body_bytes
 
     def on_body(self, chunk: bytes) -> None:
+        if self.parser is None:
+            raise _StreamStarted
         body = self.body
         if body is None:
             return
@@ -177,7 +199,8 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         parser = self.parser
         if parser is None or self.closed:
-            return
+            raise _StreamStarted
+        self._cancel_timer()
         url = httptools.parse_url(self.url)
         request = Request(
             method=parser.get_method().decode("ascii", "replace"),
@@ -203,8 +226,8 @@ class HttpConnection(asyncio.Protocol):
     def respond(self, response: Response, *, keep_alive: bool, head_only: bool = False) -> None:
         """Writes a complete response; closes unless the connection may serve another request."""
         transport = self.transport
-        if transport is None or self.closed:
-            return
+        if transport is None or self.closed or self.conn_no:
+            return  # a stream's body is SSE frames only
         keep_alive = keep_alive and not self.app.draining
         transport.write(encode_response(response, keep_alive=keep_alive, head_only=head_only))
         if not keep_alive:
@@ -221,7 +244,7 @@ class HttpConnection(asyncio.Protocol):
         """After an async handler has responded: serve requests that arrived meanwhile."""
         self.busy = False
         requests = self.requests
-        while requests and not self.busy and not self.closed:
+        while requests and not self.busy and not self.closed and not self.conn_no:
             request = requests.popleft()
             self._cancel_timer()
             self.app.handle(self, request)
@@ -237,6 +260,9 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_timer()
         self.parser = None
         self.requests = None
+        self.url = b""  # may hold the token
+        self.body = None
+        self.app.stream_sockets += 1
         self.channel = channel
         self.conn_no = conn_no
         self.opened_at = time.monotonic()

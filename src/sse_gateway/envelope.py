@@ -77,14 +77,17 @@ def parse_envelope(payload: bytes, max_bytes: int) -> Envelope:
     """Parses one published message; raises EnvelopeError naming why it is dropped."""
     if len(payload) > max_bytes:
         raise EnvelopeError("too_large", f"message of {len(payload)} bytes exceeds {max_bytes}")
+    return envelope_from_object(load_json(payload))
+
+
+def load_json(payload: bytes) -> Any:
+    """JSON from bytes, fast (orjson) where that is exact; EnvelopeError names a failure."""
     if _BEYOND_64_BITS.search(payload) is not None:
-        obj = _parse_strictly(payload)  # orjson would turn such an integer into a float
-    else:
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            obj = _parse_strictly(payload)  # classifies the error, takes what orjson will not
-    return envelope_from_object(obj)
+        return _parse_strictly(payload)  # orjson would turn such an integer into a float
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return _parse_strictly(payload)  # classifies the error, takes what orjson will not
 
 
 def _parse_strictly(payload: bytes) -> Any:

@@ -1,13 +1,14 @@
 """One heartbeat scheduler for every stream of the process.
 
 Streams are spread over the slots of a ring that turns once per keep-alive period; each tick
-writes one slot. A new stream joins the slot that fires last, so its first heartbeat comes one
-period after it connected, and 50k streams cost 50k/slots writes per tick, not 50k at once.
+writes one slot. A new stream joins a random slot, so 50k streams cost 50k/slots writes per
+tick, not 50k at once, even when they all connected in the same instant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -39,7 +40,9 @@ class HeartbeatScheduler:
         self._next_at = 0.0
 
     def add(self, stream: Beating) -> None:
-        slot = (self._current - 1) % self.slot_count
+        # A random slot: streams that arrive together (a reconnect storm) are spread over the
+        # period instead of all beating in the same tick. The first beat comes within a period.
+        slot = random.randrange(self.slot_count)
         stream.hb_slot = slot
         self._slots[slot].add(stream)
 

@@ -9,11 +9,12 @@ turns both into one sequence with no gap and no duplicate.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 
 StreamId = tuple[int, int]
+_U64_MAX = 2**64 - 1
 
 
 def parse_stream_id(value: str | None) -> StreamId | None:
@@ -23,7 +24,11 @@ def parse_stream_id(value: str | None) -> StreamId | None:
     match = _STREAM_ID.fullmatch(value)
     if match is None:
         return None
-    return int(match.group(1)), int(match.group(2))
+    parsed = int(match.group(1)), int(match.group(2))
+    # Redis refuses stream ids beyond 64 bits; such an id never came from a history.
+    if parsed[0] > _U64_MAX or parsed[1] > _U64_MAX:
+        return None
+    return parsed
 
 
 def format_stream_id(stream_id: StreamId) -> str:
@@ -34,14 +39,6 @@ def format_stream_id(stream_id: StreamId) -> str:
 class HistoryEvent:
     id: str
     frame: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRead:
-    """Entries after a requested id; `recovered` when the history still held that id."""
-
-    recovered: bool
-    events: list[HistoryEvent] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -50,8 +50,9 @@ class Channel:
 
     def write(self, frame: bytes, event_id: str | None, parsed: StreamId | None) -> int:
         sent = 0
-        # A copy: a send may close a slow stream, which removes it from the list.
-        for stream in tuple(self.streams):
+        streams = self.streams
+        # A copy when several: a send may close a slow stream, which removes it from the list.
+        for stream in streams if len(streams) == 1 else tuple(streams):
             if stream.active:
                 floor = stream.floor
                 if floor is not None and parsed is not None:

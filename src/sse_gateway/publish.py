@@ -6,14 +6,16 @@
     event_id = await publisher.publish("brand1", "player42", "notification", {"title": "Hi"})
     event_id.receivers  # gateway processes that received it (0: nobody connected right now)
 
-`SyncPublisher` is the same for code that is not async. Both run `lua/publish.lua` (loaded
-once, then called by its SHA): XADD to the player's history stream (capped, expiring), then
-PUBLISH the envelope with the new entry's id. Publishers in other languages can EVAL the same
-file; a plain PUBLISH of an envelope still works, but is live only and cannot be replayed.
+`SyncPublisher` is the same for code that is not async. Both run `lua/publish.lua` (called
+by its SHA, loaded when Redis does not know it yet): XADD to the player's history stream
+(capped, expiring), then PUBLISH the envelope with the new entry's id. Publishers in other
+languages can EVAL the same file; a plain PUBLISH of an envelope still works, but is live
+only and cannot be replayed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -25,6 +27,7 @@ import redis.asyncio.retry
 import redis.exceptions
 import redis.retry
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 
 from .envelope import EnvelopeError, validate_event_type
 from .frames import dump_json
@@ -37,6 +40,7 @@ DEFAULT_MAX_EVENT_BYTES = 65_536
 MAX_BATCH = 1000
 
 PUBLISH_SCRIPT = resources.files("sse_gateway").joinpath("lua/publish.lua").read_text()
+PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
@@ -153,33 +157,60 @@ def client_kwargs(address: RedisAddress) -> dict[str, Any]:
     }
 
 
-def _script_args(event: PreparedEvent, size: int, ttl: int) -> list[Any]:
-    return [event.type, event.data_json, size, ttl]
-
-
 def _result(reply: Any) -> PublishedEvent:
+    if isinstance(reply, Exception):  # READONLY after a failover, OOM, NOPERM, WRONGTYPE...
+        raise PublishUnavailable(f"redis refused the publish: {reply}")
     event_id, receivers = reply
     if isinstance(event_id, bytes):
         event_id = event_id.decode("ascii")
     return PublishedEvent(str(event_id), int(receivers))
 
 
-class Publisher:
-    """Async publisher over redis-py's asyncio client."""
+def _missing_script(replies: list[Any]) -> list[int]:
+    return [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
 
+
+class _PublisherBase:
     def __init__(
         self,
-        client: aioredis.Redis,
         *,
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_ttl: int = DEFAULT_HISTORY_TTL,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
-        self._client = client
-        self._script = client.register_script(PUBLISH_SCRIPT)
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.max_event_bytes = max_event_bytes
+
+    def _prepare(self, brand_id: str, player_id: str, type: str, data: Any) -> PreparedEvent:
+        return prepare_event(brand_id, player_id, type, data, max_event_bytes=self.max_event_bytes)
+
+    def _prepare_many(self, events: Iterable[Event | Mapping[str, Any]]) -> list[PreparedEvent]:
+        return [event_from_mapping(e, max_event_bytes=self.max_event_bytes) for e in events]
+
+    def _evalsha_args(self, event: PreparedEvent) -> tuple[Any, ...]:
+        return (
+            PUBLISH_SCRIPT_SHA,
+            1,
+            event.channel,
+            event.type,
+            event.data_json,
+            self.history_size,
+            self.history_ttl,
+        )
+
+
+class Publisher(_PublisherBase):
+    """Async publisher over redis-py's asyncio client.
+
+    Every publish is an EVALSHA in a pipeline: one round trip for one event or a batch. Only
+    when Redis answers NOSCRIPT (a restart, a failover, SCRIPT FLUSH) is the script loaded
+    and those events sent again; NOSCRIPT means they did not run.
+    """
+
+    def __init__(self, client: aioredis.Redis, **options: Any) -> None:
+        super().__init__(**options)
+        self._client = client
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Publisher:
@@ -187,62 +218,48 @@ class Publisher:
         return cls(client, **options)
 
     async def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:
-        event = prepare_event(brand_id, player_id, type, data, max_event_bytes=self.max_event_bytes)
-        return await self.publish_prepared(event)
+        return await self.publish_prepared(self._prepare(brand_id, player_id, type, data))
 
     async def publish_prepared(self, event: PreparedEvent) -> PublishedEvent:
-        try:
-            reply = await self._script(
-                keys=[event.channel],
-                args=_script_args(event, self.history_size, self.history_ttl),
-            )
-        except _REDIS_DOWN as exc:
-            raise PublishUnavailable(f"redis unavailable: {exc}") from exc
-        return _result(reply)
+        return (await self.publish_many_prepared([event]))[0]
 
     async def publish_many(
         self, events: Iterable[Event | Mapping[str, Any]]
     ) -> list[PublishedEvent]:
         """Publishes a batch in one pipelined round trip; all are validated before any is sent."""
-        prepared = [event_from_mapping(e, max_event_bytes=self.max_event_bytes) for e in events]
-        return await self.publish_many_prepared(prepared)
+        return await self.publish_many_prepared(self._prepare_many(events))
 
     async def publish_many_prepared(self, events: list[PreparedEvent]) -> list[PublishedEvent]:
         if not events:
             return []
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for event in events:
-                    await self._script(
-                        keys=[event.channel],
-                        args=_script_args(event, self.history_size, self.history_ttl),
-                        client=pipe,
-                    )
-                replies = await pipe.execute()
+            replies = await self._send(events)
+            missing = _missing_script(replies)
+            if missing:
+                await self._client.script_load(PUBLISH_SCRIPT)
+                again = await self._send([events[i] for i in missing])
+                for index, reply in zip(missing, again, strict=True):
+                    replies[index] = reply
         except _REDIS_DOWN as exc:
             raise PublishUnavailable(f"redis unavailable: {exc}") from exc
         return [_result(reply) for reply in replies]
+
+    async def _send(self, events: list[PreparedEvent]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.evalsha(*self._evalsha_args(event))
+            return list(await pipe.execute(raise_on_error=False))
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-class SyncPublisher:
+class SyncPublisher(_PublisherBase):
     """The same as Publisher, for code that is not async."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        history_size: int = DEFAULT_HISTORY_SIZE,
-        history_ttl: int = DEFAULT_HISTORY_TTL,
-        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-    ) -> None:
+    def __init__(self, client: redis.Redis, **options: Any) -> None:
+        super().__init__(**options)
         self._client = client
-        self._script = client.register_script(PUBLISH_SCRIPT)
-        self.history_size = history_size
-        self.history_ttl = history_ttl
-        self.max_event_bytes = max_event_bytes
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SyncPublisher:
@@ -252,32 +269,31 @@ class SyncPublisher:
         return cls(client, **options)
 
     def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:
-        event = prepare_event(brand_id, player_id, type, data, max_event_bytes=self.max_event_bytes)
-        try:
-            reply = self._script(
-                keys=[event.channel],
-                args=_script_args(event, self.history_size, self.history_ttl),
-            )
-        except _REDIS_DOWN as exc:
-            raise PublishUnavailable(f"redis unavailable: {exc}") from exc
-        return _result(reply)
+        return self.publish_many_prepared([self._prepare(brand_id, player_id, type, data)])[0]
 
     def publish_many(self, events: Iterable[Event | Mapping[str, Any]]) -> list[PublishedEvent]:
-        prepared = [event_from_mapping(e, max_event_bytes=self.max_event_bytes) for e in events]
-        if not prepared:
+        return self.publish_many_prepared(self._prepare_many(events))
+
+    def publish_many_prepared(self, events: list[PreparedEvent]) -> list[PublishedEvent]:
+        if not events:
             return []
         try:
-            with self._client.pipeline(transaction=False) as pipe:
-                for event in prepared:
-                    self._script(
-                        keys=[event.channel],
-                        args=_script_args(event, self.history_size, self.history_ttl),
-                        client=pipe,
-                    )
-                replies = pipe.execute()
+            replies = self._send(events)
+            missing = _missing_script(replies)
+            if missing:
+                self._client.script_load(PUBLISH_SCRIPT)
+                again = self._send([events[i] for i in missing])
+                for index, reply in zip(missing, again, strict=True):
+                    replies[index] = reply
         except _REDIS_DOWN as exc:
             raise PublishUnavailable(f"redis unavailable: {exc}") from exc
         return [_result(reply) for reply in replies]
+
+    def _send(self, events: list[PreparedEvent]) -> list[Any]:
+        with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.evalsha(*self._evalsha_args(event))
+            return list(pipe.execute(raise_on_error=False))
 
     def close(self) -> None:
         self._client.close()

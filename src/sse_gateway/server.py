@@ -20,6 +20,7 @@ from .settings import Settings
 log = logging.getLogger("sse_gateway")
 
 LISTEN_BACKLOG = 4096
+WORKER_MIN_LIFETIME = 5.0
 
 
 def raise_fd_limit() -> int:
@@ -108,7 +109,9 @@ async def drain(gateway: Gateway, server: asyncio.Server, drain_seconds: float) 
     server.close()
     gateway.close_all_streams("shutdown")
     deadline = started + max(0.0, drain_seconds - 0.5)
-    while gateway.open_sockets > 0 and time.monotonic() < deadline:
+    # Streams first: their last `retry:` must be flushed. Idle keep-alive sockets (health
+    # checkers) are not waited for; they go with the process.
+    while gateway.stream_sockets > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     try:
         await asyncio.wait_for(gateway.close(), timeout=max(0.2, deadline - time.monotonic()))
@@ -143,9 +146,12 @@ def _supervise(settings: Settings) -> int:
     workers: list[multiprocessing.process.BaseProcess] = []
     stopping = False
 
+    started_at: dict[int, float] = {}
+
     def spawn() -> multiprocessing.process.BaseProcess:
         process = context.Process(target=_worker_main, args=(settings,), daemon=False)
         process.start()
+        started_at[id(process)] = time.monotonic()
         return process
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -170,6 +176,20 @@ def _supervise(settings: Settings) -> int:
             failed = [p for p in workers if p.exitcode not in (0, -signal.SIGTERM)]
             return 1 if failed else 0
         for index, process in enumerate(workers):
-            if not process.is_alive():
-                log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
-                workers[index] = spawn()
+            if process.is_alive():
+                continue
+            lived = time.monotonic() - started_at.pop(id(process), 0.0)
+            if lived < WORKER_MIN_LIFETIME:
+                # Dying at start (port taken, bad config) would only repeat: give up.
+                log.error(
+                    "worker %d exited with %s %.1fs after start; stopping",
+                    process.pid,
+                    process.exitcode,
+                    lived,
+                )
+                on_signal(signal.SIGTERM, None)
+                for other in workers:
+                    other.join(settings.drain_seconds + 2)
+                return 1
+            log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
+            workers[index] = spawn()

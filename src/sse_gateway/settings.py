@@ -268,6 +268,16 @@ def parse_value(attr: str, text: str) -> Any:
 
 
 _SECRETS = frozenset({"jwt_secret", "publish_api_key"})
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^@]*@")
+
+
+def _shown(attr: str, raw: str) -> str:
+    """A bad value as an error message may show it: secrets hidden, a URL's password too."""
+    if attr in _SECRETS:
+        return "***"
+    if attr == "redis":
+        return _URL_PASSWORD.sub(r"\1***@", raw)
+    return raw
 
 
 def load_settings(
@@ -288,8 +298,13 @@ def load_settings(
         try:
             values[option.attr] = parse_value(option.attr, raw)
         except ValueError as exc:
-            shown = "***" if option.attr in _SECRETS else raw
-            raise SettingsError(name, shown, str(exc)) from exc
+            raise SettingsError(name, _shown(option.attr, raw), str(exc)) from exc
+    if values.get("workers", 1) > 1 and "redis" not in values:
+        raise SettingsError(
+            "SSE_WORKERS",
+            str(values["workers"]),
+            "the embedded broker lives in one process; set EVENTS_REDIS_STORAGE to use workers",
+        )
     keys_file = values.get("jwt_keys_file")
     if keys_file is not None:
         try:

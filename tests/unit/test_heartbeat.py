@@ -103,43 +103,25 @@ def test_streams_added_at_different_times_are_spread_over_slots() -> None:
     run(body)
 
 
-def test_streams_added_together_share_a_slot_and_beat_together() -> None:
-    async def body() -> None:
-        scheduler = HeartbeatScheduler(PERIOD)
-        a, b = FakeStream("a"), FakeStream("b")
-        scheduler.add(a)
-        scheduler.add(b)
-        assert a.hb_slot == b.hb_slot
-        scheduler.start()
-        try:
-            await a.wait_for(2)
-            await b.wait_for(2)
-        finally:
-            scheduler.stop()
-
-    run(body)
+def test_streams_added_together_are_spread_over_the_ring() -> None:
+    """A reconnect storm must not put every stream in the same tick's slot."""
+    scheduler = HeartbeatScheduler(PERIOD)
+    streams = [FakeStream(f"s{i}") for i in range(200)]
+    for stream in streams:
+        scheduler.add(stream)
+    slots = {stream.hb_slot for stream in streams}
+    assert len(slots) > scheduler.slot_count // 2
+    assert all(0 <= slot < scheduler.slot_count for slot in slots)
 
 
-def test_a_new_stream_is_the_last_of_the_ring_to_beat() -> None:
-    """Joining the slot that fires last: every earlier stream beats before the newcomer."""
-
+def test_a_new_stream_beats_within_one_period() -> None:
     async def body() -> None:
         scheduler = HeartbeatScheduler(PERIOD)
         scheduler.start()
         try:
-            early = [FakeStream(f"early{i}") for i in range(3)]
-            for stream in early:
-                scheduler.add(stream)
-                await asyncio.sleep(scheduler.tick * 1.5)
-            for stream in early:
-                await stream.wait_for(1)
             late = FakeStream("late")
-            counts = {stream.name: len(stream.frames) for stream in early}
             scheduler.add(late)
-            await late.wait_for(1)
-            # every early stream got one more heartbeat before `late` got its first
-            for stream in early:
-                assert len(stream.frames) > counts[stream.name], stream
+            await late.wait_for(2)  # wait_for's own timeout bounds it generously
         finally:
             scheduler.stop()
 

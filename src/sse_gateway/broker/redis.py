@@ -429,15 +429,17 @@ class RedisBroker:
                 async with self._commands.pipeline(transaction=False) as pipe:
                     for channel, first_id in requests[start : start + HISTORY_PIPELINE]:
                         pipe.xrange(channel, min=first_id, max="+", count=limit)
-                    replies = await pipe.execute()
-                results.extend(_entries(reply) for reply in replies)
+                    # One refused XRANGE (say a key that is not a stream) must not fail the
+                    # other replays of its batch.
+                    replies = await pipe.execute(raise_on_error=False)
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        log.warning("history read refused by redis: %s", reply)
+                        reply = []
+                    results.append(_entries(reply))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
         return results
-
-    @property
-    def commands(self) -> aioredis.Redis:
-        return self._commands
 
 
 class RedisHandshakeError(Exception):
