@@ -136,6 +136,9 @@ def run(settings: Settings) -> int:
 
 def _worker_main(settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+    # Not the supervisor's handler inherited through fork: until serve() installs its own,
+    # SIGTERM must end a worker (one stuck at start, say).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _use_uvloop()
     sys.exit(asyncio.run(serve(settings, reuse_port=True)))
 
@@ -190,6 +193,9 @@ def _supervise(settings: Settings) -> int:
                 on_signal(signal.SIGTERM, None)
                 for other in workers:
                     other.join(settings.drain_seconds + 2)
+                    if other.is_alive():
+                        other.kill()
+                        other.join(1)
                 return 1
             log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
             workers[index] = spawn()

@@ -133,6 +133,7 @@ class RedisBroker:
         self._outbox: deque[tuple[bytes, list[bytes]]] = deque()
         self._unconfirmed = 0
         self._protocol: _PubSubProtocol | None = None
+        self._last_protocol: _PubSubProtocol | None = None  # kept for close() after cleanup
         self._connected = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -176,11 +177,20 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closing = True
-        protocol = self._protocol  # _run's cleanup forgets it when the task is cancelled
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        # On Python 3.11 a cancel can be swallowed by a wait_for that completes at the same
+        # moment, leaving the task parked on its connection: close that connection too, and
+        # repeat until the task is really gone.
+        while task is not None and not task.done():
+            task.cancel()
+            protocol = self._protocol
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.close()
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None and task.done() and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
+        protocol = self._last_protocol
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
         await self._commands.aclose()
@@ -203,7 +213,9 @@ class RedisBroker:
                     ),
                     CONNECT_TIMEOUT,
                 )
-                self._protocol = protocol = connected
+                self._protocol = self._last_protocol = protocol = connected
+                if self._closing:
+                    break
                 await self._handshake(protocol)
                 self._on_connected()
                 attempt = 0
