@@ -143,35 +143,40 @@ class SSEClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _read_head(self, data: bytes) -> bytes:
+        """Response head handling (state 0 / 2). Returns the stream bytes after a 200 head
+        (state is then 1, `buf` empty), or b"" while the head is incomplete or was an error."""
+        buf = self.buf + data
+        if self.state == 2:
+            self.buf = buf
+            if buf.rstrip().endswith(b"}"):
+                self._fail(self._error_reason())
+            return b""
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEADER_BYTES:
+                self._fail("response_headers_too_large")
+            self.buf = buf
+            return b""
+        head = buf[:end]
+        try:
+            status = int(head.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            self._fail("bad_status_line")
+            return b""
+        if status != 200:
+            self.state = 2
+            self.buf = head + b"\r\n\r\n" + buf[end + 4 :]
+            if buf.rstrip().endswith(b"}"):
+                self._fail(self._error_reason())
+            return b""
+        self.state = 1
+        self.buf = b""
+        return buf[end + 4 :]
+
     def data_received(self, data: bytes) -> None:
         if self.state != 1:
-            buf = self.buf + data
-            if self.state == 2:
-                self.buf = buf
-                if buf.rstrip().endswith(b"}"):
-                    self._fail(self._error_reason())
-                return
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEADER_BYTES:
-                    self._fail("response_headers_too_large")
-                self.buf = buf
-                return
-            head = buf[:end]
-            try:
-                status = int(head.split(b" ", 2)[1])
-            except (IndexError, ValueError):
-                self._fail("bad_status_line")
-                return
-            if status != 200:
-                self.state = 2
-                self.buf = head + b"\r\n\r\n" + buf[end + 4 :]
-                if buf.rstrip().endswith(b"}"):
-                    self._fail(self._error_reason())
-                return
-            self.state = 1
-            data = buf[end + 4 :]
-            self.buf = b""
+            data = self._read_head(data)
             if not data:
                 return
         buf = self.buf + data if self.buf else data
@@ -230,6 +235,122 @@ class SSEClient(asyncio.Protocol):
         self.transport = None
 
 
+class ReplayClient(SSEClient):
+    """A stream for the replay scenario: parses every frame, keeps the `recovered` flag of
+    `connected` and the `id:` of every other event in arrival order.
+
+    `fut` (inherited) resolves at `connected`, `done` once `expect` events with an id arrived
+    after it, or at once when `connected` says `recovered: false` (nothing will be replayed).
+    """
+
+    __slots__ = (
+        "caught_up_at",
+        "connected_at",
+        "done",
+        "early",
+        "expect",
+        "ids",
+        "recovered",
+        "types",
+    )
+
+    def __init__(
+        self,
+        stats: WorkerStats,
+        request: bytes,
+        fut: asyncio.Future[float],
+        done: asyncio.Future[float],
+        expect: int,
+    ) -> None:
+        super().__init__(stats, request, fut)
+        self.done = done
+        self.expect = expect
+        self.ids: list[str] = []
+        self.types: Counter[str] = Counter()
+        self.recovered: bool | None = None
+        self.early = 0  # events before `connected` (there must be none)
+        self.connected_at = 0.0  # time.time()
+        self.caught_up_at = 0.0  # time.time() when `expect` events had arrived
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != 1:
+            data = self._read_head(data)
+            if not data:
+                return
+        buf = self.buf + data if self.buf else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            if len(buf) > MAX_HEADER_BYTES:
+                self._fail("frame_too_large")
+            self.buf = buf
+            return
+        self.buf = buf[end + 2 :]
+        for frame in buf[:end].split(b"\n\n"):
+            self._frame(frame)
+
+    def _frame(self, frame: bytes) -> None:
+        event_id: bytes | None = None
+        event = b"message"
+        data: list[bytes] = []
+        for line in frame.split(b"\n"):
+            if not line or line[0] == 58:  # empty, or a `:` comment
+                continue
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"id":
+                event_id = value
+            elif name == b"event":
+                event = value
+            elif name == b"data":
+                data.append(value)
+        if not data:
+            return  # `retry:` only, or comments
+        stats = self.stats
+        if event == b"connected":
+            if self.is_connected:
+                stats.other += 1
+                return
+            try:
+                payload = json.loads(b"\n".join(data))
+                recovered = payload.get("recovered") if isinstance(payload, dict) else None
+            except ValueError:
+                recovered = None
+            self.recovered = recovered if isinstance(recovered, bool) else None
+            self.is_connected = True
+            self.connected_at = time.time()
+            stats.connected_events += 1
+            if not self.fut.done():
+                self.fut.set_result(time.perf_counter())
+            self._check_done()
+        elif event == b"heartbeat":
+            stats.heartbeats += 1
+        elif event_id is None:
+            stats.other += 1
+        else:
+            stats.bench += 1
+            self.ids.append(event_id.decode("ascii", "replace"))
+            self.types[event.decode("ascii", "replace")] += 1
+            if not self.is_connected:
+                self.early += 1
+            self._check_done()
+
+    def _check_done(self) -> None:
+        if not self.is_connected or self.done.done():
+            return
+        if len(self.ids) >= self.expect:
+            self.caught_up_at = time.time()
+            self.done.set_result(time.perf_counter())
+        elif self.recovered is False and self.expect:
+            self.done.set_result(time.perf_counter())  # nothing is going to be replayed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.done.done():
+            self.done.set_exception(ConnectFailed("closed_before_caught_up"))
+            self.done.exception()  # retrieved: nobody may be waiting for it any more
+
+
 def _factory(client: SSEClient) -> Callable[[], SSEClient]:
     return lambda: client
 
@@ -244,6 +365,21 @@ def _raise_nofile_limit() -> None:
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+@dataclass(slots=True)
+class _ReplayTally:
+    """What one worker's replay round measured."""
+
+    failures: Counter[str] = field(default_factory=Counter)
+    connected_ms: array.array[float] = field(default_factory=lambda: array.array("d"))
+    caught_up_ms: array.array[float] = field(default_factory=lambda: array.array("d"))
+    connected_at: array.array[float] = field(default_factory=lambda: array.array("d"))
+    tcp_ms: array.array[float] = field(default_factory=lambda: array.array("d"))
+    last_connected: float = 0.0  # time.time()
+    last_caught_up: float = 0.0
+    stalled: int = 0  # connected, but `expect` events did not arrive within the time limit
+    closed_early: int = 0  # connected, then closed by the gateway before catching up
 
 
 class Worker:
@@ -263,6 +399,10 @@ class Worker:
         self.reset_cpu = _cpu_seconds()
         self.busy: asyncio.Task[None] | None = None
         self.loop_errors = 0
+        # replay scenario: the current stream of each player, and the last id each one saw
+        self.replay_clients: dict[int, ReplayClient] = {}
+        self.last_ids: dict[int, str] = {}
+        self.replay_stats = WorkerStats(measure_latency=False)
 
     def make_requests(self) -> None:
         conf = self.conf
@@ -333,6 +473,151 @@ class Worker:
             "cpu_s": _cpu_seconds() - cpu0,
         }
 
+    def replay_request(self, i: int, resume: bool) -> bytes:
+        """The player's request, with `Last-Event-ID: <last id it saw>` when resuming."""
+        request = self.requests[i - self.lo]
+        last = self.last_ids.get(i) if resume else None
+        if last is None:
+            return request
+        return request[:-2] + b"Last-Event-ID: " + last.encode("ascii") + b"\r\n\r\n"
+
+    async def open_replay(
+        self,
+        i: int,
+        expect: int,
+        resume: bool,
+        sem: asyncio.Semaphore,
+        catchup_timeout: float,
+        tally: _ReplayTally,
+    ) -> None:
+        """Connects player i (retrying only failures before `connected`), then waits until it
+        has `expect` events. A stream that got `connected` is never retried: a retry would hide
+        events the first one lost."""
+        loop = asyncio.get_running_loop()
+        conf = self.conf
+        source = SOURCE_IPS[i % len(SOURCE_IPS)]
+        request = self.replay_request(i, resume)
+        first = time.perf_counter()
+        client: ReplayClient | None = None
+        connected_at = tcp_at = first
+        async with sem:
+            for attempt in range(conf.retries + 1):
+                if attempt:
+                    await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
+                fut: asyncio.Future[float] = loop.create_future()
+                done: asyncio.Future[float] = loop.create_future()
+                candidate = ReplayClient(self.replay_stats, request, fut, done, expect)
+                try:
+                    async with asyncio.timeout(conf.timeout):
+                        await loop.create_connection(
+                            _factory(candidate), conf.host, conf.port, local_addr=(source, 0)
+                        )
+                        tcp_at = time.perf_counter()
+                        connected_at = await fut
+                    client = candidate
+                    break
+                except ConnectFailed as exc:
+                    tally.failures[str(exc)] += 1
+                except TimeoutError:
+                    tally.failures["timeout"] += 1
+                except OSError as exc:
+                    tally.failures[f"os_error:{exc.errno}"] += 1
+                if candidate.transport is not None:
+                    candidate.close()
+        if client is None:
+            return
+        self.replay_clients[i] = client
+        tally.connected_ms.append((connected_at - first) * 1000.0)
+        tally.tcp_ms.append((tcp_at - first) * 1000.0)
+        tally.last_connected = max(tally.last_connected, client.connected_at)
+        tally.connected_at.append(client.connected_at)
+        try:
+            async with asyncio.timeout(catchup_timeout):
+                done_at = await client.done
+        except TimeoutError:
+            tally.stalled += 1
+            return
+        except ConnectFailed:
+            tally.closed_early += 1
+            return
+        if client.caught_up_at:
+            tally.caught_up_ms.append((done_at - first) * 1000.0)
+            tally.last_caught_up = max(tally.last_caught_up, client.caught_up_at)
+
+    async def replay_connect(self, arg: dict[str, Any]) -> dict[str, Any]:
+        """Opens one stream per player at once (at most `concurrency` attempts in flight)."""
+        expect = int(arg["expect"])
+        resume = bool(arg["resume"])
+        concurrency = int(arg.get("concurrency") or 0) or max(1, self.hi - self.lo)
+        catchup_timeout = float(arg.get("catchup_timeout", 30.0))
+        await self.replay_close_all()
+        self.replay_clients = {}
+        self.replay_stats = WorkerStats(measure_latency=False)
+        sem = asyncio.Semaphore(concurrency)
+        tally = _ReplayTally()
+        started = time.time()
+        cpu0 = _cpu_seconds()
+        await asyncio.gather(
+            *(
+                self.open_replay(i, expect, resume, sem, catchup_timeout, tally)
+                for i in range(self.lo, self.hi)
+            )
+        )
+        return {
+            "worker": self.index,
+            "start": started,
+            "end": time.time(),
+            "wanted": self.hi - self.lo,
+            "connected": len(tally.connected_ms),
+            "caught_up": len(tally.caught_up_ms),
+            "stalled": tally.stalled,
+            "closed_early": tally.closed_early,
+            "not_recovered": sum(
+                1 for c in self.replay_clients.values() if expect and c.recovered is not True
+            ),
+            "last_connected": tally.last_connected,
+            "last_caught_up": tally.last_caught_up,
+            "failed_attempts": dict(tally.failures),
+            "connected_ms": tally.connected_ms.tobytes(),
+            "caught_up_ms": tally.caught_up_ms.tobytes(),
+            "connected_at": tally.connected_at.tobytes(),
+            "tcp_ms": tally.tcp_ms.tobytes(),
+            "cpu_s": _cpu_seconds() - cpu0,
+        }
+
+    def replay_count(self, k: int) -> list[int]:
+        """[events with an id received by this round's streams, streams with at least k]."""
+        lens = [len(c.ids) for c in self.replay_clients.values()]
+        return [sum(lens), sum(1 for n in lens if n >= k)]
+
+    async def replay_close_all(self, limit: float = 10.0) -> None:
+        clients = list(self.replay_clients.values())
+        for client in clients:
+            client.close()
+        deadline = time.monotonic() + limit
+        while any(c.transport is not None for c in clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def replay_close(self) -> dict[str, Any]:
+        """Closes this round's streams; returns what each one received and remembers the last
+        id of each player for the next `resume`."""
+        await self.replay_close_all()
+        clients: dict[int, tuple[bool | None, list[str], int, dict[str, int]]] = {}
+        for i, c in self.replay_clients.items():
+            clients[i] = (c.recovered, c.ids, c.early, dict(c.types))
+            if c.ids:
+                self.last_ids[i] = c.ids[-1]
+        self.replay_clients = {}
+        s = self.replay_stats
+        return {
+            "worker": self.index,
+            "clients": clients,
+            "dropped": s.dropped,
+            "drop_reasons": dict(s.drop_reasons),
+            "heartbeats": s.heartbeats,
+            "other": s.other,
+        }
+
     def reset(self, measure_latency: bool) -> None:
         self.stats = WorkerStats(measure_latency)
         for client in self.clients:
@@ -373,8 +658,14 @@ class Worker:
             self.pipe.send(self.snapshot())
         elif cmd == "count":
             self.pipe.send(self.stats.bench)
+        elif cmd == "replay_connect":
+            self.pipe.send(await self.replay_connect(arg))
+        elif cmd == "replay_count":
+            self.pipe.send(self.replay_count(int(arg)))
+        elif cmd == "replay_close":
+            self.pipe.send(await self.replay_close())
         elif cmd == "close":
-            for client in self.clients:
+            for client in [*self.clients, *self.replay_clients.values()]:
                 client.close()
             await asyncio.sleep(0.05)
             self.pipe.send("ok")
@@ -418,7 +709,7 @@ class Worker:
         loop.call_later(self.conf.max_seconds, self.stop.set)
         self.pipe.send("ready")
         await self.stop.wait()
-        for client in self.clients:
+        for client in [*self.clients, *self.replay_clients.values()]:
             client.close()
 
 
@@ -496,6 +787,42 @@ class PhaseStats:
     client_cpu_pct: list[float] = field(default_factory=list)  # per process, % of one core
 
 
+@dataclass
+class ReplayConnectReport:
+    """One round of the replay scenario: every player's stream opened at once."""
+
+    wanted: int
+    connected: int  # streams that read `connected`
+    caught_up: int  # ... and then `expect` events
+    stalled: int  # connected, but the events did not all arrive in time
+    closed_early: int  # connected, then closed by the gateway before catching up
+    not_recovered: int  # `connected` without `"recovered": true` (when events were expected)
+    start: float  # time.time() of the first attempt
+    connect_s: float  # first attempt -> last `connected`
+    catch_up_s: float  # first attempt -> last stream caught up
+    connect_rate_per_s: float  # connected / connect_s
+    time_to_connected_ms: dict[str, float]
+    time_to_caught_up_ms: dict[str, float]
+    failed_attempts: dict[str, int]
+    client_cpu_s: list[float]
+    client_wall_s: list[float]
+    time_to_tcp_ms: dict[str, float] = field(default_factory=dict)  # until connect() returned
+    connected_per_tick: list[int] = field(default_factory=list)  # `connected` per `tick_s`
+    tick_s: float = 0.5
+
+
+@dataclass
+class ReplayStreams:
+    """What each player's stream received, by player index: (recovered, ids, events before
+    `connected`, event types)."""
+
+    clients: dict[int, tuple[bool | None, list[str], int, dict[str, int]]]
+    dropped: int
+    drop_reasons: dict[str, int]
+    heartbeats: int
+    other: int
+
+
 class LoadClient:
     """Parent-side handle of the worker processes; every call is bounded by a timeout."""
 
@@ -567,6 +894,98 @@ class LoadClient:
 
     def reset(self, measure_latency: bool = True) -> None:
         self._command("reset", measure_latency)
+
+    def replay_connect(
+        self,
+        expect: int,
+        resume: bool,
+        concurrency: int = 0,
+        catchup_timeout: float = 30.0,
+    ) -> ReplayConnectReport:
+        """Opens one stream per player, all at once (`concurrency`: attempts in flight per
+        process, 0 = all), each with `Last-Event-ID: <the last id it saw>` when `resume`, and
+        waits until each has read `connected` and then `expect` events with an id."""
+        conf = self.conf
+        per_proc = math.ceil(conf.players / max(1, len(self.pipes)))
+        waves = math.ceil(per_proc / concurrency) if concurrency else 1
+        budget = (conf.retries + 1) * (conf.timeout + 2.0) * waves + catchup_timeout
+        arg = {
+            "expect": expect,
+            "resume": resume,
+            "concurrency": concurrency,
+            "catchup_timeout": catchup_timeout,
+        }
+        replies = self._command("replay_connect", arg, timeout=min(budget, conf.max_seconds) + 30)
+        to_connected: list[int] = []
+        to_caught_up: list[int] = []
+        to_tcp: list[int] = []
+        failures: Counter[str] = Counter()
+        for r in replies:
+            for key, out in (
+                ("connected_ms", to_connected),
+                ("caught_up_ms", to_caught_up),
+                ("tcp_ms", to_tcp),
+            ):
+                ms = array.array("d")
+                ms.frombytes(r[key])
+                out.extend(int(v * 1e6) for v in ms)
+            failures.update(r["failed_attempts"])
+        start = min(r["start"] for r in replies)
+        connected = sum(r["connected"] for r in replies)
+        tick = 0.5
+        per_tick: list[int] = []
+        for r in replies:
+            at = array.array("d")
+            at.frombytes(r["connected_at"])
+            for t in at:
+                k = max(0, int((t - start) / tick))
+                if k < 100_000:
+                    per_tick.extend([0] * (k + 1 - len(per_tick)))
+                    per_tick[k] += 1
+        last_connected = max(r["last_connected"] for r in replies)
+        last_caught_up = max(r["last_caught_up"] for r in replies)
+        connect_s = max(0.0, last_connected - start) if connected else 0.0
+        return ReplayConnectReport(
+            wanted=conf.players,
+            connected=connected,
+            caught_up=sum(r["caught_up"] for r in replies),
+            stalled=sum(r["stalled"] for r in replies),
+            closed_early=sum(r["closed_early"] for r in replies),
+            not_recovered=sum(r["not_recovered"] for r in replies),
+            start=start,
+            connect_s=connect_s,
+            catch_up_s=max(0.0, last_caught_up - start) if last_caught_up else 0.0,
+            connect_rate_per_s=connected / connect_s if connect_s > 0 else 0.0,
+            time_to_connected_ms=percentiles(to_connected),
+            time_to_caught_up_ms=percentiles(to_caught_up),
+            failed_attempts=dict(failures),
+            client_cpu_s=[r["cpu_s"] for r in replies],
+            client_wall_s=[r["end"] - r["start"] for r in replies],
+            time_to_tcp_ms=percentiles(to_tcp),
+            connected_per_tick=per_tick,
+            tick_s=tick,
+        )
+
+    def replay_count(self, k: int = 1) -> tuple[int, int]:
+        """(events with an id received this round, streams that have at least k of them)."""
+        replies = self._command("replay_count", k, timeout=30.0)
+        return sum(r[0] for r in replies), sum(r[1] for r in replies)
+
+    def replay_close(self) -> ReplayStreams:
+        """Closes every replay stream; returns what each received (and remembers its last id)."""
+        replies = self._command("replay_close", timeout=60.0)
+        clients: dict[int, tuple[bool | None, list[str], int, dict[str, int]]] = {}
+        reasons: Counter[str] = Counter()
+        for r in replies:
+            clients.update(r["clients"])
+            reasons.update(r["drop_reasons"])
+        return ReplayStreams(
+            clients=clients,
+            dropped=sum(r["dropped"] for r in replies),
+            drop_reasons=dict(reasons),
+            heartbeats=sum(r["heartbeats"] for r in replies),
+            other=sum(r["other"] for r in replies),
+        )
 
     def count(self) -> int:
         """`bench` events received by all connections since the last reset."""

@@ -20,9 +20,12 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import redis
+
+PUBLISH_LUA = Path(__file__).resolve().parent.parent / "src" / "sse_gateway" / "lua" / "publish.lua"
 
 
 @dataclass
@@ -86,6 +89,71 @@ class Sender:
         if self.conn is not None:
             self.client.connection_pool.release(self.conn)
             self.conn = None
+        self.client.close()
+
+
+class HistoryPublisher:
+    """Publishes the way `sse_gateway.publish.Publisher` does: the shipped `publish.lua`,
+    loaded once and called by its SHA, so each event is appended to the player's history
+    stream and PUBLISHed with the new entry's id (the SSE `id:`, replayable).
+
+    The EVALSHA commands are formatted here and written in pipelines of `batch`; replies are
+    read by redis-py's (hiredis) parser.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        script: Path = PUBLISH_LUA,
+        history_size: int = 100,
+        history_ttl: int = 86_400,
+        batch: int = 1000,
+    ) -> None:
+        host = urlsplit(redis_url).hostname or ""
+        if not host.startswith("127.") and host != "localhost":
+            raise ValueError("the benchmark publisher only talks to a loopback Redis")
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=60)
+        self.sha = str(self.client.script_load(script.read_text())).encode("ascii")
+        self.tail = b"$%d\r\n%d\r\n$%d\r\n%d\r\n" % (
+            len(str(history_size)),
+            history_size,
+            len(str(history_ttl)),
+            history_ttl,
+        )
+        self.batch = max(1, batch)
+        self.conn = self.client.connection_pool.get_connection()
+
+    def publish(
+        self, channels: list[bytes], event_type: bytes, data: list[bytes]
+    ) -> tuple[list[str], int]:
+        """One event per channel (`data[k]` for `channels[k]`, JSON text), pipelined.
+        Returns the new ids, in order, and the sum of receivers (gateway processes)."""
+        ids: list[str] = []
+        receivers = 0
+        head = b"*8\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(self.sha), self.sha)
+        typ = b"$%d\r\n%s\r\n" % (len(event_type), event_type)
+        conn = self.conn
+        for start in range(0, len(channels), self.batch):
+            parts = [
+                b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s" % (head, len(ch), ch, typ, len(d), d, self.tail)
+                for ch, d in zip(
+                    channels[start : start + self.batch],
+                    data[start : start + self.batch],
+                    strict=True,
+                )
+            ]
+            conn.send_packed_command([b"".join(parts)], check_health=False)  # type: ignore[no-untyped-call]
+            for _ in parts:
+                reply = conn.read_response()
+                if not isinstance(reply, list) or len(reply) != 2:
+                    raise RuntimeError(f"unexpected reply to EVALSHA publish.lua: {reply!r}")
+                ids.append(reply[0].decode("ascii"))
+                receivers += int(reply[1])
+        return ids, receivers
+
+    def close(self) -> None:
+        self.client.connection_pool.release(self.conn)
         self.client.close()
 
 

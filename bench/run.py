@@ -8,14 +8,18 @@ publisher and the load client run on CPU 1), then measures:
   (b) connections/s until all N clients have read `event: connected` (JWT checked per connection)
   (c) publish->receive latency p50/p99/p99.9 at fixed publish rates, with N connections open
   (d) max deliveries/s: publish as fast as possible to distinct players, count what clients get
+  (e) replay storm: N clients reconnect at once with Last-Event-ID, each having missed 10
+      history events; time until all caught up, Redis' slowest command (bench/replay.py)
 
     .venv/bin/python bench/run.py                      # 10,000 connections, ~1.5 minutes
-    .venv/bin/python bench/run.py --quick              # smoke: 200 connections, < 30 s
+    .venv/bin/python bench/run.py --quick              # smoke: 200 connections, < 20 s
+    .venv/bin/python bench/run.py --replay             # only (e)
     .venv/bin/python bench/run.py --output results.md  # also write the tables as markdown
 
 Exit status: 0 when clients connected and received events, 1 when no events arrived (or no
-client connected, or the gateway died), 2 on a setup error. `--strict` also fails on any lost
-event, dropped connection or failed connection attempt.
+client connected, or the gateway died, or the replay storm lost, doubled or failed to recover
+any event), 2 on a setup error. `--strict` also fails on any lost event, dropped connection or
+failed connection attempt.
 """
 
 from __future__ import annotations
@@ -48,7 +52,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import redis.exceptions
 from loadclient import ClientConfig, LoadClient, PhaseStats
+from replay import ReplayResult, run_replay
+from replay import render as render_replay
+from replay import summary_row as replay_summary_row
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -447,6 +455,7 @@ class Results:
     idle: dict[str, Any] = field(default_factory=dict)
     latency: list[LatencyResult] = field(default_factory=list)
     flood: FloodResult | None = None
+    replay: ReplayResult | None = None
     final_open: int = -1  # -1: not measured (the run stopped early)
     gateway_alive: bool = True
     gateway_exit_code: int | None = None
@@ -682,10 +691,12 @@ def machine_info() -> dict[str, str]:
     return info
 
 
-def start_redis(port: int, logdir: Path) -> Service:
+def start_redis(port: int, logdir: Path, wrapper: list[str] | None = None) -> Service:
+    """`wrapper`: a command that execs redis-server, e.g. `chrt -f 10` (its pid stays ours)."""
     if shutil.which("redis-server") is None:
         raise SetupError("redis-server not found (Debian: apt-get install redis-server)")
     cmd = [
+        *(wrapper or []),
         "redis-server",
         "--port",
         str(port),
@@ -810,6 +821,15 @@ def render(res: Results) -> str:
     L.append("")
     L.append("| scenario | result | details |")
     L.append("|---|---|---|")
+    if not c:  # --replay: only scenario (e)
+        if res.replay is not None:
+            L.append(replay_summary_row(res.replay))
+            L.append("")
+            L.extend(render_replay(res.replay, with_problems=False))
+        L.append("### Health")
+        L.append("")
+        _render_tail(L, res)
+        return "\n".join(L)
     per_conn = res.rss_per_conn_bytes / 1024
     L.append(
         f"| (a) RSS per idle connection | **{per_conn:.2f} KiB** | gateway VmRSS "
@@ -840,6 +860,8 @@ def render(res: Results) -> str:
             f"{f.published:,}; drain {f.drain_s:.1f} s; publisher paused "
             f"{f.publisher_throttled_s:.1f} s for backlog; gateway CPU {fmt_pct(f.cpu.gateway)} |"
         )
+    if res.replay is not None:
+        L.append(replay_summary_row(res.replay))
     L.append("")
     L.append("### CPU during each phase (% of one core)")
     L.append("")
@@ -927,6 +949,12 @@ def render(res: Results) -> str:
             L.append(f"- metrics @ {lr.target_rate:,.0f}/s: {lr.gateway_metrics}")
     if f is not None and f.gateway_metrics:
         L.append(f"- metrics @ max rate: {f.gateway_metrics}")
+    _render_tail(L, res)
+    return "\n".join(L)
+
+
+def _render_tail(L: list[str], res: Results) -> None:
+    """Gateway stop, problems, log findings, (e) and the machine: the end of every report."""
     L.append(
         f"- gateway stop: exit code {res.gateway_exit_code}, "
         f"{fmt_ms(res.gateway_stop_s)} s after SIGTERM"
@@ -940,12 +968,13 @@ def render(res: Results) -> str:
         L.extend(res.gateway_log_findings)
         L.append("```")
     L.append("")
+    if res.replay is not None and res.connect:
+        L.extend(render_replay(res.replay, with_problems=False))
     L.append("### Machine")
     L.append("")
     for k, v in res.machine.items():
         L.append(f"- {k}: {v}")
     L.append("")
-    return "\n".join(L)
 
 
 # --------------------------------------------------------------------------- main
@@ -998,14 +1027,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--keep-logs", type=Path, default=None, help="directory for process logs")
     ap.add_argument(
+        "--redis-wrapper",
+        default="",
+        help="command that execs redis-server, e.g. 'chrt -f 10' so that the load client\n"
+        "sharing its CPU cannot preempt it (SLOWLOG times are wall-clock)",
+    )
+    ap.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
         help="first wait up to this many seconds for an idle machine (no CPU > 15%% busy)",
     )
+    ap.add_argument("--replay", action="store_true", help="run only scenario (e), the replay storm")
+    ap.add_argument("--no-replay", action="store_true", help="skip scenario (e)")
+    ap.add_argument(
+        "--replay-clients", type=int, default=None, help="(e): clients (default: --connections)"
+    )
+    ap.add_argument("--replay-missed", type=int, default=10, help="(e): events each client misses")
+    ap.add_argument(
+        "--replay-concurrency",
+        type=int,
+        default=0,
+        help="(e): reconnect attempts in flight per client process (0: all at once)",
+    )
     ap.add_argument("--strict", action="store_true", help="fail on any loss / drop / error")
     ap.add_argument("--max-seconds", type=float, default=None, help="hard time limit (900)")
     args = ap.parse_args(argv)
+    if args.replay and args.no_replay:
+        ap.error("--replay and --no-replay exclude each other")
     q = args.quick
     args.connections = args.connections or (200 if q else 10_000)
     args.rates = [
@@ -1018,6 +1067,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.idle_seconds = args.idle_seconds if args.idle_seconds is not None else (0.5 if q else 3.0)
     args.max_seconds = args.max_seconds or (60.0 if q else 900.0)
     args.processes = args.processes or max(2, math.ceil(args.connections / 2500))
+    args.replay_clients = args.replay_clients or args.connections
+    args.replay_timeout = 10.0 if q else 30.0
     return args
 
 
@@ -1089,83 +1140,105 @@ def main(argv: list[str] | None = None) -> int:
     gateway: Service | None = None
     status = 0
     try:
-        services.append(start_redis(redis_port, logdir))
+        services.append(start_redis(redis_port, logdir, shlex.split(args.redis_wrapper)))
         gateway = start_gateway(prefix, serve_args, gw_port, logdir, gateway_cpus)
         services.append(gateway)
         sampler = CpuSampler(gateway.pid, services[0].pid)
         time.sleep(0.5)
         res.rss_baseline_kib = rss_kib(gateway.pid)
 
-        conf = ClientConfig(
-            port=gw_port,
-            players=args.connections,
-            processes=args.processes,
-            jwt_secret=secret,
-            concurrency=args.concurrency,
-            max_seconds=args.max_seconds + 30.0,
-            cpus=load_cpus,
-        )
-        lc = LoadClient(conf)
-        lc.start()
-        print(f"connecting {args.connections:,} clients from {args.processes} processes ...")
-        sampler.sample()
-        t_connect = time.time()
-        report = lc.connect()
-        sampler.sample()
-        res.connect_cpu = sampler.window(t_connect, time.time())
-        res.connect = asdict(report)
-        print(
-            f"  connected {report.connected:,}/{report.wanted:,} in {report.elapsed_s:.2f} s "
-            f"({report.rate_per_s:,.0f}/s)"
-        )
-        if report.failed_attempts:
-            print(f"  failed attempts: {report.failed_attempts}")
-        lc.reset(measure_latency=True)
-        time.sleep(args.idle_seconds)
-        res.rss_connected_kib = rss_kib(gateway.pid)
-        if report.connected:
-            res.rss_per_conn_bytes = (
-                (res.rss_connected_kib - res.rss_baseline_kib) * 1024 / report.connected
+        if not args.replay:  # scenarios (a)-(d)
+            conf = ClientConfig(
+                port=gw_port,
+                players=args.connections,
+                processes=args.processes,
+                jwt_secret=secret,
+                concurrency=args.concurrency,
+                max_seconds=args.max_seconds + 30.0,
+                cpus=load_cpus,
             )
-        idle = lc.stats()
-        res.idle = {k: v for k, v in asdict(idle).items() if k != "latency_ms"}
-        print(f"  RSS per connection: {res.rss_per_conn_bytes / 1024:.2f} KiB")
+            lc = LoadClient(conf)
+            lc.start()
+            print(f"connecting {args.connections:,} clients from {args.processes} processes ...")
+            sampler.sample()
+            t_connect = time.time()
+            report = lc.connect()
+            sampler.sample()
+            res.connect_cpu = sampler.window(t_connect, time.time())
+            res.connect = asdict(report)
+            print(
+                f"  connected {report.connected:,}/{report.wanted:,} in {report.elapsed_s:.2f} s "
+                f"({report.rate_per_s:,.0f}/s)"
+            )
+            if report.failed_attempts:
+                print(f"  failed attempts: {report.failed_attempts}")
+            lc.reset(measure_latency=True)
+            time.sleep(args.idle_seconds)
+            res.rss_connected_kib = rss_kib(gateway.pid)
+            if report.connected:
+                res.rss_per_conn_bytes = (
+                    (res.rss_connected_kib - res.rss_baseline_kib) * 1024 / report.connected
+                )
+            idle = lc.stats()
+            res.idle = {k: v for k, v in asdict(idle).items() if k != "latency_ms"}
+            print(f"  RSS per connection: {res.rss_per_conn_bytes / 1024:.2f} KiB")
 
-        if report.connected:
-            for rate in args.rates:
-                print(f"latency at {rate:,.0f} events/s for {args.phase_seconds:g} s ...")
-                lr = latency_phase(
-                    lc, redis_url, gw_port, args.connections, rate, args.phase_seconds, sampler
-                )
-                res.latency.append(lr)
-                print(
-                    f"  received {lr.received:,}/{lr.published:,}; p50 "
-                    f"{fmt_ms(lr.latency_ms.get('p50'))} p99 {fmt_ms(lr.latency_ms.get('p99'))} ms"
-                )
-                if not gateway.alive():
-                    break
-            if gateway.alive() and args.flood_seconds > 0:
-                print(f"max deliveries/s for {args.flood_seconds:g} s ...")
-                res.flood = flood_phase(
-                    lc,
-                    redis_url,
-                    gw_port,
-                    args.connections,
-                    args.flood_seconds,
-                    sampler,
-                    args.drain_seconds,
-                    args.flood_backlog,
-                )
-                print(f"  {res.flood.delivered_per_s:,.0f} deliveries/s")
+            if report.connected:
+                for rate in args.rates:
+                    print(f"latency at {rate:,.0f} events/s for {args.phase_seconds:g} s ...")
+                    lr = latency_phase(
+                        lc, redis_url, gw_port, args.connections, rate, args.phase_seconds, sampler
+                    )
+                    res.latency.append(lr)
+                    print(
+                        f"  received {lr.received:,}/{lr.published:,}; "
+                        f"p50 {fmt_ms(lr.latency_ms.get('p50'))} "
+                        f"p99 {fmt_ms(lr.latency_ms.get('p99'))} ms"
+                    )
+                    if not gateway.alive():
+                        break
+                if gateway.alive() and args.flood_seconds > 0:
+                    print(f"max deliveries/s for {args.flood_seconds:g} s ...")
+                    res.flood = flood_phase(
+                        lc,
+                        redis_url,
+                        gw_port,
+                        args.connections,
+                        args.flood_seconds,
+                        sampler,
+                        args.drain_seconds,
+                        args.flood_backlog,
+                    )
+                    print(f"  {res.flood.delivered_per_s:,.0f} deliveries/s")
 
-        final = lc.stats()
-        res.final_open = final.open
-        res.rss_end_kib = rss_kib(gateway.pid)
-        res.gateway_alive = gateway.alive()
-        lc.close()
-        lc = None
-        time.sleep(1.0 if args.quick else 3.0)
-        res.rss_after_close_kib = rss_kib(gateway.pid)
+            final = lc.stats()
+            res.final_open = final.open
+            res.rss_end_kib = rss_kib(gateway.pid)
+            res.gateway_alive = gateway.alive()
+            lc.close()
+            lc = None
+            time.sleep(1.0 if args.quick else 3.0)
+            res.rss_after_close_kib = rss_kib(gateway.pid)
+        if not args.no_replay and gateway.alive():
+            print(f"replay storm with {args.replay_clients:,} clients ...")
+            try:
+                res.replay = run_replay(
+                    redis_url=redis_url,
+                    port=gw_port,
+                    jwt_secret=secret,
+                    clients=args.replay_clients,
+                    missed=args.replay_missed,
+                    concurrency=args.replay_concurrency,
+                    load_cpus=load_cpus,
+                    sampler=sampler,
+                    catchup_timeout=args.replay_timeout,
+                    max_seconds=args.max_seconds,
+                    log=lambda line: print(line, flush=True),
+                )
+            except (RuntimeError, OSError, ValueError, redis.exceptions.RedisError) as exc:
+                res.problems.append(f"replay scenario failed: {exc!r}")
+                status = 1
+            res.gateway_alive = gateway.alive()
     except SetupError as exc:
         print(f"setup error: {exc}", file=sys.stderr)
         status = 2
@@ -1205,11 +1278,17 @@ def judge(res: Results, *, strict: bool) -> int:
     """Adds problems to `res`; 1 when the run shows the gateway did not work."""
     c = res.connect
     fatal = False
-    if not c.get("connected"):
+    if not c and res.replay is None:
+        res.problems.append("no scenario ran")
+        fatal = True
+    elif c and not c.get("connected"):
         res.problems.append("no client connected")
         fatal = True
-    elif c["connected"] < c["wanted"]:
+    elif c and c["connected"] < c["wanted"]:
         res.problems.append(f"only {c['connected']:,} of {c['wanted']:,} clients connected")
+    if res.replay is not None:
+        res.problems.extend(res.replay.problems)
+        fatal = fatal or res.replay.fatal
     if c.get("failed_attempts"):
         res.problems.append(f"failed connection attempts: {c['failed_attempts']}")
     received = sum(lr.received for lr in res.latency) + (res.flood.received if res.flood else 0)
