@@ -11,6 +11,7 @@ import os
 import random
 import secrets
 import time
+from collections import deque
 from functools import partial
 from importlib import resources
 from typing import Any
@@ -54,6 +55,9 @@ log = logging.getLogger("sse_gateway")
 conn_log = logging.getLogger("sse_gateway.connection")
 
 RETRY_AFTER_SECONDS = "5"
+# Requests parsed per event-loop turn; the rest wait a turn, so Pub/Sub delivery, heartbeats
+# and health checks keep running through a storm of 10,000 (re)connects.
+REQUESTS_PER_TICK = 100
 # On shutdown each client is told to come back after SSE_RETRY_MS plus up to this much.
 SHUTDOWN_RETRY_SPREAD_MS = 10_000
 REFILL_RETRY_SECONDS = 1.0
@@ -116,6 +120,9 @@ class Gateway:
         self.stream_sockets = 0  # streams whose socket is not closed yet (drain waits on it)
         self.streams = 0
         self._ever_connected = False
+        self.request_budget = REQUESTS_PER_TICK
+        self._budget_refill_scheduled = False
+        self._deferred: deque[tuple[HttpConnection, bytes]] = deque()
         self.draining = False
         self._conn_numbers = itertools.count(1)
         self._conn_prefix = f"{os.getpid():06x}{secrets.token_hex(3)}"
@@ -330,6 +337,36 @@ class Gateway:
         except Exception:
             log.exception("error handling %s %s", method, path)
             conn.respond(error_response(500, "internal_error", "internal error"), keep_alive=False)
+
+    # --- request budget ----------------------------------------------------------------------
+
+    def spend_request_budget(self) -> None:
+        self.request_budget -= 1
+        if not self._budget_refill_scheduled:
+            self._budget_refill_scheduled = True
+            asyncio.get_running_loop().call_soon(self._refill_request_budget)
+
+    def defer_request(self, conn: HttpConnection, data: bytes) -> None:
+        if conn.transport is not None:
+            conn.transport.pause_reading()
+        self._deferred.append((conn, data))
+        if not self._budget_refill_scheduled:
+            self._budget_refill_scheduled = True
+            asyncio.get_running_loop().call_soon(self._refill_request_budget)
+
+    def _refill_request_budget(self) -> None:
+        self._budget_refill_scheduled = False
+        self.request_budget = REQUESTS_PER_TICK
+        deferred = self._deferred
+        while deferred and self.request_budget > 0:
+            conn, data = deferred.popleft()
+            if conn.closed or conn.transport is None:
+                continue
+            conn.transport.resume_reading()
+            conn.data_received(data)
+        if deferred and not self._budget_refill_scheduled:
+            self._budget_refill_scheduled = True
+            asyncio.get_running_loop().call_soon(self._refill_request_budget)
 
     def accepts_body(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         """Whether a POST's body is kept: only for an authorized publish, never otherwise."""

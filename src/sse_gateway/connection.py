@@ -110,6 +110,13 @@ class HttpConnection(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             return  # a stream does not read requests; anything the client sends is ignored
+        app = self.app
+        if app.request_budget <= 0:
+            # A connect storm must not hold up everyone else's events: past this loop turn's
+            # budget, the request waits (its socket paused) for a later turn.
+            app.defer_request(self, data)
+            return
+        app.spend_request_budget()
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
