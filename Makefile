@@ -45,3 +45,9 @@ test: deps lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: bench
+# Side-by-side benchmark against nchan and sse-starlette (~20 min; not part of `make test`).
+# Writes docs/comparison.md and docs/img/comparison-*.png. BENCH_ARGS=--quick for a smoke run.
+bench: $(VENV)/.installed
+	$(BIN)/python bench/compare.py --wait-quiet 60 $(BENCH_ARGS)
