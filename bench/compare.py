@@ -978,6 +978,8 @@ class Harness:
             "publisher_cpu_pct": pub_pct,
             "client_cpu_pct": client_pct,
             "dropped": stats.dropped,
+            "heartbeats": stats.heartbeats,
+            "wall_s": stats.wall_s,
             "healthz_ms": probe.summary(),
             "cpu": cpu_dict(cpu, pub_pct, *client_pct),
         }
@@ -1515,7 +1517,7 @@ def render(results: dict[str, Any]) -> str:
             f"**{fnum(big.get('per_conn_bytes', math.nan) / 1024, 2)} KiB per connection**; "
             f"{fnum(big.get('open_after_idle'))} still open after the idle check, "
             f"{sum((big.get('connect', {}).get('failed_attempts') or {}).values())} failed "
-            f"attempts. Command: `{big.get('command', '')}`."
+            f"attempts. Command: `{big.get('command', '').replace(str(REPO) + '/', '')}`."
         )
     L.append("")
 
@@ -1671,6 +1673,9 @@ def render(results: dict[str, Any]) -> str:
         )
     L.append("")
 
+    # --- issue 4 targets
+    L.extend(render_targets(results))
+
     # --- problems
     L.append("## Problems seen in this run")
     L.append("")
@@ -1747,6 +1752,73 @@ def render(results: dict[str, Any]) -> str:
     )
     L.append("")
     return "\n".join(L)
+
+
+def render_targets(results: dict[str, Any]) -> list[str]:
+    """sse-gateway against the targets of issue 4, from this run."""
+    systems = results["systems"]
+    g = systems.get("gateway")
+    if not g:
+        return []
+    nm = systems.get("nchan-memory", {})
+    n = results["connections"]
+    sat = (g.get("flood") or {}).get("delivered_per_s")
+    nsat = (nm.get("flood") or {}).get("delivered_per_s")
+    p99_20k = _lat(g, 20_000.0, "p99")
+    conn = (g.get("connect") or {}).get("rate_per_s")
+    slow = (g.get("replay") or {}).get("redis_slowlog") or {}
+    rss_b = (g.get("rss_n") or {}).get("per_conn_bytes")
+    big = results.get("big") or {}
+
+    def verdict(ok: bool | None) -> str:
+        return DASH if ok is None else ("met" if ok else "**missed**")
+
+    rows = [
+        (
+            "RSS per idle connection ≤ 3 KB",
+            f"{fnum(rss_b, 0)} B at {n:,}"
+            + (
+                f"; {fnum(big.get('per_conn_bytes'), 0)} B at {big.get('connections', 0):,}"
+                if big
+                else ""
+            ),
+            verdict(None if _nan(rss_b) else rss_b <= 3000),
+        ),
+        (
+            f"≥ 100,000 deliveries/s and ≥ 3{TIMES} nchan",
+            f"{fnum(sat)}/s; nchan (memory) {fnum(nsat)}/s: "
+            + (f"{sat / nsat:.2f}{TIMES}" if sat and nsat else DASH),
+            verdict(None if not sat else sat >= 100_000 and bool(nsat) and sat >= 3 * nsat),
+        ),
+        (
+            f"p99 ≤ 2 ms at 20,000 ev/s ({n:,} connections)",
+            f"{fms(p99_20k)} ms",
+            verdict(None if _nan(p99_20k) else p99_20k <= 2.0),
+        ),
+        (
+            "≥ 6,000 connections/s (JWT + subscribe)",
+            f"{fnum(conn)}/s",
+            verdict(None if not conn else conn >= 6000),
+        ),
+        (
+            "reconnect storm: no Redis command > 10 ms",
+            f"{slow.get('over_10ms', DASH)} over 10 ms, longest {fms(slow.get('max_ms'))} ms"
+            if slow and "error" not in slow
+            else DASH,
+            verdict(None if not slow or "error" in slow else slow.get("over_10ms", 1) == 0),
+        ),
+        (
+            "reconnect storm: 0 events lost",
+            f"{fnum((g.get('replay') or {}).get('lost'))} lost",
+            verdict(None if not g.get("replay") else (g.get("replay") or {}).get("lost") == 0),
+        ),
+    ]
+    out = ["## sse-gateway against the targets of issue 4 (this run)", ""]
+    out.append("| target | this run | |")
+    out.append("|---|---|---|")
+    out.extend(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    out.append("")
+    return out
 
 
 def max_client_cpu(results: dict[str, Any]) -> float:
@@ -1848,6 +1920,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--json", type=Path, default=None, help="raw figures (bench/results/...)")
     ap.add_argument("--keep-logs", type=Path, default=None)
+    ap.add_argument(
+        "--from-json", type=Path, default=None, help="only re-render the docs of an earlier run"
+    )
     ap.add_argument("--max-seconds", type=float, default=None, help="hard limit (2400; quick 400)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -1884,6 +1959,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:  # re-render the docs and plots of an earlier run
+        results = json.loads(args.from_json.read_text())
+        for line in write_plots(args.from_json, args.img_dir):
+            print(line)
+        args.output.write_text(render(results))
+        print(f"wrote {args.output} and plots in {args.img_dir}")
+        return 0
     command = "python bench/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     command = command.strip()
     signal.signal(signal.SIGTERM, _on_term)
