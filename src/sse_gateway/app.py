@@ -449,11 +449,16 @@ class Gateway:
         self.metrics.rejected[code] += 1
         conn.respond(response, keep_alive=False)
 
-    def authenticate(self, request: Request) -> tuple[Identity, list[tuple[str, str]]]:
-        """The identity of a stream request and its CORS headers; raises AuthError."""
+    def authenticate(
+        self, request: Request
+    ) -> tuple[Identity, list[tuple[str, str]], dict[str, str]]:
+        """The identity of a stream request, its CORS headers and query; raises AuthError."""
         cors, refusal = self._origin_check(request)
         if refusal is not None:
-            raise AuthError(403, "origin_not_allowed", json.loads(refusal.body)["message"])
+            origin = request.header(b"origin")
+            raise AuthError(
+                403, "origin_not_allowed", f"origin {origin} is not allowed (SSE_CORS_ORIGINS)"
+            )
         try:
             query = parse_query(request.query_string)
         except BadQuery as exc:
@@ -473,11 +478,11 @@ class Gateway:
         for claimed in (request.header(b"x-brand-id"), query.get("brand_id")):
             if claimed is not None and claimed != identity.brand_id:
                 raise AuthError(403, "brand_mismatch", "brand_id does not match the token's brand")
-        return identity, cors
+        return identity, cors, query
 
     def open_stream(self, conn: HttpConnection, request: Request) -> None:
         try:
-            identity, cors = self.authenticate(request)
+            identity, cors, query = self.authenticate(request)
         except AuthError as exc:
             headers: list[tuple[str, str]] = []
             if exc.status == 401:
@@ -489,7 +494,7 @@ class Gateway:
             return
         last_event_id = request.header(b"last-event-id")
         if last_event_id is None:
-            last_event_id = parse_query(request.query_string).get("last_event_id")
+            last_event_id = query.get("last_event_id")
         if last_event_id is not None:
             last_event_id = last_event_id.strip()
             if not EVENT_ID_PATTERN.fullmatch(last_event_id):
