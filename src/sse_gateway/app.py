@@ -16,6 +16,8 @@ from functools import partial
 from importlib import resources
 from typing import Any
 
+import orjson
+
 from .auth import AuthError, Identity, TokenVerifier, make_token
 from .broker import MemoryBroker, RedisBroker
 from .broker.base import Broker, BrokerUnavailable, RawEntry
@@ -24,10 +26,10 @@ from .envelope import (
     EVENT_ID_PATTERN,
     EnvelopeError,
     envelope_from_object,
+    event_frame,
     load_json,
-    parse_envelope,
 )
-from .frames import encode_json_event, encode_retry
+from .frames import encode_json_line_event, encode_retry
 from .heartbeat import HeartbeatScheduler
 from .history import (
     HistoryEvent,
@@ -127,6 +129,7 @@ class Gateway:
         self._conn_numbers = itertools.count(1)
         self._conn_prefix = f"{os.getpid():06x}{secrets.token_hex(3)}"
         self._retry_frame = encode_retry(settings.retry_ms)
+        self._stream_head = stream_head([]) + self._retry_frame
         self.history = HistoryReader(self.broker, settings.history_size)
         self._demo_page: bytes | None = None
         self._register_gauges()
@@ -280,8 +283,7 @@ class Gateway:
     def on_message(self, channel: bytes, payload: bytes) -> None:
         self.metrics.messages_received += 1
         try:
-            envelope = parse_envelope(payload, self.settings.max_event_bytes)
-            frame = envelope.encode()
+            frame, event_id = event_frame(payload, self.settings.max_event_bytes)
         except EnvelopeError as exc:
             self.metrics.invalid_messages[exc.reason] += 1
             log.warning(
@@ -299,7 +301,7 @@ class Gateway:
                 channel.decode("utf-8", "replace"),
             )
             return
-        self.metrics.delivered += self.hub.deliver(channel, frame, envelope.id)
+        self.metrics.delivered += self.hub.deliver(channel, frame, event_id)
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -526,14 +528,15 @@ class Gateway:
         conn.become_stream(
             channel_name(identity.brand_id, identity.player_id),
             conn_no,
-            stream_head(cors) + self._retry_frame,
+            self._stream_head if not cors else stream_head(cors) + self._retry_frame,
         )
-        conn_log.info(
-            "stream open id=%s brand=%s player=%s",
-            self.connection_id(conn_no),
-            identity.brand_id,
-            identity.player_id,
-        )
+        if conn_log.isEnabledFor(logging.INFO):
+            conn_log.info(
+                "stream open id=%s brand=%s player=%s",
+                self.connection_id(conn_no),
+                identity.brand_id,
+                identity.player_id,
+            )
         self.hub.join(conn, partial(self._stream_ready, conn, identity, last_event_id))
 
     def connection_id(self, conn_no: int) -> str:
@@ -600,7 +603,8 @@ class Gateway:
         }
         if recovered is not None:
             payload["recovered"] = recovered
-        frames = [encode_json_event("connected", payload)]
+        # orjson writes what dump_json would here: ids are ASCII, the rest ints and bools.
+        frames = [encode_json_line_event("connected", orjson.dumps(payload))]
         held = conn.held
         conn.held = None
         if held is not None:
@@ -610,7 +614,7 @@ class Gateway:
             conn.floor = merge.last
             self.metrics.replayed_events += len(replayed)
             self.metrics.delivered += len(events)
-        conn.transport.write(b"".join(frames))
+        conn.transport.write(conn.take_head() + b"".join(frames))
         conn.active = True
         self.heartbeats.add(conn)
 
@@ -622,8 +626,10 @@ class Gateway:
         if conn.hb_slot >= 0:
             self.heartbeats.remove(conn)
         conn.active = False
-        brand_player = split_channel(conn.channel) or ("?", "?")
         level = logging.WARNING if reason == "slow_consumer" else logging.INFO
+        if not conn_log.isEnabledFor(level):
+            return
+        brand_player = split_channel(conn.channel) or ("?", "?")
         conn_log.log(
             level,
             "stream close id=%s brand=%s player=%s duration=%.3fs reason=%s",

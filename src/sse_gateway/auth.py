@@ -6,10 +6,8 @@ checked only with the key of the brand it names: one brand's key cannot admit an
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import binascii
 import hmac
-import json
 import re
 import secrets
 import time
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import orjson
 
 from .naming import is_valid_id
 from .settings import BrandKey
@@ -43,6 +42,7 @@ _LEEWAY_SECONDS = 5
 _ID_RULE = "1-64 chars of [A-Za-z0-9_.-]"
 _MAX_TOKEN_BYTES = 8192
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_URLSAFE_TO_STD = str.maketrans("-_", "+/")
 
 
 def _invalid(message: str) -> AuthError:
@@ -63,14 +63,20 @@ class _Key:
 
     def check(self, signing_input: bytes, signature: bytes) -> bool:
         if self.hmac_key is not None:
-            expected = hmac.new(self.hmac_key, signing_input, hashlib.sha256).digest()
+            # hmac.digest is OpenSSL's one-shot HMAC: a fraction of hmac.new()'s Python cost.
+            expected = hmac.digest(self.hmac_key, signing_input, "sha256")
             return hmac.compare_digest(expected, signature)
         return bool(self.verifier.verify(signing_input, self.prepared, signature))
 
 
+def _b64url(segment: str) -> bytes:
+    """base64url without padding; the caller has checked the alphabet (`_COMPACT_JWS`)."""
+    return binascii.a2b_base64((segment + "=" * (-len(segment) % 4)).translate(_URLSAFE_TO_STD))
+
+
 def _b64_json(segment: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        value = orjson.loads(_b64url(segment))
     except (ValueError, RecursionError) as exc:
         raise _invalid(f"malformed token {what}") from exc
     if not isinstance(value, dict):
@@ -121,7 +127,7 @@ class TokenVerifier:
         if "crit" in header:
             raise _invalid("token has critical header extensions")
         try:
-            signature = base64.urlsafe_b64decode(signature_b64 + "=" * (-len(signature_b64) % 4))
+            signature = _b64url(signature_b64)
         except ValueError as exc:
             raise _invalid("malformed token signature") from exc
         if not key.check(f"{header_b64}.{payload_b64}".encode("ascii"), signature):

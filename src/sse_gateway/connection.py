@@ -46,6 +46,7 @@ class HttpConnection(asyncio.Protocol):
         "conn_no",
         "floor",
         "hb_slot",
+        "head",
         "header_bytes",
         "headers",
         "held",
@@ -81,6 +82,8 @@ class HttpConnection(asyncio.Protocol):
         self.held: list[tuple[str | None, bytes]] | None = None
         self.floor: tuple[int, int] | None = None
         self.hb_slot = -1
+        # A stream's response head, until it goes out with `connected` (one write, not two).
+        self.head: bytes | None = None
         self.conn_no = 0
         self.opened_at = 0.0
 
@@ -263,7 +266,11 @@ class HttpConnection(asyncio.Protocol):
     # --- stream ------------------------------------------------------------------------------
 
     def become_stream(self, channel: bytes, conn_no: int, head: bytes) -> None:
-        """Turns this connection into an SSE stream: no more request parsing."""
+        """Turns this connection into an SSE stream: no more request parsing.
+
+        The head is written with the first frames (`connected`, or a closing `retry:`), so a
+        client that sees 200 knows its channel is subscribed.
+        """
         self._cancel_timer()
         self.parser = None
         self.requests = None
@@ -273,8 +280,15 @@ class HttpConnection(asyncio.Protocol):
         self.channel = channel
         self.conn_no = conn_no
         self.opened_at = time.monotonic()
-        assert self.transport is not None
-        self.transport.write(head)
+        self.head = head
+
+    def take_head(self) -> bytes:
+        """The response head if it was not written yet; it leads the stream's first write."""
+        head = self.head
+        if head is None:
+            return b""
+        self.head = None
+        return head
 
     def send(self, frame: bytes) -> None:
         if self.paused:
@@ -307,8 +321,9 @@ class HttpConnection(asyncio.Protocol):
         if abort:
             transport.abort()
         else:
-            if final:
-                transport.write(final)
+            first = self.take_head() + final
+            if first:
+                transport.write(first)
             transport.close()
 
     # --- timers ------------------------------------------------------------------------------

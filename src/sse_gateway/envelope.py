@@ -13,8 +13,15 @@ from .frames import dump_json, encode_event, encode_json_line_event
 
 EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-# Integers orjson parses exactly fit in 64 bits; a run of 20+ digits (or -19) may not.
-_BEYOND_64_BITS = re.compile(rb"\d{20}|-\d{19}")
+# Integers orjson parses exactly fit in 64 bits; a run of 20+ digits (or -19) may not. Found by
+# mapping digits and "-" to "0" and searching for 20 in a row: a third of the cost of a regex.
+# A false alarm (a date like "-2024...") only takes the exact, slower path.
+_DIGITS_AS_ZERO = bytes.maketrans(b"-123456789", b"0000000000")
+_RUN_OF_20 = b"0" * 20
+# Validated event types and their frame heads, so the hot path checks a type once, not per
+# message. Bounded: publishers that invent types without end fall back to validating each.
+_FRAME_HEADS: dict[str, bytes] = {}
+MAX_CACHED_TYPES = 4096
 RESERVED_TYPES = frozenset({"connected", "heartbeat", "error", "close"})
 
 
@@ -80,9 +87,41 @@ def parse_envelope(payload: bytes, max_bytes: int) -> Envelope:
     return envelope_from_object(load_json(payload))
 
 
+def event_frame(payload: bytes, max_bytes: int) -> tuple[bytes, str | None]:
+    """The SSE frame and id of one published message: `parse_envelope(...).encode()` and `.id`.
+
+    The Pub/Sub hot path, in one pass and without building an Envelope; the same checks in the
+    same order, so a bad message is refused with the same reason.
+    """
+    if len(payload) > max_bytes:
+        raise EnvelopeError("too_large", f"message of {len(payload)} bytes exceeds {max_bytes}")
+    obj = load_json(payload)
+    if type(obj) is not dict:
+        raise EnvelopeError("not_object", "message is not a JSON object")
+    event_type = obj.get("type")
+    head = _FRAME_HEADS.get(event_type) if type(event_type) is str else None
+    if head is None:
+        event_type = validate_event_type(event_type)
+        head = f"event: {event_type}\ndata: ".encode("ascii")
+        if len(_FRAME_HEADS) < MAX_CACHED_TYPES:
+            _FRAME_HEADS[event_type] = head
+    if "data" not in obj:
+        raise EnvelopeError("missing_data", "missing field 'data'")
+    event_id = obj.get("id")
+    if event_id is not None:
+        event_id = validate_event_id(event_id)
+    try:
+        data = orjson.dumps(obj["data"])
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the general path
+        return encode_event(event_type, dump_json(obj["data"]), event_id), event_id
+    if event_id is None:
+        return head + data + b"\n\n", None
+    return b"id: " + event_id.encode("ascii") + b"\n" + head + data + b"\n\n", event_id
+
+
 def load_json(payload: bytes) -> Any:
     """JSON from bytes, fast (orjson) where that is exact; EnvelopeError names a failure."""
-    if _BEYOND_64_BITS.search(payload) is not None:
+    if _RUN_OF_20 in payload.translate(_DIGITS_AS_ZERO):
         return _parse_strictly(payload)  # orjson would turn such an integer into a float
     try:
         return orjson.loads(payload)

@@ -14,6 +14,7 @@ from sse_gateway.envelope import (
     Envelope,
     EnvelopeError,
     encode_envelope,
+    event_frame,
     parse_envelope,
 )
 
@@ -21,9 +22,18 @@ MAX = 65_536
 
 
 def reason_of(payload: bytes, max_bytes: int = MAX) -> str:
+    """The drop reason, which the Pub/Sub fast path (`event_frame`) must give too."""
     with pytest.raises(EnvelopeError) as info:
         parse_envelope(payload, max_bytes)
+    with pytest.raises(EnvelopeError) as fast:
+        event_frame(payload, max_bytes)
+    assert fast.value.reason == info.value.reason
     return info.value.reason
+
+
+def assert_fast_path_agrees(payload: bytes, max_bytes: int = MAX) -> None:
+    envelope = parse_envelope(payload, max_bytes)
+    assert event_frame(payload, max_bytes) == (envelope.encode(), envelope.id)
 
 
 # --- every documented reason -----------------------------------------------------------------
@@ -271,6 +281,7 @@ def test_published_envelope_round_trips_to_one_event(
 ) -> None:
     payload = encode_envelope(event_type, data, event_id)
     envelope = parse_envelope(payload, len(payload))
+    assert_fast_path_agrees(payload, len(payload))
     events = parse_sse(envelope.encode()).events
     assert len(events) == 1
     assert events[0].type == event_type
@@ -285,6 +296,7 @@ def test_arbitrary_payload_raises_only_envelope_error(payload: bytes) -> None:
     try:
         envelope = parse_envelope(payload, MAX)
     except EnvelopeError as exc:
+        assert reason_of(payload) == exc.reason
         assert exc.reason in {
             "too_large",
             "not_utf8",
@@ -297,4 +309,28 @@ def test_arbitrary_payload_raises_only_envelope_error(payload: bytes) -> None:
             "bad_id",
         }
         return
+    assert_fast_path_agrees(payload)
     assert len(parse_sse(envelope.encode()).events) == 1
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type":"t","data":18446744073709551616}',  # beyond u64: exact, not a float
+        b'{"type":"t","data":-9223372036854775809}',  # beyond i64
+        b'{"type":"t","data":18446744073709551615,"id":"1-0"}',  # u64 max: the fast path
+        b'{"type":"t","data":"2024-01-01-0000000000000000000"}',  # a false alarm: still exact
+        b'{"type":"t","data":{"n":123456789012345678901234567890}}',
+    ],
+)
+def test_fast_path_keeps_integers_beyond_64_bits_exact(payload: bytes) -> None:
+    assert_fast_path_agrees(payload)
+    assert str(json.loads(payload)["data"]).strip("{}'n: ") in event_frame(payload, MAX)[0].decode()
+
+
+def test_fast_path_caches_a_type_only_once_it_is_valid() -> None:
+    assert reason_of(b'{"type":"connected","data":1}') == "reserved_type"
+    assert reason_of(b'{"type":"connected","data":1}') == "reserved_type"
+    assert_fast_path_agrees(b'{"type":"cached.type","data":1}')
+    assert_fast_path_agrees(b'{"type":"cached.type","data":2,"id":"7"}')
+    assert reason_of(b'{"type":"cached.type","id":"7"}') == "missing_data"

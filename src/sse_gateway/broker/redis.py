@@ -82,7 +82,9 @@ class _PubSubProtocol(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._resume)
         reader = self.reader
         reader.feed(data)
-        on_reply = self.broker._on_reply
+        broker = self.broker
+        on_reply = broker._on_reply
+        on_message = broker._on_message
         while True:
             try:
                 reply = reader.gets()
@@ -94,7 +96,11 @@ class _PubSubProtocol(asyncio.Protocol):
             if reply is False:
                 return
             try:
-                on_reply(reply)
+                # Messages are nearly every reply: handled here, without the dispatch below.
+                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                    on_message(reply[1], reply[2])
+                else:
+                    on_reply(reply)
             except Exception:  # one bad message must not cost every client its connection
                 log.exception("redis pubsub: error while handling a reply")
 
