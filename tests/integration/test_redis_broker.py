@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from sse_gateway.broker.redis import BATCH_SIZE, RedisBroker
+from sse_gateway.broker.redis import BATCH_SIZE, REPLIES_PER_TURN, RedisBroker
 from sse_gateway.settings import RedisAddress
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -392,6 +393,42 @@ def test_messages_arrive_byte_exact_and_in_order(redis_server: LocalRedis) -> No
             assert h.publisher.publish(name, payload) == 1
         await h.wait(lambda: len(h.messages) == len(payloads), "every message")
         assert h.messages == [(name, payload) for payload in payloads]
+
+    run_with_broker(redis_server, test)
+
+
+def test_a_burst_beyond_the_turn_budget_arrives_whole_in_order_and_yields(
+    redis_server: LocalRedis,
+) -> None:
+    """Thousands of messages read at once are handled over several loop turns, in order."""
+    name = b"SSE::burst::p1"
+    count = REPLIES_PER_TURN * 20
+
+    async def test(h: Harness) -> None:
+        ready: list[int] = []
+        h.broker.subscribe(name)
+        h.broker.when_subscribed(name, lambda: (ready.append(1), h.mark()))
+        await h.wait(lambda: bool(ready), "the subscription")
+        # A ticker that records how many messages had been handled at each loop turn.
+        seen_at_turn: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            seen_at_turn.append(len(h.messages))
+            if len(h.messages) < count:
+                loop.call_soon(tick)
+
+        # Published while this loop is blocked, so the whole burst is waiting in one go.
+        pipe = h.publisher.pipeline(transaction=False)
+        for i in range(count):
+            pipe.publish(name, b"%d" % i)
+        pipe.execute()
+        loop.call_soon(tick)
+        await h.wait(lambda: len(h.messages) == count, "every message")
+        assert [payload for _, payload in h.messages] == [b"%d" % i for i in range(count)]
+        steps = [b - a for a, b in itertools.pairwise(seen_at_turn)]
+        assert max(steps) <= REPLIES_PER_TURN
+        assert sum(1 for step in steps if step) >= count // REPLIES_PER_TURN
 
     run_with_broker(redis_server, test)
 

@@ -47,7 +47,7 @@ PING_TIMEOUT = 15.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
-YIELD_AFTER_BYTES = 32 * 1024
+REPLIES_PER_TURN = 256
 HISTORY_PIPELINE = 1000
 
 
@@ -62,38 +62,52 @@ def encode_command(*args: bytes) -> bytes:
 
 
 class _PubSubProtocol(asyncio.Protocol):
-    """Owns the Pub/Sub socket; hands each parsed reply to the broker."""
+    """Owns the Pub/Sub socket; hands each parsed reply to the broker.
+
+    At most `REPLIES_PER_TURN` replies are handled per event-loop turn. A read can hold
+    thousands of messages (uvloop reads up to 256 KB at once); handling them all in one turn
+    would hold up accepts, requests, heartbeats and health checks for tens of milliseconds
+    while Redis has a backlog. Past the budget the socket is paused, and the rest of what was
+    read waits in the hiredis reader for the next turn.
+    """
 
     def __init__(self, broker: RedisBroker) -> None:
         self.broker = broker
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        if not self._paused:
+            self._handle_replies()
+
+    def _handle_replies(self) -> None:
         transport = self.transport
-        if len(data) >= YIELD_AFTER_BYTES and transport is not None:
-            # A flood of messages must not starve accepts, requests and heartbeats: after a
-            # large read, let the rest of the loop run before reading again.
-            transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._resume)
+        if transport is None or self.lost.done():
+            return  # what was read before the connection dropped is lost with it
         reader = self.reader
-        reader.feed(data)
         broker = self.broker
         on_reply = broker._on_reply
         on_message = broker._on_message
-        while True:
+        budget = REPLIES_PER_TURN
+        while budget:
+            budget -= 1
             try:
                 reply = reader.gets()
             except hiredis.ProtocolError:
                 log.error("redis pubsub: protocol error, reconnecting")
-                if self.transport is not None:
-                    self.transport.abort()
+                transport.abort()
                 return
             if reply is False:
+                if self._paused:
+                    self._paused = False
+                    if not transport.is_closing():
+                        transport.resume_reading()
                 return
             try:
                 # Messages are nearly every reply: handled here, without the dispatch below.
@@ -103,10 +117,10 @@ class _PubSubProtocol(asyncio.Protocol):
                     on_reply(reply)
             except Exception:  # one bad message must not cost every client its connection
                 log.exception("redis pubsub: error while handling a reply")
-
-    def _resume(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if not self._paused:
+            self._paused = True
+            transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._handle_replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
