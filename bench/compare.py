@@ -1230,6 +1230,39 @@ def run_heartbeat(h: Harness, cls: type[System], keepalive: float) -> dict[str, 
     return out
 
 
+def run_ceiling(h: Harness) -> dict[str, Any]:
+    """The bare write() ceiling on the server core (`bench/send_ceiling.py`), both modes."""
+    a = h.args
+    out: dict[str, Any] = {}
+    for mode in ("write", "transport"):
+        say(f"== send ceiling ({mode}), {a.connections:,} streams ==", flush=True)
+        cmd = [
+            sys.executable,
+            str(BENCH / "send_ceiling.py"),
+            "--json",
+            "--mode",
+            mode,
+            "--connections",
+            str(a.connections),
+            "--processes",
+            str(max(2, math.ceil(a.connections / 2500))),
+            "--seconds",
+            str(a.flood_seconds),
+        ]
+        if h.pin:
+            cmd += ["--server-cpu", h.server_cpus.split(",")[0], "--client-cpus"]
+            cmd += [str(c) for c in h.load_cpus]
+        try:
+            res = run_tool(cmd, a.flood_seconds + 180.0, None)
+        except (SetupError, ValueError) as exc:
+            print(f"  setup error: {exc}", file=sys.stderr)
+            out[mode] = {"problems": [str(exc)]}
+            continue
+        out[mode] = res
+        say(f"  {fnum(res['sends_per_s'])} sends/s, {res['server_us_per_send']} µs per send")
+    return out
+
+
 def run_big(h: Harness) -> dict[str, Any]:
     """sse-gateway --workers 3 at 50k idle connections: RSS summed over all its processes."""
     a = h.args
@@ -1673,6 +1706,8 @@ def render(results: dict[str, Any]) -> str:
         )
     L.append("")
 
+    L.extend(render_ceiling(results))
+
     # --- issue 4 targets
     L.extend(render_targets(results))
 
@@ -1754,6 +1789,49 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def render_ceiling(results: dict[str, Any]) -> list[str]:
+    """The bare write() ceiling of the server core, against sse-gateway's saturation."""
+    ceiling = results.get("ceiling") or {}
+    if not ceiling:
+        return []
+    g = results["systems"].get("gateway") or {}
+    sat = (g.get("flood") or {}).get("delivered_per_s")
+    L = ["### The send ceiling: what the server core can write at all", ""]
+    L.append(
+        "`bench/send_ceiling.py`, same machine and pinning, same load client and N: a server "
+        "that does nothing but write one `event: bench` frame per socket, round-robin over "
+        "the N streams in shuffled order, for the saturation window. No Redis, no parsing, "
+        "no hub. *write*: `os.write()` on each descriptor (the kernel's cost and the least "
+        "Python); *transport*: uvloop's `transport.write()`, as the gateway writes, returning "
+        "to the loop every 256 frames. Per-send CPU: user and system time of the server "
+        "process (system includes the loopback TCP receive work done in softirq on its core, "
+        "shown separately). Each event to its own socket costs one write(), so no server on "
+        "this core delivers more than this to N distinct streams."
+    )
+    L.append("")
+    L.append(
+        "| mode | sends/s | received | server CPU | µs per send: user / system "
+        "(of which softirq) | load client CPU | sse-gateway's saturation as share of it |"
+    )
+    L.append("|---|---|---|---|---|---|---|")
+    for mode in ("write", "transport"):
+        c = ceiling.get(mode) or {}
+        if "sends_per_s" not in c:
+            L.append(f"| {mode} | {DASH} | | | {'; '.join(c.get('problems', []))} | | |")
+            continue
+        us = c["server_us_per_send"]
+        clients = c.get("client_cpu_pct") or []
+        share = f"{100 * sat / c['sends_per_s']:.0f}%" if sat else DASH
+        L.append(
+            f"| {mode} | **{fnum(c['sends_per_s'])}/s** | {fnum(c['received'])} | "
+            f"{fnum(c['server_cpu_pct'], 0, '%')} | {us['user']:.1f} / {us['system']:.1f} "
+            f"({us['irq_softirq_cpu0']:.1f}) | {sum(clients)}% ({len(clients)} procs, max "
+            f"{max(clients, default=0)}%) | {share} |"
+        )
+    L.append("")
+    return L
+
+
 def render_targets(results: dict[str, Any]) -> list[str]:
     """sse-gateway against the targets of issue 4, from this run."""
     systems = results["systems"]
@@ -1769,6 +1847,7 @@ def render_targets(results: dict[str, Any]) -> list[str]:
     slow = (g.get("replay") or {}).get("redis_slowlog") or {}
     rss_b = (g.get("rss_n") or {}).get("per_conn_bytes")
     big = results.get("big") or {}
+    ceil_w = ((results.get("ceiling") or {}).get("write") or {}).get("sends_per_s")
 
     def verdict(ok: bool | None) -> str:
         return DASH if ok is None else ("met" if ok else "**missed**")
@@ -1787,7 +1866,8 @@ def render_targets(results: dict[str, Any]) -> list[str]:
         (
             f"≥ 100,000 deliveries/s and ≥ 3{TIMES} nchan",
             f"{fnum(sat)}/s; nchan (memory) {fnum(nsat)}/s: "
-            + (f"{sat / nsat:.2f}{TIMES}" if sat and nsat else DASH),
+            + (f"{sat / nsat:.2f}{TIMES}" if sat and nsat else DASH)
+            + (f"; bare write() ceiling {fnum(ceil_w)}/s" if ceil_w else ""),
             verdict(None if not sat else sat >= 100_000 and bool(nsat) and sat >= 3 * nsat),
         ),
         (
@@ -1890,6 +1970,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--big-connections", type=int, default=None, help="sse-gateway --workers 3 (50000)"
     )
     ap.add_argument("--no-big", action="store_true", help="skip the 50k scenario")
+    ap.add_argument(
+        "--no-ceiling", action="store_true", help="skip the bare write() ceiling (send_ceiling.py)"
+    )
     ap.add_argument("--no-replay", action="store_true", help="skip the reconnect storm")
     ap.add_argument("--no-hb1", action="store_true", help="skip the 1 s keep-alive instances")
     ap.add_argument("--concurrency", type=int, default=100, help="connects in flight per process")
@@ -2043,6 +2126,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  setup error: {exc}", file=sys.stderr)
                 results["big"] = {"problems": [str(exc)]}
                 status = 1
+        if "gateway" in args.systems and not args.no_ceiling:
+            results["ceiling"] = run_ceiling(h)
     except (TimeoutError, KeyboardInterrupt) as exc:
         print(f"interrupted: {exc!r}", file=sys.stderr)
         status = 1
