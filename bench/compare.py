@@ -1351,10 +1351,18 @@ def _cores(d: dict[str, Any] | None) -> str:
     cpu = d.get("cpu", {})
     cores = cpu.get("cores") or []
     soft = cpu.get("softirq") or []
-    return " / ".join(
-        f"{v:.0f}% ({soft[i]:.0f}% irq)" if i < len(soft) else f"{v:.0f}%"
-        for i, v in enumerate(cores)
-    )
+    steal = cpu.get("steal") or []
+
+    def one(i: int, v: float) -> str:
+        notes = []
+        if i < len(soft):
+            notes.append(f"{soft[i]:.0f}% irq")
+        if i < len(steal) and steal[i] >= 0.5:
+            # The hypervisor ran another VM: the vCPU stood still, whatever was queued on it.
+            notes.append(f"{steal[i]:.0f}% steal")
+        return f"{v:.0f}% ({', '.join(notes)})" if notes else f"{v:.0f}%"
+
+    return " / ".join(one(i, v) for i, v in enumerate(cores))
 
 
 def render(results: dict[str, Any]) -> str:
@@ -1602,7 +1610,10 @@ def render(results: dict[str, Any]) -> str:
         "above the system's measured saturation rate is marked *over saturation*: the backlog "
         "grows for the whole phase, so its latency says how long the phase was, not how fast "
         f"the system is; a rate more than {OVERLOAD_FACTOR:g} times the saturation rate is "
-        "skipped (its backlog would take minutes to drain)."
+        "skipped (its backlog would take minutes to drain). *steal* in the last column is "
+        "time the hypervisor gave that vCPU to other VMs: the core stood still, and every "
+        "event queued on it waited. Compare tails between phases with little steal; a vCPU "
+        "that loses a quarter of its time cannot keep a 2 ms p99 whatever runs on it."
     )
     L.append("")
     L.append(

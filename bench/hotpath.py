@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""The gateway's own cost per delivered event, without the network: µs and CPU instructions.
+
+Runs the real delivery path in-process: Redis Pub/Sub replies (RESP bytes, as Redis sends
+them) go into the broker's `_PubSubProtocol.data_received`, through the hiredis reader, the
+envelope check and frame encoding, the hub, and `HttpConnection.send` of N streams, one event
+per distinct player. Only the transports are stand-ins whose `write()` does nothing, so what is
+measured is the user-space work the gateway adds on top of the write() syscall that
+`bench/send_ceiling.py` measures.
+
+    python bench/hotpath.py --messages 200000            # µs per event (machine noise applies)
+    python bench/hotpath.py --callgrind                   # CPU instructions per event
+
+With `--callgrind` the script runs itself twice under `valgrind --tool=callgrind` (with
+`--messages` M and 6M) and reports (instructions(6M) - instructions(M)) / 5M: startup cancels
+out, and the figure is the same from run to run whatever else the machine does. Point
+`PYTHONPATH` at another checkout's `src` to compare two versions of the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+
+class NullTransport:
+    """What HttpConnection and the Pub/Sub protocol call on a transport; writes go nowhere."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+
+def resp_message(channel: bytes, payload: bytes) -> bytes:
+    return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(channel),
+        channel,
+        len(payload),
+        payload,
+    )
+
+
+async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
+    from sse_gateway.app import Gateway
+    from sse_gateway.broker.redis import _PubSubProtocol
+    from sse_gateway.connection import HttpConnection
+    from sse_gateway.hub import Channel
+    from sse_gateway.settings import Settings, parse_redis_address
+
+    settings = Settings(redis=parse_redis_address("redis://127.0.0.1:1"), jwt_secret="x" * 32)
+    gateway = Gateway(settings, fd_limit=1 << 20)
+    transport = NullTransport()
+    names = [f"SSE::bench::p{i}".encode() for i in range(streams)]
+    for name in names:
+        conn = HttpConnection(gateway)
+        conn.transport = transport  # type: ignore[assignment]
+        conn.parser = None
+        conn.channel = name
+        conn.active = True
+        channel = Channel(name, 0)
+        channel.streams.append(conn)
+        gateway.hub._channels[name] = channel
+    rng = random.Random(1)
+    order = list(range(streams))
+    wire = bytearray()
+    for k in range(messages):
+        if k % streams == 0:
+            rng.shuffle(order)  # distinct players, as in the saturation scenario
+        payload = orjson.dumps({"type": "bench", "data": {"t": time.time_ns()}})
+        wire += resp_message(names[order[k % streams]], payload)
+    data = bytes(wire)
+    protocol = _PubSubProtocol(gateway.broker)  # type: ignore[arg-type]
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    for offset in range(0, len(data), chunk):
+        protocol.data_received(data[offset : offset + chunk])
+        await asyncio.sleep(0)  # the loop turn between reads, where continuations run
+    while transport.writes < messages:
+        await asyncio.sleep(0)
+    elapsed = time.perf_counter() - start
+    return elapsed, transport.writes
+
+
+def callgrind_instructions(args: argparse.Namespace, messages: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            __file__,
+            "--streams",
+            str(args.streams),
+            "--messages",
+            str(messages),
+            "--chunk",
+            str(args.chunk),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, env=os.environ.copy())
+        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+        if match is None:
+            raise SystemExit("no instruction total in the callgrind output")
+        return int(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--chunk", type=int, default=65_536, help="bytes per read")
+    parser.add_argument("--callgrind", action="store_true", help="instructions per event")
+    args = parser.parse_args()
+    import uvloop
+
+    if args.callgrind:
+        small = max(1_000, args.messages // 40)
+        low = callgrind_instructions(args, small)
+        high = callgrind_instructions(args, small * 6)
+        per_event = (high - low) / (small * 5)
+        print(
+            f"{per_event:,.0f} instructions per delivered event (callgrind, {small:,} vs "
+            f"{small * 6:,} events to {args.streams:,} streams)"
+        )
+        return
+    elapsed, delivered = uvloop.run(run(args.streams, args.messages, args.chunk))
+    print(
+        f"{elapsed / delivered * 1e6:.2f} µs per delivered event ({delivered:,} events to "
+        f"{args.streams:,} streams in {elapsed:.2f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
