@@ -38,15 +38,16 @@ class NullTransport:
 
     def __init__(self) -> None:
         self.writes = 0
+        self.paused = False
 
     def write(self, data: bytes) -> None:
         self.writes += 1
 
     def pause_reading(self) -> None:
-        pass
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
 
     def is_closing(self) -> bool:
         return False
@@ -97,6 +98,9 @@ async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
     protocol.connection_made(transport)  # type: ignore[arg-type]
     start = time.perf_counter()
     for offset in range(0, len(data), chunk):
+        # As uvloop does: no read while the protocol has paused reading.
+        while transport.paused:
+            await asyncio.sleep(0)
         protocol.data_received(data[offset : offset + chunk])
         await asyncio.sleep(0)  # the loop turn between reads, where continuations run
     while transport.writes < messages:
@@ -132,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--chunk", type=int, default=65_536, help="bytes per read")
+    parser.add_argument("--chunk", type=int, default=262_144, help="bytes per read (uvloop: 256 KB)")
     parser.add_argument("--callgrind", action="store_true", help="instructions per event")
     args = parser.parse_args()
     import uvloop

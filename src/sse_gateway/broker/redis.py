@@ -48,6 +48,7 @@ BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
 REPLIES_PER_TURN = 256
+FEED_BYTES = 16 * 1024
 HISTORY_PIPELINE = 1000
 
 
@@ -77,12 +78,19 @@ class _PubSubProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._paused = False
+        # Read but not yet fed to the reader: `_unfed[_fed:]`.
+        self._unfed = b""
+        self._fed = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
+        if self._fed < len(self._unfed):
+            self._unfed = self._unfed[self._fed :] + data
+        else:
+            self._unfed = data
+        self._fed = 0
         if not self._paused:
             self._handle_replies()
 
@@ -104,6 +112,16 @@ class _PubSubProtocol(asyncio.Protocol):
                 transport.abort()
                 return
             if reply is False:
+                unfed = len(self._unfed) - self._fed
+                if unfed > 0:
+                    # Fed in slices: hiredis moves what is left of its buffer to the front
+                    # each time it has consumed 1 KB, so a 256 KB read fed whole costs a
+                    # memmove of ~128 KB per KB of messages.
+                    size = FEED_BYTES if unfed > FEED_BYTES else unfed
+                    reader.feed(self._unfed, self._fed, size)
+                    self._fed += size
+                    budget += 1  # feeding is not a reply
+                    continue
                 if self._paused:
                     self._paused = False
                     if not transport.is_closing():
