@@ -136,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--chunk", type=int, default=262_144, help="bytes per read (uvloop: 256 KB)")
+    parser.add_argument("--chunk", type=int, default=262_144, help="bytes per read (uvloop: 256K)")
     parser.add_argument("--callgrind", action="store_true", help="instructions per event")
     args = parser.parse_args()
     import uvloop
