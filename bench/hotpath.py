@@ -109,6 +109,63 @@ async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
     return elapsed, transport.writes
 
 
+SECRET = "s" * 32
+
+
+def connect_requests(streams: int) -> list[bytes]:
+    """One stream request per player, with an HS256 token (made here: PyJWT is slow)."""
+    import jwt
+
+    exp = int(time.time()) + 3600
+    return [
+        (
+            "GET /v1/sse HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAuthorization: Bearer "
+            + jwt.encode({"brand_id": "bench", "sub": f"p{i}", "exp": exp}, SECRET, "HS256")
+            + "\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+        ).encode()
+        for i in range(streams)
+    ]
+
+
+async def run_connect(requests: list[bytes]) -> tuple[float, int]:
+    """Stream setup in-process: accept, HTTP request, JWT, hub join, SUBSCRIBE, `connected`."""
+    from sse_gateway.app import Gateway
+    from sse_gateway.broker.redis import _PubSubProtocol
+    from sse_gateway.connection import HttpConnection
+    from sse_gateway.settings import Settings, parse_redis_address
+
+    streams = len(requests)
+    settings = Settings(redis=parse_redis_address("redis://127.0.0.1:1"), jwt_secret=SECRET)
+    gateway = Gateway(settings, fd_limit=1 << 20)
+    broker = gateway.broker
+    redis_side = NullTransport()  # where SUBSCRIBE batches go
+    protocol = _PubSubProtocol(broker)  # type: ignore[arg-type]
+    protocol.connection_made(redis_side)  # type: ignore[arg-type]
+    broker._protocol = protocol  # type: ignore[union-attr]
+    broker._connected = True  # type: ignore[union-attr]
+    confirmations = [
+        b"*3\r\n$9\r\nsubscribe\r\n$%d\r\nSSE::bench::p%d\r\n:%d\r\n"
+        % (len(f"SSE::bench::p{i}"), i, i + 1)
+        for i in range(streams)
+    ]
+    clients = [NullTransport() for _ in range(streams)]
+    start = time.perf_counter()
+    for i in range(streams):
+        conn = HttpConnection(gateway)
+        conn.connection_made(clients[i])  # type: ignore[arg-type]
+        conn.data_received(requests[i])
+        if i % 100 == 99:
+            await asyncio.sleep(0)  # a loop turn: deferred requests, the SUBSCRIBE flush
+    for _ in range(streams // 50 + 10):
+        await asyncio.sleep(0)
+    # Redis confirms every channel; each confirmation makes one stream live.
+    protocol.data_received(b"".join(confirmations))
+    while sum(c.writes for c in clients) < streams:
+        await asyncio.sleep(0)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(1 for c in clients if c.writes)
+
+
 def callgrind_instructions(args: argparse.Namespace, messages: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -125,6 +182,11 @@ def callgrind_instructions(args: argparse.Namespace, messages: int) -> int:
             "--chunk",
             str(args.chunk),
         ]
+        if args.connect:
+            # Tokens are made here, outside valgrind, so their cost is not counted.
+            requests = Path(tmp) / "requests"
+            requests.write_bytes(b"\n".join(connect_requests(args.streams)))
+            cmd += ["--connect", "--requests-file", str(requests)]
         subprocess.run(cmd, check=True, capture_output=True, env=os.environ.copy())
         match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
         if match is None:
@@ -138,18 +200,37 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--chunk", type=int, default=262_144, help="bytes per read (uvloop: 256K)")
     parser.add_argument("--callgrind", action="store_true", help="instructions per event")
+    parser.add_argument(
+        "--connect", action="store_true", help="stream setup instead of delivery (--streams)"
+    )
+    parser.add_argument("--requests-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import uvloop
 
+    what = "stream set up" if args.connect else "delivered event"
     if args.callgrind:
-        small = max(1_000, args.messages // 40)
-        low = callgrind_instructions(args, small)
-        high = callgrind_instructions(args, small * 6)
-        per_event = (high - low) / (small * 5)
-        print(
-            f"{per_event:,.0f} instructions per delivered event (callgrind, {small:,} vs "
-            f"{small * 6:,} events to {args.streams:,} streams)"
-        )
+        if args.connect:
+            small = max(500, args.streams // 10)
+            low = callgrind_instructions(argparse.Namespace(**{**vars(args), "streams": small}), 0)
+            args.streams = small * 6
+            high = callgrind_instructions(args, 0)
+        else:
+            small = max(1_000, args.messages // 40)
+            low = callgrind_instructions(args, small)
+            high = callgrind_instructions(args, small * 6)
+        per = (high - low) / (small * 5)
+        print(f"{per:,.0f} instructions per {what} (callgrind, {small:,} vs {small * 6:,})")
+        return
+    if args.connect:
+        if args.requests_file is not None:
+            requests = [
+                r + b"\r\n\r\n" for r in args.requests_file.read_bytes().split(b"\r\n\r\n\n")
+            ]
+            requests[-1] = requests[-1][:-4]
+        else:
+            requests = connect_requests(args.streams)
+        elapsed, opened = uvloop.run(run_connect(requests))
+        print(f"{elapsed / opened * 1e6:.2f} µs per {what} ({opened:,} streams, {elapsed:.2f} s)")
         return
     elapsed, delivered = uvloop.run(run(args.streams, args.messages, args.chunk))
     print(

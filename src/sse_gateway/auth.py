@@ -7,6 +7,7 @@ checked only with the key of the brand it names: one brand's key cannot admit an
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import re
 import secrets
@@ -42,7 +43,7 @@ _LEEWAY_SECONDS = 5
 _ID_RULE = "1-64 chars of [A-Za-z0-9_.-]"
 _MAX_TOKEN_BYTES = 8192
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-_URLSAFE_TO_STD = str.maketrans("-_", "+/")
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
 def _invalid(message: str) -> AuthError:
@@ -59,19 +60,24 @@ class _Key:
         self.verifier = jwt.get_algorithm_by_name(alg)
         # prepare_key refuses e.g. a PEM public key as an HMAC secret (algorithm confusion).
         self.prepared = self.verifier.prepare_key(key)
-        self.hmac_key = key.encode("utf-8") if alg == "HS256" else None
+        # HS256: the keyed state is set up once and copied per token (cheaper than keying anew).
+        self.hmac_key = (
+            hmac.new(key.encode("utf-8"), digestmod=hashlib.sha256) if alg == "HS256" else None
+        )
 
     def check(self, signing_input: bytes, signature: bytes) -> bool:
         if self.hmac_key is not None:
-            # hmac.digest is OpenSSL's one-shot HMAC: a fraction of hmac.new()'s Python cost.
-            expected = hmac.digest(self.hmac_key, signing_input, "sha256")
-            return hmac.compare_digest(expected, signature)
+            mac = self.hmac_key.copy()
+            mac.update(signing_input)
+            return hmac.compare_digest(mac.digest(), signature)
         return bool(self.verifier.verify(signing_input, self.prepared, signature))
 
 
 def _b64url(segment: str) -> bytes:
     """base64url without padding; the caller has checked the alphabet (`_COMPACT_JWS`)."""
-    return binascii.a2b_base64((segment + "=" * (-len(segment) % 4)).translate(_URLSAFE_TO_STD))
+    # bytes.translate is a table lookup; str.translate a dict lookup per character (6x slower).
+    padded = (segment + "=" * (-len(segment) % 4)).encode("ascii")
+    return binascii.a2b_base64(padded.translate(_URLSAFE_TO_STD))
 
 
 def _b64_json(segment: str, what: str) -> dict[str, Any]:

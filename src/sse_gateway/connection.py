@@ -177,7 +177,9 @@ class HttpConnection(asyncio.Protocol):
         if self.parser is None:
             raise _StreamStarted
         self.headers.append((name.lower(), value))
-        self._count_header_bytes(len(name) + len(value) + 4)
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self._count_header_bytes(0)  # answers 431 and stops the parser
 
     def on_headers_complete(self) -> None:
         parser = self.parser

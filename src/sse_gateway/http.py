@@ -42,6 +42,8 @@ class BadQuery(ValueError):
 def parse_query(query: str) -> dict[str, str]:
     """Query parameters; a repeated parameter is ambiguous for auth, so it is refused."""
     result: dict[str, str] = {}
+    if not query:
+        return result  # the usual stream request: a header token and no query at all
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
     except (UnicodeDecodeError, ValueError) as exc:
