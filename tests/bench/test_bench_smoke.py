@@ -61,3 +61,72 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert replay["recovered"] == 200
     assert (replay["lost"], replay["duplicated"], replay["out_of_order"]) == (0, 0, 0)
     assert replay["slowest"], "no Redis command was logged during the replay storm"
+
+
+def _run_json(args: list[str], timeout: float = 90) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["write", "transport"])
+def test_send_ceiling_writes_to_every_stream_and_clients_receive(mode: str) -> None:
+    result = _run_json(
+        [
+            str(REPO / "bench" / "send_ceiling.py"),
+            "--json",
+            "--mode",
+            mode,
+            "--connections",
+            "200",
+            "--processes",
+            "2",
+            "--seconds",
+            "1",
+            "--server-cpu",
+            "0",
+            "--client-cpus",
+            "0",
+            "1",
+        ]
+    )
+    assert result["connections"] == 200
+    sends = result["sends_per_s"]
+    assert isinstance(sends, int) and sends > 0
+    received = result["received"]
+    assert isinstance(received, int) and received > 0
+    per_send = result["server_us_per_send"]
+    assert isinstance(per_send, dict) and set(per_send) >= {"user", "system"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--streams", "300", "--messages", "3000"],
+        ["--connect", "--streams", "300"],
+    ],
+    ids=["delivery", "connect"],
+)
+def test_hotpath_runs_the_real_path_to_every_stream(args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # Every event (or every stream's `connected`) went through HttpConnection to a transport.
+    count = "3,000 events" if "--connect" not in args else "300 streams"
+    assert count in proc.stdout, proc.stdout
