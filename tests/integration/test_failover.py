@@ -8,11 +8,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import pytest
 from support.procs import Gateway, GatewayFactory, RedisServer, wait_for
-from support.sse import SSEClient, SSEEvent
+from support.sse import SSEEvent, assert_quiet, is_event, read_events, read_through
 
 from sse_gateway.publish import Event, SyncPublisher
 
@@ -22,47 +21,6 @@ BIG_HISTORY = "5000"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def is_event(frame: SSEEvent) -> bool:
-    return frame.has_data and frame.event not in ("connected", "heartbeat")
-
-
-def connect(
-    gateway: Gateway, brand: str, player: str, last_id: str | None = None, **kwargs: Any
-) -> tuple[SSEClient, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {gateway.token(brand, player)}"}
-    if last_id:
-        headers["Last-Event-ID"] = last_id
-    client = gateway.open(headers=headers, **kwargs)
-    if client.status != 200:
-        body = client.read_body()
-        client.close()
-        raise AssertionError(f"stream refused: {client.status} {body!r}")
-    return client, client.wait_connected()
-
-
-def read_events(client: SSEClient, count: int, timeout: float = 30.0) -> list[SSEEvent]:
-    deadline = time.monotonic() + timeout
-    out: list[SSEEvent] = []
-    while len(out) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"only {len(out)} of {count} events within {timeout}s")
-        frame = client.next_frame(remaining)
-        if is_event(frame):
-            out.append(frame)
-    return out
-
-
-def read_through(client: SSEClient, last_id: str, timeout: float = 30.0) -> list[SSEEvent]:
-    frames = client.read_until(lambda f: is_event(f) and f.id == last_id, timeout)
-    return [f for f in frames if is_event(f)]
-
-
-def assert_quiet(client: SSEClient, quiet: float = 0.3) -> None:
-    extra = [f for f in client.drain_available(quiet) if is_event(f)]
-    assert not extra, f"unexpected events: {[(f.id, f.event) for f in extra]}"
 
 
 def assert_exactly(got: Iterable[str | None], published: list[str], who: str) -> None:
@@ -150,7 +108,7 @@ def test_pubsub_connection_killed_repeatedly_loses_nothing(
     brand = ids("b")
     p1, p2 = (brand, ids("p")), (brand, ids("q"))
     # three clients: two tabs of one player, one of another (two channels to refill)
-    clients = [(p, connect(gateway, *p)[0]) for p in (p1, p1, p2)]
+    clients = [(p, gateway.player_stream(*p)[0]) for p in (p1, p1, p2)]
     r = fresh_redis.client()
     publisher = PublisherThread(fresh_redis.url, [p1, p2], limit=300, pause=0.004)
     kills = 0
@@ -192,7 +150,7 @@ def test_pubsub_outage_longer_than_history_is_not_silent(
     reconnects with Last-Event-ID and learns `recovered: false`); never a silent hole."""
     gateway = gateway_factory("--history-size", "5", redis=fresh_redis)
     brand, player = ids("b"), ids("p")
-    client, _ = connect(gateway, brand, player)
+    client, _ = gateway.player_stream(brand, player)
     r = fresh_redis.client()
     publisher = SyncPublisher.from_url(fresh_redis.url, history_size=5)
     try:
@@ -232,7 +190,7 @@ def test_redis_restart_streams_resume_without_loss(
     """Redis killed (history lost with it) and restarted: open streams get everything new."""
     gateway = gateway_factory("--history-size", BIG_HISTORY, redis=fresh_redis)
     brand, player = ids("b"), ids("p")
-    client, _ = connect(gateway, brand, player)
+    client, _ = gateway.player_stream(brand, player)
     with client:
         publisher = SyncPublisher.from_url(fresh_redis.url)
         try:
@@ -268,7 +226,7 @@ def test_slow_consumer_cut_off_then_recovers_everything(
     publisher = SyncPublisher.from_url(redis_server.url, history_size=int(BIG_HISTORY))
     count, pad = 1000, "y" * 16384  # 16 MB in all
     try:
-        slow, _ = connect(gateway, brand, player, rcvbuf=4096)
+        slow, _ = gateway.player_stream(brand, player, rcvbuf=4096)
         first = publisher.publish(brand, player, "n", {"n": -1})
         [event] = read_events(slow, 1)
         assert event.id == first
@@ -299,7 +257,7 @@ def test_slow_consumer_cut_off_then_recovers_everything(
         assert gateway.metrics().value("sse_connections") == 0
         slow.close()
 
-        client, connected = connect(gateway, brand, player, last_seen)
+        client, connected = gateway.player_stream(brand, player, last_seen)
         with client:
             assert connected["recovered"] is True
             got = read_through(client, published[-1], timeout=60)
@@ -321,7 +279,7 @@ class FailoverClient(threading.Thread):
         super().__init__(daemon=True)
         self.b = b
         self.brand, self.player = brand, player
-        self.client, _ = connect(a, brand, player)
+        self.client, _ = a.player_stream(brand, player)
         self.ids: list[str | None] = []
         self.retries: list[int] = []
         self.recovered: bool | None = None
@@ -345,7 +303,7 @@ class FailoverClient(threading.Thread):
             # every `retry:` A sent, from the first frame on
             self.retries = [f.retry for f in self.client.frames if f.retry is not None]
             last_id = self.client.parser.last_event_id
-            client, connected = connect(self.b, self.brand, self.player, last_id)
+            client, connected = self.b.player_stream(self.brand, self.player, last_id or None)
             self.recovered = connected.get("recovered")
             self.reconnected.set()
             with client:
@@ -549,7 +507,7 @@ def test_refill_then_late_live_copy_is_not_sent_twice(
         return bool(dict(r.pubsub_numsub(channel)).get(channel.encode()))
 
     try:
-        client, _ = connect(gateway, brand, player)
+        client, _ = gateway.player_stream(brand, player)
         with client:
             first = publisher.publish(brand, player, "n", 0)
             assert [e.id for e in read_events(client, 1)] == [first]
@@ -590,7 +548,7 @@ def test_drop_during_refill_loses_nothing(
     try:
         zero = publisher.publish(brand, player, "n", 0)
         # a replay first, so the gateway's history connection is open before the delays start
-        client, connected = connect(gateway, brand, player, zero)
+        client, connected = gateway.player_stream(brand, player, zero)
         assert connected["recovered"] is True
         with client:
             first = publisher.publish(brand, player, "n", 1)

@@ -31,7 +31,13 @@ from support.procs import (
     gateway_env,
     wait_for,
 )
-from support.sse import Response, SSEClient, SSEEvent, build_request, parse_head
+from support.sse import (
+    Response,
+    SSEClient,
+    build_request,
+    parse_head,
+    read_events,
+)
 
 from sse_gateway.publish import SyncPublisher
 
@@ -124,28 +130,6 @@ def assert_stream_released(gateway: Gateway, r: redis.Redis, channel: str) -> No
         what=f"sse_connections back to 0 (now {gateway.metrics().value('sse_connections')})",
     )
     wait_for(lambda: numsub(r, channel) == 0, timeout=15, what=f"PUBSUB NUMSUB {channel} == 0")
-
-
-def is_event(frame: SSEEvent) -> bool:
-    return frame.has_data and frame.event not in ("connected", "heartbeat")
-
-
-def read_events(client: SSEClient, count: int, timeout: float = 15.0) -> list[SSEEvent]:
-    deadline = time.monotonic() + timeout
-    out: list[SSEEvent] = []
-    while len(out) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(
-                f"only {len(out)} of {count} events within {timeout}s: {[f.event for f in out]}"
-            )
-        try:
-            frame = client.next_frame(remaining)
-        except TimeoutError:
-            continue
-        if is_event(frame):
-            out.append(frame)
-    return out
 
 
 def rss_bytes(pid: int) -> int:

@@ -13,7 +13,7 @@ import pytest
 import redis
 from support.asserts import assert_error
 from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_for
-from support.sse import SSEClient, SSEEvent
+from support.sse import SSEEvent, assert_quiet, read_events, read_through
 
 from sse_gateway.publish import Event, SyncPublisher
 
@@ -25,64 +25,10 @@ API_KEY = "replay-test-publish-key-0123456789abcdef"
 # --------------------------------------------------------------------------- helpers
 
 
-def is_event(frame: SSEEvent) -> bool:
-    """A published event (not `connected`, not a heartbeat, not a retry-only block)."""
-    return frame.has_data and frame.event not in ("connected", "heartbeat")
-
-
 def stream_id(value: str | None) -> tuple[int, int]:
     assert value is not None, "event without id"
     ms, _, seq = value.partition("-")
     return int(ms), int(seq)
-
-
-def connect(
-    gateway: Gateway,
-    brand: str,
-    player: str,
-    last_id: str | None = None,
-    *,
-    query: bool = False,
-) -> tuple[SSEClient, dict[str, Any]]:
-    """An open stream (Last-Event-ID as a header, or as `?last_event_id=`) and its `connected`."""
-    headers = {"Authorization": f"Bearer {gateway.token(brand, player)}"}
-    target = "/v1/sse"
-    if last_id is not None:
-        if query:
-            target += "?last_event_id=" + quote(last_id, safe="")
-        else:
-            headers["Last-Event-ID"] = last_id
-    client = gateway.open(target, headers)
-    if client.status != 200:
-        body = client.read_body()
-        client.close()
-        raise AssertionError(f"stream refused: {client.status} {body!r}")
-    return client, client.wait_connected()
-
-
-def read_events(client: SSEClient, count: int, timeout: float = 20.0) -> list[SSEEvent]:
-    """The next `count` published events."""
-    deadline = time.monotonic() + timeout
-    out: list[SSEEvent] = []
-    while len(out) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"only {len(out)} of {count} events within {timeout}s")
-        frame = client.next_frame(remaining)
-        if is_event(frame):
-            out.append(frame)
-    return out
-
-
-def read_through(client: SSEClient, last_id: str, timeout: float = 20.0) -> list[SSEEvent]:
-    """Published events up to and including the one with id `last_id`."""
-    frames = client.read_until(lambda f: is_event(f) and f.id == last_id, timeout)
-    return [f for f in frames if is_event(f)]
-
-
-def assert_quiet(client: SSEClient, quiet: float = 0.3) -> None:
-    extra = [f for f in client.drain_available(quiet) if is_event(f)]
-    assert not extra, f"unexpected events: {[(f.id, f.event) for f in extra]}"
 
 
 @pytest.fixture
@@ -163,7 +109,7 @@ def test_missed_events_replayed_in_order_then_live(
 ) -> None:
     gateway, publisher = gateway200, publisher200
     brand, player = ids("b"), ids("p")
-    client, connected = connect(gateway, brand, player)
+    client, connected = gateway.player_stream(brand, player)
     assert "recovered" not in connected
     first = publisher.publish(brand, player, "notification", {"n": -1})
     [event] = read_events(client, 1)
@@ -175,7 +121,7 @@ def test_missed_events_replayed_in_order_then_live(
     )
     assert [stream_id(i) for i in missed] == sorted({stream_id(i) for i in missed})
 
-    client, connected = connect(gateway, brand, player, event.id, query=via == "query")
+    client, connected = gateway.player_stream(brand, player, event.id, query=via == "query")
     with client:
         assert connected["recovered"] is True
         replayed = read_events(client, 100)
@@ -200,13 +146,13 @@ def live_and_replayed(
     gateway: Gateway, publisher: SyncPublisher, brand: str, player: str, data: Any
 ) -> tuple[str, SSEEvent, SSEEvent]:
     """The same event received live, then again by a replay: (id, live, replayed)."""
-    client, _ = connect(gateway, brand, player)
+    client, _ = gateway.player_stream(brand, player)
     with client:
         anchor = publisher.publish(brand, player, "anchor", 0)
         read_through(client, anchor)
         event_id = publisher.publish(brand, player, "notice.v1:x", data)
         [live] = read_events(client, 1)
-    client, connected = connect(gateway, brand, player, anchor)
+    client, connected = gateway.player_stream(brand, player, anchor)
     with client:
         assert connected["recovered"] is True
         [replayed] = read_events(client, 1)
@@ -264,14 +210,14 @@ def test_reconnects_while_publishing_continuously(
     brand, player = ids("b"), ids("p")
     pub = ContinuousPublisher(redis_server.url, brand, player, limit=100_000, pause=0.001)
     received: list[SSEEvent] = []
-    client, _ = connect(gateway, brand, player)
+    client, _ = gateway.player_stream(brand, player)
     pub.start()
     try:
         for cycle in range(6):
             received += read_events(client, 20 + 7 * cycle)
             client.close()
             time.sleep(0.05 * (cycle % 3))  # sometimes reconnect at once, sometimes a bit later
-            client, connected = connect(gateway, brand, player, received[-1].id)
+            client, connected = gateway.player_stream(brand, player, received[-1].id)
             assert connected["recovered"] is True, f"cycle {cycle}"
         received += read_events(client, 30)
     finally:
@@ -297,13 +243,13 @@ def test_history_smaller_than_gap_is_not_recovered(
     publisher = SyncPublisher.from_url(redis_server.url, history_size=5)
     brand, player = ids("b"), ids("p")
     try:
-        client, _ = connect(gateway, brand, player)
+        client, _ = gateway.player_stream(brand, player)
         with client:
             last = publisher.publish(brand, player, "n", -1)
             read_through(client, last)
         publisher.publish_many([Event(brand, player, "n", n) for n in range(20)])
 
-        client, connected = connect(gateway, brand, player, last)
+        client, connected = gateway.player_stream(brand, player, last)
         with client:
             assert connected["recovered"] is False
             assert_quiet(client)  # no partial replay of the 5 that are left
@@ -326,12 +272,12 @@ def test_unknown_ids_are_not_recovered(
     sent += publisher.publish_many([Event(brand, player, "n", n) for n in (1, 2)])
     assert stream_id(sent[0]) < stream_id(foreign) < stream_id(sent[1])
     for last_id in ("1-0", "99999999999999-0", "custom:id.1", "17", foreign):
-        client, connected = connect(gateway, brand, player, last_id)
+        client, connected = gateway.player_stream(brand, player, last_id)
         with client:
             assert connected["recovered"] is False, last_id
             assert_quiet(client, 0.2)
     # the real one still works
-    client, connected = connect(gateway, brand, player, sent[0])
+    client, connected = gateway.player_stream(brand, player, sent[0])
     with client:
         assert connected["recovered"] is True
         assert [e.id for e in read_events(client, 2)] == sent[1:]
@@ -352,7 +298,7 @@ def test_expired_history_is_not_recovered(
         publisher.close()
     key = f"SSE::{brand}::{player}"
     wait_for(lambda: r.exists(key) == 0, timeout=10, what="history expiry")
-    client, connected = connect(gateway, brand, player, sent[0])
+    client, connected = gateway.player_stream(brand, player, sent[0])
     with client:
         assert connected["recovered"] is False
         assert_quiet(client, 0.2)
@@ -363,7 +309,7 @@ def test_without_last_event_id_there_is_no_replay(
 ) -> None:
     brand, player = ids("b"), ids("p")
     publisher.publish_many([Event(brand, player, "n", n) for n in range(5)])
-    client, connected = connect(gateway, brand, player)
+    client, connected = gateway.player_stream(brand, player)
     with client:
         assert "recovered" not in connected
         assert_quiet(client)
@@ -398,7 +344,7 @@ def test_plain_publish_delivered_after_a_replay(
     """Live events without a history id (plain PUBLISH) reach a replayed stream too."""
     brand, player = ids("b"), ids("p")
     sent = publisher.publish_many([Event(brand, player, "n", n) for n in range(3)])
-    client, connected = connect(gateway, brand, player, sent[0])
+    client, connected = gateway.player_stream(brand, player, sent[0])
     with client:
         assert connected["recovered"] is True
         publish(r, brand, player, {"type": "plain", "data": 1})
@@ -427,7 +373,7 @@ def test_embedded_broker_keeps_history(
         result: dict[str, Any] = response.json()
         return result
 
-    client, _ = connect(gateway, brand, player)
+    client, _ = gateway.player_stream(brand, player)
     with client:
         first = post({"brand_id": brand, "player_id": player, "type": "n", "data": -1})
         assert first["receivers"] == 1
@@ -439,7 +385,7 @@ def test_embedded_broker_keeps_history(
     )
     assert len(batch["ids"]) == 5
 
-    client, connected = connect(gateway, brand, player, first["id"])
+    client, connected = gateway.player_stream(brand, player, first["id"])
     with client:
         assert connected["recovered"] is True
         replayed = read_events(client, 5)
@@ -452,7 +398,7 @@ def test_embedded_broker_keeps_history(
     # a restarted embedded gateway has lost its history: the client is told so
     gateway.stop()
     gateway.start()
-    client, connected = connect(gateway, brand, player, live["id"])
+    client, connected = gateway.player_stream(brand, player, live["id"])
     with client:
         assert connected["recovered"] is False
         assert_quiet(client, 0.2)
@@ -463,12 +409,12 @@ def test_default_history_recovers_a_gap_of_history_size(
 ) -> None:
     """Defaults everywhere (SSE_HISTORY_SIZE=100): miss 100 events, get those 100 back."""
     brand, player = ids("b"), ids("p")
-    client, _ = connect(gateway, brand, player)
+    client, _ = gateway.player_stream(brand, player)
     with client:
         last = publisher.publish(brand, player, "n", -1)
         read_through(client, last)
     missed = publisher.publish_many([Event(brand, player, "n", n) for n in range(100)])
-    client, connected = connect(gateway, brand, player, last)
+    client, connected = gateway.player_stream(brand, player, last)
     with client:
         assert connected["recovered"] is True
         assert [e.id for e in read_events(client, 100)] == missed
@@ -481,12 +427,12 @@ def test_never_recovered_true_with_a_gap(
     brand, player = ids("b"), ids("p")
     publisher = SyncPublisher.from_url(redis_server.url, history_size=1000)
     try:
-        client, _ = connect(gateway, brand, player)
+        client, _ = gateway.player_stream(brand, player)
         with client:
             last = publisher.publish(brand, player, "n", -1)
             read_through(client, last)
         missed = publisher.publish_many([Event(brand, player, "n", n) for n in range(150)])
-        client, connected = connect(gateway, brand, player, last)
+        client, connected = gateway.player_stream(brand, player, last)
         with client:
             live = publisher.publish(brand, player, "live", 0)
             got = [e.id for e in read_through(client, live)]

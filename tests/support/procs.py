@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import jwt
 import redis
@@ -287,6 +288,31 @@ class Gateway:
         if wait_connected:
             client.wait_connected()
         return client
+
+    def player_stream(
+        self,
+        brand: str,
+        player: str,
+        last_id: str | None = None,
+        *,
+        query: bool = False,
+        **kwargs: Any,
+    ) -> tuple[SSEClient, dict[str, Any]]:
+        """An open stream and its `connected` payload; `last_id` as a header or as
+        `?last_event_id=` (query=True). Extra keyword arguments go to `SSEClient.connect`."""
+        headers = {"Authorization": f"Bearer {self.token(brand, player)}"}
+        target = "/v1/sse"
+        if last_id is not None:
+            if query:
+                target += "?last_event_id=" + quote(last_id, safe="")
+            else:
+                headers["Last-Event-ID"] = last_id
+        client = self.open(target, headers, **kwargs)
+        if client.status != 200:
+            body = client.read_body()
+            client.close()
+            raise AssertionError(f"stream refused: {client.status} {body!r}")
+        return client, client.wait_connected()
 
     def metrics_text(self) -> str:
         response = self.get("/metrics")

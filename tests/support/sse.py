@@ -408,6 +408,42 @@ class SSEClient:
         self.close()
 
 
+def is_event(frame: SSEEvent) -> bool:
+    """A published event (not `connected`, not a heartbeat, not a retry-only block)."""
+    return frame.has_data and frame.event not in ("connected", "heartbeat")
+
+
+def read_events(client: SSEClient, count: int, timeout: float = 30.0) -> list[SSEEvent]:
+    """The next `count` published events."""
+    deadline = time.monotonic() + timeout
+    out: list[SSEEvent] = []
+    while len(out) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(
+                f"only {len(out)} of {count} events within {timeout}s: {[f.event for f in out]}"
+            )
+        try:
+            frame = client.next_frame(remaining)
+        except TimeoutError:
+            continue
+        if is_event(frame):
+            out.append(frame)
+    return out
+
+
+def read_through(client: SSEClient, last_id: str, timeout: float = 30.0) -> list[SSEEvent]:
+    """Published events up to and including the one with id `last_id`."""
+    frames = client.read_until(lambda f: is_event(f) and f.id == last_id, timeout)
+    return [f for f in frames if is_event(f)]
+
+
+def assert_quiet(client: SSEClient, quiet: float = 0.3) -> None:
+    """No published event arrives within `quiet` seconds."""
+    extra = [f for f in client.drain_available(quiet) if is_event(f)]
+    assert not extra, f"unexpected events: {[(f.id, f.event) for f in extra]}"
+
+
 def parse_head(head: bytes) -> Response:
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
