@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -33,6 +34,16 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A redis-py client of the session's redis-server."""
+    client = redis_server.client()
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 import redis
 from support.asserts import assert_error, assert_retry_after
 from support.procs import Gateway, GatewayFactory, RedisServer, running_gateway, wait_for
-from support.sse import Response, SSEClient, SSEEvent
+from support.sse import Response, read_events
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,15 +27,6 @@ def gw(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> I
     flags = ["--redis", redis_server.url, "--publish-api-key", KEY, "--keepalive-period", "1s"]
     with running_gateway(flags, workdir=workdir) as gateway:
         yield gateway
-
-
-@pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def post(
@@ -71,16 +61,6 @@ def accepted(response: Response) -> dict[str, Any]:
 def history_len(r: redis.Redis, brand: str, player: str) -> int:
     length: int = r.xlen(f"SSE::{brand}::{player}")
     return length
-
-
-def next_events(client: SSEClient, count: int, timeout: float = 15.0) -> list[SSEEvent]:
-    deadline = time.monotonic() + timeout
-    out: list[SSEEvent] = []
-    while len(out) < count:
-        frame = client.next_frame(max(0.0, deadline - time.monotonic()))
-        if frame.has_data and frame.event not in ("connected", "heartbeat"):
-            out.append(frame)
-    return out
 
 
 # --------------------------------------------------------------------------- availability
@@ -149,7 +129,7 @@ def test_single_event_is_stored_published_and_delivered(
         data = {"title": "Bonus! ✓", "amount": 12.5, "tags": ["a", "b"], "none": None}
         body = accepted(post(gw, event(brand, player, "bonus.credited:v1", data)))
         assert body["receivers"] == 1
-        [got] = next_events(client, 1)
+        [got] = read_events(client, 1)
     assert (got.id, got.event, got.json()) == (body["id"], "bonus.credited:v1", data)
     entries = r.xrange(f"SSE::{brand}::{player}")
     assert [e[0].decode() for e in entries] == [nobody["id"], body["id"]]
@@ -164,7 +144,7 @@ def test_any_json_data(gw: Gateway, ids: Callable[..., str], data: Any) -> None:
     brand, player = ids("b"), ids("p")
     with gw.stream(brand, player) as client:
         body = accepted(post(gw, event(brand, player, data=data)))
-        [got] = next_events(client, 1)
+        [got] = read_events(client, 1)
     assert got.id == body["id"]
     assert got.json() == data
 
@@ -177,7 +157,7 @@ def test_batch(gw: Gateway, r: redis.Redis, ids: Callable[..., str]) -> None:
         assert set(body) == {"ids"}
         assert len(body["ids"]) == 9
         assert all(STREAM_ID.fullmatch(i) for i in body["ids"])
-        got1, got2 = next_events(c1, 6), next_events(c2, 3)
+        got1, got2 = read_events(c1, 6), read_events(c2, 3)
     expected1 = [
         (i, b["data"]) for i, b in zip(body["ids"], batch, strict=True) if b["player_id"] == p1
     ]
@@ -311,7 +291,7 @@ def test_accepted_means_delivered_near_the_size_limit(
                 if response.status == 413:
                     continue
                 body = accepted(response)
-                [got] = next_events(client, 1)
+                [got] = read_events(client, 1)
                 assert (got.id, got.json()) == (body["id"], text), f"{size} bytes of {char!r}"
         # a request body far over what any batch may hold
         huge = post(gateway, [event(brand, player, "n", "x" * 900)] * 2000)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 from support.procs import Gateway, GatewayFactory, RedisServer, cli, free_port
-from support.sse import SSEClient, SSEEvent
+from support.sse import read_events
 
 from sse_gateway.publish import (
     Event,
@@ -36,15 +36,6 @@ API_KEY = "publisher-lib-test-key-0123456789abcdef"
 
 
 @pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
 def sync_pub(redis_server: RedisServer) -> Iterator[SyncPublisher]:
     publisher = SyncPublisher.from_url(redis_server.url)
     try:
@@ -60,16 +51,6 @@ def key(brand: str, player: str) -> str:
 def sid(value: str) -> tuple[int, int]:
     ms, _, seq = value.partition("-")
     return int(ms), int(seq)
-
-
-def next_events(client: SSEClient, count: int, timeout: float = 15.0) -> list[SSEEvent]:
-    deadline = time.monotonic() + timeout
-    out: list[SSEEvent] = []
-    while len(out) < count:
-        frame = client.next_frame(max(0.0, deadline - time.monotonic()))
-        if frame.has_data and frame.event not in ("connected", "heartbeat"):
-            out.append(frame)
-    return out
 
 
 def run(coro: Any) -> Any:
@@ -109,7 +90,7 @@ def test_async_publish_and_receivers(
     with gateway.stream(brand, player) as c1:
         one = assert_published(run(publish_one({"n": 1})))
         assert one.receivers == 1
-        [got] = next_events(c1, 1)
+        [got] = read_events(c1, 1)
         assert (got.id, got.event, got.json()) == (one, "notification", {"n": 1})
         # two tabs on the same process: still one receiver (one process)
         with gateway.stream(brand, player):
@@ -284,7 +265,7 @@ def test_sync_publish_publish_many_receivers(
             + [{"brand_id": brand, "player_id": player, "type": "m", "data": 3}]
         )
         assert [assert_published(m).receivers for m in many] == [1, 1, 1, 1]
-        got = next_events(client, 5)
+        got = read_events(client, 5)
     assert [(e.id, e.json()) for e in got] == [(one, {"n": 1})] + [
         (m, k) for k, m in enumerate(many)
     ]
@@ -350,7 +331,7 @@ def test_lua_script_usable_from_any_client(
         event_id, receivers = reply[0].decode(), reply[1]
         assert STREAM_ID.fullmatch(event_id)
         assert receivers == 1
-        [got] = next_events(client, 1)
+        [got] = read_events(client, 1)
     assert (got.id, got.event, got.json()) == (event_id, "notification", {"title": "hi"})
     assert r.xlen(key(brand, player)) == 1
 
@@ -379,7 +360,7 @@ def test_cli_publish_prints_the_id(
         assert done.returncode == 0, done.stderr
         event_id = done.stdout.strip()
         assert STREAM_ID.fullmatch(event_id), done.stdout
-        [got] = next_events(client, 1)
+        [got] = read_events(client, 1)
         assert (got.id, got.event, got.json()) == (event_id, "notification", {"title": "hi"})
 
         # EVENTS_REDIS_STORAGE instead of --redis
@@ -389,7 +370,7 @@ def test_cli_publish_prints_the_id(
         )
         assert done.returncode == 0, done.stderr
         second = done.stdout.strip()
-        assert [(e.id, e.json()) for e in next_events(client, 1)] == [(second, 2)]
+        assert [(e.id, e.json()) for e in read_events(client, 1)] == [(second, 2)]
     assert [e[0].decode() for e in r.xrange(key(brand, player))] == [event_id, second]
     assert r.ttl(key(brand, player)) > 0
 
@@ -440,7 +421,7 @@ def test_cli_publish_through_the_gateway(
         assert done.returncode == 0, done.stderr
         event_id = done.stdout.strip()
         assert STREAM_ID.fullmatch(event_id), done.stdout
-        assert [(e.id, e.json()) for e in next_events(client, 1)] == [(event_id, {"k": 1})]
+        assert [(e.id, e.json()) for e in read_events(client, 1)] == [(event_id, {"k": 1})]
         wrong = cli(*args, "--gateway", gateway.url, "--api-key", "wrong")
         assert wrong.returncode == 1
         assert "401" in wrong.stderr

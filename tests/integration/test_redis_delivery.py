@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,15 +12,6 @@ from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_fo
 from support.sse import SSEClient, SSEEvent
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def not_heartbeat(frame: SSEEvent) -> bool:

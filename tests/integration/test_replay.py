@@ -40,15 +40,6 @@ def publisher(redis_server: RedisServer) -> Iterator[SyncPublisher]:
         pub.close()
 
 
-@pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 class ContinuousPublisher(threading.Thread):
     """Publishes events for one player back to back until stopped; records the ids returned."""
 
