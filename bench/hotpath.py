@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -185,7 +186,7 @@ def callgrind_instructions(args: argparse.Namespace, messages: int) -> int:
         if args.connect:
             # Tokens are made here, outside valgrind, so their cost is not counted.
             requests = Path(tmp) / "requests"
-            requests.write_bytes(b"\n".join(connect_requests(args.streams)))
+            requests.write_text(json.dumps([r.decode() for r in connect_requests(args.streams)]))
             cmd += ["--connect", "--requests-file", str(requests)]
         subprocess.run(cmd, check=True, capture_output=True, env=os.environ.copy())
         match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
@@ -223,10 +224,7 @@ def main() -> None:
         return
     if args.connect:
         if args.requests_file is not None:
-            requests = [
-                r + b"\r\n\r\n" for r in args.requests_file.read_bytes().split(b"\r\n\r\n\n")
-            ]
-            requests[-1] = requests[-1][:-4]
+            requests = [r.encode() for r in json.loads(args.requests_file.read_text())]
         else:
             requests = connect_requests(args.streams)
         elapsed, opened = uvloop.run(run_connect(requests))

@@ -179,7 +179,7 @@ class HttpConnection(asyncio.Protocol):
         self.headers.append((name.lower(), value))
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > MAX_HEADER_BYTES:
-            self._count_header_bytes(0)  # answers 431 and stops the parser
+            self._headers_too_large()
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -333,15 +333,19 @@ class HttpConnection(asyncio.Protocol):
     def _count_header_bytes(self, n: int) -> None:
         self.header_bytes += n
         if self.header_bytes > MAX_HEADER_BYTES:
-            self.respond(
-                error_response(
-                    431,
-                    "request_header_fields_too_large",
-                    f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
-                ),
-                keep_alive=False,
-            )
-            raise httptools.HttpParserError("headers too large")
+            self._headers_too_large()
+
+    def _headers_too_large(self) -> None:
+        """Answers 431 and stops the parser."""
+        self.respond(
+            error_response(
+                431,
+                "request_header_fields_too_large",
+                f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
+            ),
+            keep_alive=False,
+        )
+        raise httptools.HttpParserError("headers too large")
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
-from .frames import dump_json, encode_event, encode_json_line_event
+from .frames import dump_json, encode_event
 
 EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -41,12 +41,20 @@ class Envelope:
 
     def encode(self) -> bytes:
         """The SSE frame for this event, the same bytes for every connection."""
-        try:
-            # Compact JSON never holds a raw line break, so it is one `data:` line as it is.
-            data = orjson.dumps(self.data)
-        except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the general path
-            return encode_event(self.type, dump_json(self.data), self.id)
-        return encode_json_line_event(self.type, data, self.id)
+        head = _FRAME_HEADS.get(self.type) or f"event: {self.type}\ndata: ".encode("ascii")
+        return _encode_frame(head, self.type, self.data, self.id)
+
+
+def _encode_frame(head: bytes, event_type: str, data: Any, event_id: str | None) -> bytes:
+    """`head` is `event: <type>\\ndata: `; the frame adds the id line and the data's JSON."""
+    try:
+        # Compact JSON never holds a raw line break, so it is one `data:` line as it is.
+        body = orjson.dumps(data)
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the general path
+        return encode_event(event_type, dump_json(data), event_id)
+    if event_id is None:
+        return head + body + b"\n\n"
+    return b"id: " + event_id.encode("ascii") + b"\n" + head + body + b"\n\n"
 
 
 def _reject_constant(name: str) -> Any:
@@ -98,25 +106,21 @@ def event_frame(payload: bytes, max_bytes: int) -> tuple[bytes, str | None]:
     obj = load_json(payload)
     if type(obj) is not dict:
         raise EnvelopeError("not_object", "message is not a JSON object")
-    event_type = obj.get("type")
-    head = _FRAME_HEADS.get(event_type) if type(event_type) is str else None
+    raw_type = obj.get("type")
+    head = _FRAME_HEADS.get(raw_type) if type(raw_type) is str else None
     if head is None:
-        event_type = validate_event_type(event_type)
+        event_type = validate_event_type(raw_type)
         head = f"event: {event_type}\ndata: ".encode("ascii")
         if len(_FRAME_HEADS) < MAX_CACHED_TYPES:
             _FRAME_HEADS[event_type] = head
+    else:
+        event_type = cast(str, raw_type)  # only a valid str type is ever cached
     if "data" not in obj:
         raise EnvelopeError("missing_data", "missing field 'data'")
     event_id = obj.get("id")
     if event_id is not None:
         event_id = validate_event_id(event_id)
-    try:
-        data = orjson.dumps(obj["data"])
-    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the general path
-        return encode_event(event_type, dump_json(obj["data"]), event_id), event_id
-    if event_id is None:
-        return head + data + b"\n\n", None
-    return b"id: " + event_id.encode("ascii") + b"\n" + head + data + b"\n\n", event_id
+    return _encode_frame(head, event_type, obj["data"], event_id), event_id
 
 
 def load_json(payload: bytes) -> Any:
