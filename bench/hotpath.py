@@ -69,9 +69,9 @@ def resp_message(channel: bytes, payload: bytes) -> bytes:
 async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
     from sse_gateway.app import Gateway
     from sse_gateway.broker.redis import _PubSubProtocol
-    from sse_gateway.connection import HttpConnection
-    from sse_gateway.hub import Channel
+    from sse_gateway.edge.protocol import HttpConnection
     from sse_gateway.settings import Settings, parse_redis_address
+    from sse_gateway.streams.hub import Channel
 
     settings = Settings(redis=parse_redis_address("redis://127.0.0.1:1"), jwt_secret="x" * 32)
     gateway = Gateway(settings, fd_limit=1 << 20)
@@ -132,7 +132,7 @@ async def run_connect(requests: list[bytes]) -> tuple[float, int]:
     """Stream setup in-process: accept, HTTP request, JWT, hub join, SUBSCRIBE, `connected`."""
     from sse_gateway.app import Gateway
     from sse_gateway.broker.redis import _PubSubProtocol
-    from sse_gateway.connection import HttpConnection
+    from sse_gateway.edge.protocol import HttpConnection
     from sse_gateway.settings import Settings, parse_redis_address
 
     streams = len(requests)

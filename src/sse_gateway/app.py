@@ -18,26 +18,25 @@ from typing import Any
 
 import orjson
 
-from .auth import AuthError, Identity, TokenVerifier, make_token
-from .broker import MemoryBroker, RedisBroker
-from .broker.base import Broker, BrokerUnavailable, RawEntry
-from .connection import HttpConnection
-from .envelope import (
+from sse_gateway.broker import MemoryBroker, RedisBroker
+from sse_gateway.broker.base import Broker, BrokerUnavailable, HistoryEntry
+from sse_gateway.edge.auth import AuthError, Identity, TokenVerifier, make_token
+from sse_gateway.edge.protocol import HttpConnection
+from sse_gateway.metrics import Metrics
+from sse_gateway.publish.events import InvalidEvent, PreparedEvent, event_from_mapping
+from sse_gateway.settings import Settings
+from sse_gateway.streams.heartbeat import HeartbeatScheduler
+from sse_gateway.streams.history import HistoryReader
+from sse_gateway.streams.hub import Channel, ConnectionHub
+from sse_gateway.wire.envelope import (
     EVENT_ID_PATTERN,
     EnvelopeError,
     envelope_from_object,
     event_frame,
     load_json,
 )
-from .frames import encode_json_line_event, encode_retry
-from .heartbeat import HeartbeatScheduler
-from .history import (
-    HistoryEvent,
-    ReplayMerge,
-    StreamId,
-    parse_stream_id,
-)
-from .http import (
+from sse_gateway.wire.frames import encode_json_line_event, encode_retry
+from sse_gateway.wire.http import (
     BadQuery,
     Request,
     Response,
@@ -46,12 +45,13 @@ from .http import (
     parse_query,
     stream_head,
 )
-from .hub import Channel, ConnectionHub
-from .metrics import Metrics
-from .naming import channel_name, split_channel
-from .publish import InvalidEvent, PreparedEvent, event_from_mapping
-from .replay import HistoryReader
-from .settings import Settings
+from sse_gateway.wire.ids import (
+    HistoryEvent,
+    ReplayMerge,
+    StreamId,
+    parse_stream_id,
+)
+from sse_gateway.wire.naming import channel_name, split_channel
 
 log = logging.getLogger("sse_gateway")
 conn_log = logging.getLogger("sse_gateway.connection")
@@ -203,7 +203,7 @@ class Gateway:
         future.add_done_callback(partial(self._refilled, channel, generation))
 
     def _refilled(
-        self, channel: Channel, generation: int, future: asyncio.Future[list[RawEntry]]
+        self, channel: Channel, generation: int, future: asyncio.Future[list[HistoryEntry]]
     ) -> None:
         failed = future.cancelled() or future.exception() is not None
         held = channel.held
@@ -240,13 +240,13 @@ class Gateway:
         for event_id, frame in events:
             self.metrics.delivered += channel.write(frame, event_id, parse_stream_id(event_id))
 
-    def _replay_covers(self, last: StreamId, entries: list[RawEntry]) -> bool:
+    def _replay_covers(self, last: StreamId, entries: list[HistoryEntry]) -> bool:
         """A client's replay: the history must still hold its last id, and all that follows."""
         if len(entries) >= self.history.limit:
             return False  # the read was cut short: there is more than a replay may send
         return bool(entries) and parse_stream_id(entries[0][0]) == last
 
-    def _refill_covers(self, last: StreamId | None, entries: list[RawEntry]) -> bool:
+    def _refill_covers(self, last: StreamId | None, entries: list[HistoryEntry]) -> bool:
         """A channel's refill after an outage: is every event since `last` among `entries`?
 
         Unlike a client's replay, `last` may legitimately be absent: a Redis restart without
@@ -260,7 +260,7 @@ class Gateway:
         # full may have been trimmed past the gap's start.
         return len(entries) <= self.settings.history_size
 
-    def _history_events(self, channel: bytes, entries: list[RawEntry]) -> list[HistoryEvent]:
+    def _history_events(self, channel: bytes, entries: list[HistoryEntry]) -> list[HistoryEvent]:
         events = []
         for event_id, event_type, data in entries:
             try:
@@ -566,7 +566,7 @@ class Gateway:
         conn: HttpConnection,
         identity: Identity,
         last: StreamId,
-        future: asyncio.Future[list[RawEntry]],
+        future: asyncio.Future[list[HistoryEntry]],
     ) -> None:
         failed = future.cancelled() or future.exception() is not None
         if conn.closed or conn.transport is None:

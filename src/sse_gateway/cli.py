@@ -9,10 +9,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .auth import make_token, random_secret
-from .logs import configure_logging
-from .settings import OPTIONS, Settings, SettingsError, load_settings
+from sse_gateway import __version__
+from sse_gateway.edge.auth import make_token, random_secret
+from sse_gateway.logs import configure_logging
+from sse_gateway.settings import OPTIONS, Settings, SettingsError, load_settings
 
 log = logging.getLogger("sse_gateway")
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _help(option: object) -> str:
-    from .settings import Option
+    from sse_gateway.settings import Option
 
     assert isinstance(option, Option)
     return f"{option.help} (env {option.env})"
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "token":
         return _token(args)
     if args.command == "publish":
-        from .publish_cli import publish_command
+        from sse_gateway.publish.cli import publish_command
 
         return publish_command(args)
     return _serve(args)
@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("SSE_JWT_SECRET is shorter than 32 bytes; HS256 wants at least 32")
     if settings.dev:
         _print_dev_banner(settings)
-    from .server import run
+    from sse_gateway.server import run
 
     return run(settings)
 

@@ -13,9 +13,9 @@ import socket
 import sys
 import time
 
-from .app import Gateway, effective_connection_limit
-from .connection import HttpConnection
-from .settings import Settings
+from sse_gateway.app import Gateway, effective_connection_limit
+from sse_gateway.edge.protocol import HttpConnection
+from sse_gateway.settings import Settings
 
 log = logging.getLogger("sse_gateway")
 

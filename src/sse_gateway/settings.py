@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 import jwt
 
-from .naming import is_valid_id
+from sse_gateway.wire.naming import is_valid_id
 
 
 class SettingsError(ValueError):

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_gateway.auth import AuthError, Identity, TokenVerifier, make_token
+from sse_gateway.edge.auth import AuthError, Identity, TokenVerifier, make_token
 from sse_gateway.settings import BrandKey, load_settings
 
 SECRET = "unit-test-secret-long-enough-for-hs256-hs384-and-hs512-0123456789abcdef"

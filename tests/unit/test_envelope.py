@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sse_spec_parser import Event, parse_sse
 
-from sse_gateway.envelope import (
+from sse_gateway.wire.envelope import (
     RESERVED_TYPES,
     Envelope,
     EnvelopeError,

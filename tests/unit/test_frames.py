@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sse_spec_parser import Event, parse_sse
 
-from sse_gateway.frames import (
+from sse_gateway.wire.frames import (
     FrameError,
     dump_json,
     encode_comment,

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from sse_spec_parser import parse_sse
 
-from sse_gateway.heartbeat import HeartbeatScheduler, heartbeat_frame
+from sse_gateway.streams.heartbeat import HeartbeatScheduler, heartbeat_frame
 
 PERIOD = 0.2
 WAIT = 10.0  # generous upper bound for anything that should take a few periods

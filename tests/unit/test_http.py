@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sse_gateway.http import (
+from sse_gateway.wire.http import (
     BadQuery,
     Request,
     Response,

@@ -9,11 +9,11 @@ import pytest
 from sse_spec_parser import Event, parse_sse
 
 from sse_gateway.broker.memory import MemoryBroker
-from sse_gateway.envelope import parse_envelope
-from sse_gateway.history import parse_stream_id
-from sse_gateway.hub import ConnectionHub, Held
-from sse_gateway.naming import channel_name
 from sse_gateway.publish import PreparedEvent
+from sse_gateway.streams.hub import ConnectionHub, Held
+from sse_gateway.wire.envelope import parse_envelope
+from sse_gateway.wire.ids import parse_stream_id
+from sse_gateway.wire.naming import channel_name
 
 CH = channel_name("b1", "p1")
 OTHER = channel_name("b1", "p2")

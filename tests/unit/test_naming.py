@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_gateway.naming import CHANNEL_PREFIX, channel_name, is_valid_id, split_channel
+from sse_gateway.wire.naming import CHANNEL_PREFIX, channel_name, is_valid_id, split_channel
 
 valid_ids = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 

@@ -7,7 +7,7 @@ import copy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sse_gateway.history import (
+from sse_gateway.wire.ids import (
     HistoryEvent,
     ReplayMerge,
     format_stream_id,

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from sse_gateway.auth import TokenVerifier
+from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.settings import (
     OPTIONS,
     BrandKey,

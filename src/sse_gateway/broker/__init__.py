@@ -1,7 +1,7 @@
 """Brokers: where published messages come from. One interface, several adapters."""
 
-from .base import Broker, MessageHandler, StateHandler
-from .memory import MemoryBroker
-from .redis import RedisBroker
+from sse_gateway.broker.base import Broker, MessageHandler, StateHandler
+from sse_gateway.broker.memory import MemoryBroker
+from sse_gateway.broker.redis import RedisBroker
 
 __all__ = ["Broker", "MemoryBroker", "MessageHandler", "RedisBroker", "StateHandler"]

@@ -11,9 +11,9 @@ A broker also keeps each player's history (a Redis stream, or memory for the emb
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from ..publish import PreparedEvent, PublishedEvent
+from sse_gateway.publish.events import PreparedEvent, PublishedEvent
 
 MessageHandler = Callable[[bytes, bytes], None]
 """Called with (channel, payload) for every message of a subscribed channel."""
@@ -21,8 +21,16 @@ MessageHandler = Callable[[bytes, bytes], None]
 StateHandler = Callable[[bool], None]
 """Called with True when the broker connection is up, False when it is lost."""
 
-RawEntry = tuple[str, str, str]
-"""A history entry as stored: (stream id, event type, data as JSON text)."""
+
+class HistoryEntry(NamedTuple):
+    """One entry of a player's history stream, as `publish.lua` stores it."""
+
+    id: str
+    """The Redis stream entry id, `<ms>-<seq>`; also the event's SSE `id:`."""
+    type: str
+    """The event type (field `t`)."""
+    data: str
+    """The event data as JSON text (field `d`), not yet checked."""
 
 
 class BrokerUnavailable(Exception):
@@ -56,5 +64,5 @@ class Broker(Protocol):
 
     async def read_history(
         self, requests: list[tuple[bytes, str]], limit: int
-    ) -> list[list[RawEntry]]:
+    ) -> list[list[HistoryEntry]]:
         """For each (channel, start id): at most `limit` entries with id >= start, oldest first."""

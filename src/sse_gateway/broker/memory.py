@@ -12,9 +12,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..history import StreamId, format_stream_id, parse_stream_id
-from ..publish import PreparedEvent, PublishedEvent
-from .base import MessageHandler, RawEntry, StateHandler
+from sse_gateway.broker.base import HistoryEntry, MessageHandler, StateHandler
+from sse_gateway.publish.events import PreparedEvent, PublishedEvent
+from sse_gateway.wire.ids import StreamId, format_stream_id, parse_stream_id
 
 SWEEP_SECONDS = 60.0
 
@@ -24,7 +24,7 @@ class _History:
 
     def __init__(self, size: int) -> None:
         # One more than the size, as publish.lua keeps: see the comment there.
-        self.entries: deque[tuple[StreamId, RawEntry]] = deque(maxlen=size + 1)
+        self.entries: deque[tuple[StreamId, HistoryEntry]] = deque(maxlen=size + 1)
         self.expires_at = 0.0
 
 
@@ -94,7 +94,7 @@ class MemoryBroker:
             history = self._history.get(event.channel)
             if history is None or history.expires_at <= now:
                 self._history[event.channel] = history = _History(self._history_size)
-            history.entries.append((stream_id, (event_id, event.type, event.data_json)))
+            history.entries.append((stream_id, HistoryEntry(event_id, event.type, event.data_json)))
             history.expires_at = now + self._history_ttl
             envelope = (
                 f'{{"type":{json.dumps(event.type)},"data":{event.data_json},"id":"{event_id}"}}'
@@ -109,9 +109,9 @@ class MemoryBroker:
 
     async def read_history(
         self, requests: list[tuple[bytes, str]], limit: int
-    ) -> list[list[RawEntry]]:
+    ) -> list[list[HistoryEntry]]:
         now = time.monotonic()
-        out: list[list[RawEntry]] = []
+        out: list[list[HistoryEntry]] = []
         for channel, start in requests:
             history = self._history.get(channel)
             start_id = parse_stream_id(start) or (0, 0)

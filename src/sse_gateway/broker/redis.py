@@ -26,16 +26,10 @@ import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ..publish import (
-    PreparedEvent,
-    PublishedEvent,
-    Publisher,
-    PublishUnavailable,
-    async_no_retry,
-    client_kwargs,
-)
-from ..settings import RedisAddress
-from .base import BrokerUnavailable, MessageHandler, RawEntry, StateHandler
+from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry, MessageHandler, StateHandler
+from sse_gateway.publish.events import PreparedEvent, PublishedEvent, PublishUnavailable
+from sse_gateway.publish.publisher import Publisher, async_no_retry, client_kwargs
+from sse_gateway.settings import RedisAddress
 
 log = logging.getLogger("sse_gateway.broker")
 
@@ -472,8 +466,8 @@ class RedisBroker:
 
     async def read_history(
         self, requests: list[tuple[bytes, str]], limit: int
-    ) -> list[list[RawEntry]]:
-        results: list[list[RawEntry]] = []
+    ) -> list[list[HistoryEntry]]:
+        results: list[list[HistoryEntry]] = []
         try:
             for start in range(0, len(requests), HISTORY_PIPELINE):
                 async with self._commands.pipeline(transaction=False) as pipe:
@@ -496,14 +490,14 @@ class RedisHandshakeError(Exception):
     pass
 
 
-def _entries(reply: list[tuple[bytes, dict[bytes, bytes]]]) -> list[RawEntry]:
-    entries: list[RawEntry] = []
+def _entries(reply: list[tuple[bytes, dict[bytes, bytes]]]) -> list[HistoryEntry]:
+    entries: list[HistoryEntry] = []
     for entry_id, fields in reply:
         event_type, data = fields.get(b"t"), fields.get(b"d")
         if event_type is None or data is None:
             continue  # not written by publish.lua; nothing to replay
         entries.append(
-            (
+            HistoryEntry(
                 entry_id.decode("ascii"),
                 event_type.decode("utf-8", "replace"),
                 data.decode("utf-8", "replace"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .broker.base import Broker, RawEntry
+from sse_gateway.broker.base import Broker, HistoryEntry
 
 log = logging.getLogger("sse_gateway.replay")
 
@@ -24,14 +24,14 @@ class HistoryReader:
         # The entry at the start id itself, up to history_size after it, and one more: a read
         # that returns `limit` entries was cut short.
         self.limit = history_size + 2
-        self._pending: list[tuple[bytes, str, asyncio.Future[list[RawEntry]]]] = []
+        self._pending: list[tuple[bytes, str, asyncio.Future[list[HistoryEntry]]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def read(self, channel: bytes, start_id: str) -> asyncio.Future[list[RawEntry]]:
+    def read(self, channel: bytes, start_id: str) -> asyncio.Future[list[HistoryEntry]]:
         """Entries of `channel` with id >= start_id (at most `limit`)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[RawEntry]] = loop.create_future()
+        future: asyncio.Future[list[HistoryEntry]] = loop.create_future()
         self._pending.append((channel, start_id, future))
         if not self._scheduled:
             self._scheduled = True
@@ -46,7 +46,9 @@ class HistoryReader:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[bytes, str, asyncio.Future[list[RawEntry]]]]) -> None:
+    async def _run(
+        self, batch: list[tuple[bytes, str, asyncio.Future[list[HistoryEntry]]]]
+    ) -> None:
         try:
             results = await self._broker.read_history(
                 [(channel, start) for channel, start, _ in batch], self.limit

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from .publish import (
+from sse_gateway.publish import (
     DEFAULT_HISTORY_SIZE,
     DEFAULT_HISTORY_TTL,
     InvalidEvent,
@@ -18,7 +18,7 @@ from .publish import (
     SyncPublisher,
     prepare_event,
 )
-from .settings import OPTIONS, SettingsError, parse_value
+from sse_gateway.settings import OPTIONS, SettingsError, parse_value
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 1

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import orjson
 
-from .frames import dump_json, encode_event
+from sse_gateway.wire.frames import dump_json, encode_event
 
 EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")

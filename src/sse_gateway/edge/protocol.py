@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .http import Request, Response, encode_response, error_response
+from sse_gateway.wire.http import Request, Response, encode_response, error_response
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from sse_gateway.app import Gateway
 
 log = logging.getLogger("sse_gateway.connection")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from .broker.base import Broker
-from .history import StreamId, format_stream_id, parse_stream_id
+from sse_gateway.broker.base import Broker
+from sse_gateway.wire.ids import StreamId, format_stream_id, parse_stream_id
 
 Held = list[tuple[str | None, bytes]]
 

@@ -19,8 +19,8 @@ from typing import Any
 import jwt
 import orjson
 
-from .naming import is_valid_id
-from .settings import BrandKey
+from sse_gateway.settings import BrandKey
+from sse_gateway.wire.naming import is_valid_id
 
 
 class AuthError(Exception):

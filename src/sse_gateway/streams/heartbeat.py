@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .frames import encode_event
+from sse_gateway.wire.frames import encode_event
 
 MAX_TICK_SECONDS = 0.1
 

@@ -8,7 +8,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .frames import dump_json
+from sse_gateway.wire.frames import dump_json
 
 SERVER_HEADER = b"Server: sse-gateway\r\n"
 
