@@ -2,8 +2,8 @@
 """The gateway's own cost per delivered event, without the network: µs and CPU instructions.
 
 Runs the real delivery path in-process: Redis Pub/Sub replies (RESP bytes, as Redis sends
-them) go into the broker's `_PubSubProtocol.data_received`, through the hiredis reader, the
-envelope check and frame encoding, the hub, and `HttpConnection.send` of N streams, one event
+them) go into the broker's `PubSubProtocol.data_received`, through the hiredis reader, the
+envelope check and frame encoding, the hub, and `Stream.deliver` of N streams, one event
 per distinct player. Only the transports are stand-ins whose `write()` does nothing, so what is
 measured is the user-space work the gateway adds on top of the write() syscall that
 `bench/send_ceiling.py` measures.
@@ -35,7 +35,7 @@ import orjson
 
 
 class NullTransport:
-    """What HttpConnection and the Pub/Sub protocol call on a transport; writes go nowhere."""
+    """What streams, request readers and the Pub/Sub protocol call; writes go nowhere."""
 
     def __init__(self) -> None:
         self.writes = 0
@@ -56,6 +56,9 @@ class NullTransport:
     def set_write_buffer_limits(self, high: int, low: int) -> None:
         pass
 
+    def set_protocol(self, protocol: object) -> None:
+        pass
+
 
 def resp_message(channel: bytes, payload: bytes) -> bytes:
     return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
@@ -67,25 +70,23 @@ def resp_message(channel: bytes, payload: bytes) -> bytes:
 
 
 async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
-    from sse_gateway.app import Gateway
-    from sse_gateway.broker.redis import _PubSubProtocol
-    from sse_gateway.edge.protocol import HttpConnection
+    from sse_gateway.app import Gateway, broker_from_settings
+    from sse_gateway.broker.pubsub import PubSubProtocol
     from sse_gateway.settings import Settings, parse_redis_address
     from sse_gateway.streams.hub import Channel
+    from sse_gateway.streams.stream import Stream
 
     settings = Settings(redis=parse_redis_address("redis://127.0.0.1:1"), jwt_secret="x" * 32)
-    gateway = Gateway(settings, fd_limit=1 << 20)
+    gateway = Gateway(settings, broker_from_settings(settings), fd_limit=1 << 20)
     transport = NullTransport()
     names = [f"SSE::bench::p{i}".encode() for i in range(streams)]
     for name in names:
-        conn = HttpConnection(gateway)
-        conn.transport = transport  # type: ignore[assignment]
-        conn.parser = None
-        conn.channel = name
-        conn.active = True
+        stream = Stream(transport, name, 0, b"", gateway.lifecycle)  # type: ignore[arg-type]
+        stream.go_live(b"", [], None)
         channel = Channel(name, 0)
-        channel.streams.append(conn)
+        channel.streams.append(stream)
         gateway.hub._channels[name] = channel
+    transport.writes = 0  # go_live wrote each (empty) head
     rng = random.Random(1)
     order = list(range(streams))
     wire = bytearray()
@@ -95,7 +96,7 @@ async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
         payload = orjson.dumps({"type": "bench", "data": {"t": time.time_ns()}})
         wire += resp_message(names[order[k % streams]], payload)
     data = bytes(wire)
-    protocol = _PubSubProtocol(gateway.broker)  # type: ignore[arg-type]
+    protocol = PubSubProtocol(gateway.fanout.on_message, lambda reply: None)
     protocol.connection_made(transport)  # type: ignore[arg-type]
     start = time.perf_counter()
     for offset in range(0, len(data), chunk):
@@ -130,17 +131,16 @@ def connect_requests(streams: int) -> list[bytes]:
 
 async def run_connect(requests: list[bytes]) -> tuple[float, int]:
     """Stream setup in-process: accept, HTTP request, JWT, hub join, SUBSCRIBE, `connected`."""
-    from sse_gateway.app import Gateway
-    from sse_gateway.broker.redis import _PubSubProtocol
-    from sse_gateway.edge.protocol import HttpConnection
+    from sse_gateway.app import Gateway, broker_from_settings
+    from sse_gateway.broker.pubsub import PubSubProtocol
     from sse_gateway.settings import Settings, parse_redis_address
 
     streams = len(requests)
     settings = Settings(redis=parse_redis_address("redis://127.0.0.1:1"), jwt_secret=SECRET)
-    gateway = Gateway(settings, fd_limit=1 << 20)
+    gateway = Gateway(settings, broker_from_settings(settings), fd_limit=1 << 20)
     broker = gateway.broker
     redis_side = NullTransport()  # where SUBSCRIBE batches go
-    protocol = _PubSubProtocol(broker)  # type: ignore[arg-type]
+    protocol = PubSubProtocol(gateway.fanout.on_message, broker._on_reply)  # type: ignore[attr-defined]
     protocol.connection_made(redis_side)  # type: ignore[arg-type]
     broker._protocol = protocol  # type: ignore[union-attr]
     broker._connected = True  # type: ignore[union-attr]
@@ -152,7 +152,7 @@ async def run_connect(requests: list[bytes]) -> tuple[float, int]:
     clients = [NullTransport() for _ in range(streams)]
     start = time.perf_counter()
     for i in range(streams):
-        conn = HttpConnection(gateway)
+        conn = gateway.protocol_factory()
         conn.connection_made(clients[i])  # type: ignore[arg-type]
         conn.data_received(requests[i])
         if i % 100 == 99:

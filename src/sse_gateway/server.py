@@ -13,8 +13,8 @@ import socket
 import sys
 import time
 
-from sse_gateway.app import Gateway, effective_connection_limit
-from sse_gateway.edge.protocol import HttpConnection
+from sse_gateway.app import Gateway, broker_from_settings
+from sse_gateway.edge.admission import effective_connection_limit
 from sse_gateway.settings import Settings
 
 log = logging.getLogger("sse_gateway")
@@ -70,11 +70,16 @@ def _use_uvloop() -> None:
 async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     loop = asyncio.get_running_loop()
     fd_limit = raise_fd_limit()
-    gateway = Gateway(settings, fd_limit=fd_limit, connection_limit=per_worker_limit(settings))
+    gateway = Gateway(
+        settings,
+        broker_from_settings(settings),
+        fd_limit=fd_limit,
+        connection_limit=per_worker_limit(settings),
+    )
     await gateway.start()
     try:
         server = await loop.create_server(
-            lambda: HttpConnection(gateway),
+            gateway.protocol_factory,
             settings.host,
             settings.port,
             backlog=LISTEN_BACKLOG,
@@ -104,15 +109,20 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
 async def drain(gateway: Gateway, server: asyncio.Server, drain_seconds: float) -> None:
     """Stop accepting, report not-ready, close every stream, all within the drain period."""
     started = time.monotonic()
-    log.info("draining: %d streams, at most %.3gs", gateway.streams, drain_seconds)
+    lifecycle = gateway.lifecycle
+    log.info("draining: %d streams, at most %.3gs", lifecycle.open_streams, drain_seconds)
+    # 1. Not ready, no keep-alive, no new stream: a request already read gets 503 `draining`.
     gateway.begin_drain()
+    # 2. No new sockets.
     server.close()
+    # 3. Every stream ends with its own jittered `retry:`, so clients come back spread out.
     gateway.close_all_streams("shutdown")
     deadline = started + max(0.0, drain_seconds - 0.5)
-    # Streams first: their last `retry:` must be flushed. Idle keep-alive sockets (health
-    # checkers) are not waited for; they go with the process.
-    while gateway.stream_sockets > 0 and time.monotonic() < deadline:
+    # 4. Wait for the streams' sockets: their last `retry:` must be flushed. Idle keep-alive
+    #    sockets (health checkers) are not waited for; they go with the process.
+    while lifecycle.open_sockets > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    # 5. Heartbeats and the broker last: nothing is left to deliver to.
     try:
         await asyncio.wait_for(gateway.close(), timeout=max(0.2, deadline - time.monotonic()))
     except Exception as exc:  # a broken broker connection must not fail the shutdown

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from sse_gateway.broker.redis import BATCH_SIZE, REPLIES_PER_TURN, RedisBroker
+from sse_gateway.broker.pubsub import REPLIES_PER_TURN
+from sse_gateway.broker.redis import RedisBroker
+from sse_gateway.broker.subscriptions import BATCH_SIZE
 from sse_gateway.settings import RedisAddress
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -167,7 +169,7 @@ class Harness:
         self.messages: list[tuple[bytes, bytes]] = []
         self.states: list[bool] = []
         self.changed = asyncio.Event()
-        self.broker = RedisBroker(server.address, self._on_message, self._on_state)
+        self.broker = RedisBroker(server.address)
         self.publisher = server.client()  # blocking: usable right inside a callback
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
@@ -208,7 +210,7 @@ class Harness:
 def run_with_broker(server: LocalRedis, test: Callable[[Harness], Awaitable[None]]) -> None:
     async def body() -> None:
         harness = Harness(server)
-        await harness.broker.start()
+        await harness.broker.start(harness._on_message, harness._on_state)
         try:
             await harness.wait(lambda: harness.broker.connected, "the first connection")
             await test(harness)
@@ -523,7 +525,7 @@ def test_close_releases_the_pubsub_connection(redis_server: LocalRedis) -> None:
 
     async def body() -> None:
         harness = Harness(redis_server)
-        await harness.broker.start()
+        await harness.broker.start(harness._on_message, harness._on_state)
         ready: list[int] = []
         harness.broker.subscribe(name)
         harness.broker.when_subscribed(name, lambda: (ready.append(1), harness.mark()))
@@ -549,7 +551,7 @@ def test_no_message_is_delivered_after_close(redis_server: LocalRedis) -> None:
 
     async def body() -> None:
         harness = Harness(redis_server)
-        await harness.broker.start()
+        await harness.broker.start(harness._on_message, harness._on_state)
         ready: list[int] = []
         harness.broker.subscribe(name)
         harness.broker.when_subscribed(name, lambda: (ready.append(1), harness.mark()))

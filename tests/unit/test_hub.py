@@ -10,7 +10,8 @@ from sse_spec_parser import Event, parse_sse
 
 from sse_gateway.broker.memory import MemoryBroker
 from sse_gateway.publish import PreparedEvent
-from sse_gateway.streams.hub import ConnectionHub, Held
+from sse_gateway.streams.hub import ConnectionHub
+from sse_gateway.streams.stream import Stream
 from sse_gateway.wire.envelope import parse_envelope
 from sse_gateway.wire.ids import parse_stream_id
 from sse_gateway.wire.naming import channel_name
@@ -19,29 +20,65 @@ CH = channel_name("b1", "p1")
 OTHER = channel_name("b1", "p2")
 
 
-class FakeStream:
-    def __init__(self, channel: bytes, *, active: bool = True) -> None:
-        # A fresh bytes object each time, as a connection builds its own channel name.
-        self.channel = bytes(bytearray(channel))
-        self.active = active
-        self.held: Held | None = None
-        self.floor: tuple[int, int] | None = None
-        self.frames: list[bytes] = []
-        self.on_send: Callable[[FakeStream], None] | None = None
+class RecordingTransport:
+    """What a Stream calls on its transport; writes are recorded."""
 
-    def send(self, frame: bytes) -> None:
-        self.frames.append(frame)
-        if self.on_send is not None:
-            self.on_send(self)
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.stream: FakeStream | None = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        stream = self.stream
+        if stream is not None and stream.on_send is not None and data:
+            stream.on_send(stream)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class Owner:
+    event_buffer_size = 50
+
+    def stream_closed(self, stream: Stream, reason: str) -> None:
+        pass
+
+    def socket_closed(self, stream: Stream) -> None:
+        pass
+
+
+class FakeStream(Stream):
+    """A real Stream (LIVE, or JOINING with `active=False`) on a recording transport."""
+
+    def __init__(self, channel: bytes, *, active: bool = True, copy: bool = True) -> None:
+        transport = RecordingTransport()
+        # A fresh bytes object each time, as a request builds its own channel name.
+        name = bytes(bytearray(channel)) if copy else channel
+        super().__init__(transport, name, 0, b"", Owner())  # type: ignore[arg-type]
+        self.recorded = transport
+        self.on_send: Callable[[FakeStream], None] | None = None
+        transport.stream = self
+        if active:
+            self.go_live(b"", [], None)
+
+    @property
+    def frames(self) -> list[bytes]:
+        return [data for data in self.recorded.writes if data]
 
 
 class RecordingBroker(MemoryBroker):
     """The real embedded broker, remembering what the hub asked of it."""
 
     def __init__(self) -> None:
-        super().__init__(self._deliver, lambda _up: None)
+        super().__init__()
         self.calls: list[tuple[str, bytes]] = []
         self.hub: ConnectionHub | None = None
+
+    async def start(self, on_message: object = None, on_state: object = None) -> None:
+        await super().start(self._deliver, lambda _up: None)
 
     def _deliver(self, channel: bytes, payload: bytes) -> None:
         assert self.hub is not None
@@ -159,9 +196,11 @@ def test_channels_are_independent() -> None:
 
 def test_streams_of_a_player_share_one_channel_name_object() -> None:
     hub, _ = make_hub()
-    a, b = FakeStream(CH), FakeStream(CH)
-    assert a.channel is not b.channel
+    a = FakeStream(CH)
+    fresh = bytes(bytearray(CH))  # as the next request of that player builds it
+    assert a.channel is not fresh
     channel = hub.join(a, noop)
+    b = FakeStream(hub.intern(fresh), copy=False)
     assert hub.join(b, noop) is channel
     assert b.channel is a.channel is channel.name
     assert channel.streams == [a, b]
@@ -221,7 +260,7 @@ def test_inactive_stream_starts_receiving_once_active() -> None:
     stream = FakeStream(CH, active=False)
     hub.join(stream, noop)
     assert hub.deliver(CH, b"first", None) == 0
-    stream.active = True
+    stream.go_live(b"", [], None)
     assert hub.deliver(CH, b"second", None) == 1
     assert stream.frames == [b"second"]
 
@@ -229,7 +268,7 @@ def test_inactive_stream_starts_receiving_once_active() -> None:
 def test_inactive_stream_that_holds_collects_events_with_their_ids() -> None:
     hub, _ = make_hub()
     replaying = FakeStream(CH, active=False)
-    replaying.held = []
+    replaying.begin_replay()
     live = FakeStream(CH)
     hub.join(replaying, noop)
     hub.join(live, noop)
@@ -244,7 +283,7 @@ def test_a_held_channel_delivers_nothing_and_keeps_the_events() -> None:
     hub, _ = make_hub()
     stream = FakeStream(CH)
     channel = hub.join(stream, noop)
-    channel.held = []
+    channel.hold()
     assert hub.deliver(CH, b"f1", "5-0") == 0
     assert stream.frames == []
     assert channel.held == [("5-0", b"f1")]
@@ -319,10 +358,12 @@ def test_published_events_reach_active_streams_through_the_memory_broker() -> No
 
 def test_late_copies_below_the_channel_and_stream_floors_are_skipped() -> None:
     hub = ConnectionHub(RecordingBroker())
-    replayed, plain = FakeStream(CH), FakeStream(CH)
+    replayed, plain = FakeStream(CH, active=False), FakeStream(CH)
     for stream in (replayed, plain):
         hub.join(stream, lambda: None)
-    replayed.floor = (7, 0)  # this stream was sent up to 7-0 from history
+    replayed.begin_replay()
+    replayed.go_live(b"", [], (7, 0))  # this stream was sent up to 7-0 from history
+    assert replayed.floor == (7, 0)
     assert hub.deliver(CH, b"f5", "5-0") == 1  # only the stream without a floor
     assert hub.deliver(CH, b"f5", "5-0") == 0  # at or below the channel's last id: a copy
     assert hub.deliver(CH, b"f8", "8-0") == 2  # newer than both: everyone, floor cleared

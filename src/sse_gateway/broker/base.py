@@ -44,17 +44,29 @@ class Broker(Protocol):
     @property
     def description(self) -> str: ...
 
-    async def start(self) -> None:
-        """Begins connecting; returns without waiting for the connection."""
+    @property
+    def subscribed_count(self) -> int:
+        """Channels wanted (subscribed, or to be once connected)."""
+
+    async def start(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+        """Begins connecting; returns without waiting for the connection. From then on every
+        message of a subscribed channel goes to `on_message` (on the event loop, in the order
+        the broker received them), and every connect and disconnect to `on_state`."""
 
     async def close(self) -> None: ...
 
-    def subscribe(self, channel: bytes) -> None: ...
+    def subscribe(self, channel: bytes) -> None:
+        """Wants `channel`; subscriptions of one loop tick are sent together."""
 
-    def unsubscribe(self, channel: bytes) -> None: ...
+    def unsubscribe(self, channel: bytes) -> None:
+        """No longer wants `channel`; waiters of `when_subscribed` for it are dropped."""
 
     def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
-        """Calls `callback` once the subscription to a wanted channel is active (maybe now)."""
+        """Calls `callback` once the subscription to a wanted channel is active (maybe now).
+
+        Active means the broker confirmed it: every message published after `callback` runs
+        reaches `on_message`. After a reconnect, waiters run again only if registered again.
+        """
 
     def redis_time_ms(self) -> int:
         """Now, on the clock that names history ids (Redis' own clock for Redis)."""
@@ -65,4 +77,9 @@ class Broker(Protocol):
     async def read_history(
         self, requests: list[tuple[bytes, str]], limit: int
     ) -> list[list[HistoryEntry]]:
-        """For each (channel, start id): at most `limit` entries with id >= start, oldest first."""
+        """For each (channel, start id): at most `limit` entries with id >= start, oldest first.
+
+        The history stream is the source of truth for replays and refills; an entry not
+        written by `publish.lua` (no `t`/`d` fields) is left out. BrokerUnavailable when the
+        broker cannot be reached.
+        """

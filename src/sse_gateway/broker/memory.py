@@ -29,16 +29,8 @@ class _History:
 
 
 class MemoryBroker:
-    def __init__(
-        self,
-        on_message: MessageHandler,
-        on_state: StateHandler,
-        *,
-        history_size: int = 100,
-        history_ttl: float = 86_400.0,
-    ) -> None:
-        self._on_message = on_message
-        self._on_state = on_state
+    def __init__(self, *, history_size: int = 100, history_ttl: float = 86_400.0) -> None:
+        self._on_message: MessageHandler | None = None
         self._channels: set[bytes] = set()
         self._running = False
         self._history: dict[bytes, _History] = {}
@@ -55,10 +47,15 @@ class MemoryBroker:
     def description(self) -> str:
         return "embedded in-memory broker (single process)"
 
-    async def start(self) -> None:
+    @property
+    def subscribed_count(self) -> int:
+        return len(self._channels)
+
+    async def start(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+        self._on_message = on_message
         self._running = True
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
-        self._on_state(True)
+        on_state(True)
 
     async def close(self) -> None:
         self._running = False
@@ -100,7 +97,7 @@ class MemoryBroker:
                 f'{{"type":{json.dumps(event.type)},"data":{event.data_json},"id":"{event_id}"}}'
             )
             receivers = 0
-            if event.channel in self._channels:
+            if event.channel in self._channels and self._on_message is not None:
                 # Delivered on a later loop turn, as a message read from a socket would be.
                 loop.call_soon(self._on_message, event.channel, envelope.encode("utf-8"))
                 receivers = 1

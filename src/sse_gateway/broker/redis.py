@@ -1,10 +1,9 @@
 """Redis broker: one shared Pub/Sub connection per process, read with hiredis directly.
 
-Subscriptions are coalesced per loop tick and sent in batches of at most `BATCH_SIZE` channels,
-with at most `MAX_INFLIGHT` confirmations outstanding, so neither a connect storm nor a full
-resubscription after a reconnect sends Redis one huge command. Redis answers every SUBSCRIBE
-with one confirmation per channel, in order, which lets a waiter be tied to the exact command
-that made its channel active.
+`RedisBroker` owns the connection's life: connect, handshake (AUTH, TIME), PING, reconnect with
+backoff. What to subscribe, in which batches and when, is decided by its `SubscriptionBook`
+(see `subscriptions.py`); the broker writes the commands the book returns and runs the callbacks
+it returns. The socket itself is a `PubSubProtocol` (see `pubsub.py`).
 
 Publishing and history reads go through redis-py on a small blocking pool (at most
 `COMMAND_CONNECTIONS` sockets), with reads batched by the caller into pipelines.
@@ -19,153 +18,48 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Sequence
 
-import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry, MessageHandler, StateHandler
+from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
+from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent, PublishUnavailable
 from sse_gateway.publish.publisher import Publisher, async_no_retry, client_kwargs
 from sse_gateway.settings import RedisAddress
 
 log = logging.getLogger("sse_gateway.broker")
 
-BATCH_SIZE = 1000
-MAX_INFLIGHT = 2000
 CONNECT_TIMEOUT = 5.0
 PING_INTERVAL = 5.0
 PING_TIMEOUT = 15.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
-REPLIES_PER_TURN = 256
-FEED_BYTES = 16 * 1024
 HISTORY_PIPELINE = 1000
 
-
-_PUBSUB_KINDS = frozenset({b"message", b"subscribe", b"unsubscribe", b"pong"})
-
-
-def encode_command(*args: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
-
-
-class _PubSubProtocol(asyncio.Protocol):
-    """Owns the Pub/Sub socket; hands each parsed reply to the broker.
-
-    At most `REPLIES_PER_TURN` replies are handled per event-loop turn. A read can hold
-    thousands of messages (uvloop reads up to 256 KB at once); handling them all in one turn
-    would hold up accepts, requests, heartbeats and health checks for tens of milliseconds
-    while Redis has a backlog. Past the budget the socket is paused, and the rest of what was
-    read waits in the hiredis reader for the next turn.
-    """
-
-    def __init__(self, broker: RedisBroker) -> None:
-        self.broker = broker
-        self.reader = hiredis.Reader()
-        self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._paused = False
-        # Read but not yet fed to the reader: `_unfed[_fed:]`.
-        self._unfed = b""
-        self._fed = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._fed < len(self._unfed):
-            self._unfed = self._unfed[self._fed :] + data
-        else:
-            self._unfed = data
-        self._fed = 0
-        if not self._paused:
-            self._handle_replies()
-
-    def _handle_replies(self) -> None:
-        transport = self.transport
-        if transport is None or self.lost.done():
-            return  # what was read before the connection dropped is lost with it
-        reader = self.reader
-        broker = self.broker
-        on_reply = broker._on_reply
-        on_message = broker._on_message
-        budget = REPLIES_PER_TURN
-        while budget:
-            budget -= 1
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError:
-                log.error("redis pubsub: protocol error, reconnecting")
-                transport.abort()
-                return
-            if reply is False:
-                unfed = len(self._unfed) - self._fed
-                if unfed > 0:
-                    # Fed in slices: hiredis moves what is left of its buffer to the front
-                    # each time it has consumed 1 KB, so a 256 KB read fed whole costs a
-                    # memmove of ~128 KB per KB of messages.
-                    size = FEED_BYTES if unfed > FEED_BYTES else unfed
-                    reader.feed(self._unfed, self._fed, size)
-                    self._fed += size
-                    budget += 1  # feeding is not a reply
-                    continue
-                if self._paused:
-                    self._paused = False
-                    if not transport.is_closing():
-                        transport.resume_reading()
-                return
-            try:
-                # Messages are nearly every reply: handled here, without the dispatch below.
-                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                    on_message(reply[1], reply[2])
-                else:
-                    on_reply(reply)
-            except Exception:  # one bad message must not cost every client its connection
-                log.exception("redis pubsub: error while handling a reply")
-        if not self._paused:
-            self._paused = True
-            transport.pause_reading()
-        asyncio.get_running_loop().call_soon(self._handle_replies)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
+# `message` replies never get here: PubSubProtocol hands them to `_on_message` directly.
+_PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong"})
 
 
 class RedisBroker:
     def __init__(
         self,
         address: RedisAddress,
-        on_message: MessageHandler,
-        on_state: StateHandler,
         *,
         history_size: int = 100,
         history_ttl: float = 86_400.0,
         max_event_bytes: int = 65_536,
     ) -> None:
         self._address = address
-        self._on_message = on_message
-        self._on_state = on_state
-        self._wanted: set[bytes] = set()
-        # What Redis will hold once it has read everything we wrote: the last command wins.
-        self._sent: set[bytes] = set()
-        self._dirty: set[bytes] = set()
+        self._on_message: MessageHandler = _not_started
+        self._on_state: StateHandler = _not_started
+        self._book = SubscriptionBook()
         self._flush_scheduled = False
-        # Per channel, one waiter list per SUBSCRIBE sent and not yet confirmed, oldest first.
-        self._inflight: dict[bytes, deque[list[Callable[[], None]]]] = {}
-        # Waiters for a channel whose SUBSCRIBE has not been written yet.
-        self._pending: dict[bytes, list[Callable[[], None]]] = {}
-        self._outbox: deque[tuple[bytes, list[bytes]]] = deque()
-        self._unconfirmed = 0
-        self._protocol: _PubSubProtocol | None = None
-        self._last_protocol: _PubSubProtocol | None = None  # kept for close() after cleanup
+        self._protocol: PubSubProtocol | None = None
+        self._last_protocol: PubSubProtocol | None = None  # kept for close() after cleanup
         self._connected = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -200,11 +94,13 @@ class RedisBroker:
 
     @property
     def subscribed_count(self) -> int:
-        return len(self._wanted)
+        return self._book.wanted_count
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+        self._on_message = on_message
+        self._on_state = on_state
         self._task = asyncio.create_task(self._run(), name="redis-pubsub")
 
     async def close(self) -> None:
@@ -233,11 +129,11 @@ class RedisBroker:
         address = self._address
         ssl_context = ssl.create_default_context() if address.tls else None
         while not self._closing:
-            protocol: _PubSubProtocol | None = None
+            protocol: PubSubProtocol | None = None
             try:
                 _, connected = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: _PubSubProtocol(self),
+                        lambda: PubSubProtocol(self._on_message, self._on_reply),
                         address.host,
                         address.port,
                         ssl=ssl_context,
@@ -274,7 +170,7 @@ class RedisBroker:
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def _handshake(self, protocol: _PubSubProtocol) -> None:
+    async def _handshake(self, protocol: PubSubProtocol) -> None:
         address = self._address
         if address.password is not None:
             args = [b"AUTH"]
@@ -293,14 +189,14 @@ class RedisBroker:
         redis_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000
         self._clock_offset_ms = redis_ms - (sent + received) * 500
 
-    async def _command(self, protocol: _PubSubProtocol, data: bytes) -> object:
+    async def _command(self, protocol: PubSubProtocol, data: bytes) -> object:
         assert protocol.transport is not None
         waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._command_waiters.append(waiter)
         protocol.transport.write(data)
         return await asyncio.wait_for(waiter, CONNECT_TIMEOUT)
 
-    async def _ping_loop(self, protocol: _PubSubProtocol) -> None:
+    async def _ping_loop(self, protocol: PubSubProtocol) -> None:
         # A half-open TCP connection shows no error; an unanswered PING does.
         self._last_pong = time.monotonic()
         while True:
@@ -316,126 +212,80 @@ class RedisBroker:
 
     def _on_connected(self) -> None:
         if self._ever_connected:
-            log.info("redis pubsub reconnected; resubscribing %d channels", len(self._wanted))
+            log.info("redis pubsub reconnected; resubscribing %d channels", self.subscribed_count)
         else:
             log.info("redis pubsub connected to %s", self._address.url())
         self._ever_connected = True
         self._connected = True
         self._last_pong = time.monotonic()
-        self._dirty.update(self._wanted)
-        self._flush()
+        self._flush_scheduled = False
+        self._write(self._book.on_connected())
         self._on_state(True)
 
     def _on_disconnected(self) -> None:
         was_connected = self._connected
         self._connected = False
         self._protocol = None
-        self._sent.clear()
-        self._outbox.clear()
-        self._unconfirmed = 0
+        self._book.on_disconnected()
         for waiter in self._command_waiters:
             if not waiter.done():
                 waiter.set_exception(ConnectionError("redis connection lost"))
         self._command_waiters.clear()
-        # Waiters of unconfirmed subscriptions wait for the resubscription instead.
-        for channel, lists in self._inflight.items():
-            pending = self._pending.setdefault(channel, [])
-            for callbacks in lists:
-                pending.extend(callbacks)
-        self._inflight.clear()
-        for channel in list(self._pending):
-            if channel not in self._wanted:
-                del self._pending[channel]
         if was_connected and not self._closing:
             self._on_state(False)
 
     # --- subscriptions -----------------------------------------------------------------------
 
     def subscribe(self, channel: bytes) -> None:
-        self._wanted.add(channel)
-        self._mark_dirty(channel)
-
-    def unsubscribe(self, channel: bytes) -> None:
-        self._wanted.discard(channel)
-        self._pending.pop(channel, None)
-        self._mark_dirty(channel)
-
-    def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
-        if channel in self._sent and self._connected:
-            inflight = self._inflight.get(channel)
-            if inflight:
-                inflight[-1].append(callback)
-            else:
-                callback()
-        else:
-            self._pending.setdefault(channel, []).append(callback)
-
-    def _mark_dirty(self, channel: bytes) -> None:
-        self._dirty.add(channel)
+        self._book.subscribe(channel)
+        # One flush per loop tick: a tick's subscribes go out as one batch. Inlined rather than
+        # a helper, as this runs once per stream set up.
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def unsubscribe(self, channel: bytes) -> None:
+        self._book.unsubscribe(channel)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
+        if self._book.when_subscribed(channel, callback):
+            callback()
+
     def _flush(self) -> None:
-        """Turns this tick's changes into batched SUBSCRIBE / UNSUBSCRIBE commands."""
         self._flush_scheduled = False
-        if not self._connected:
-            return  # kept dirty: _on_connected resubscribes every wanted channel
-        dirty, self._dirty = self._dirty, set()
-        to_subscribe: list[bytes] = []
-        to_unsubscribe: list[bytes] = []
-        for channel in dirty:
-            wanted = channel in self._wanted
-            if wanted and channel not in self._sent:
-                to_subscribe.append(channel)
-            elif not wanted and channel in self._sent:
-                to_unsubscribe.append(channel)
-        self._queue(b"UNSUBSCRIBE", to_unsubscribe)
-        self._queue(b"SUBSCRIBE", to_subscribe)
-        self._drain_outbox()
+        if self._connected:  # else kept dirty: _on_connected resubscribes every wanted channel
+            self._write(self._book.flush())
 
-    def _queue(self, command: bytes, channels: list[bytes]) -> None:
-        subscribing = command == b"SUBSCRIBE"
-        for channel in channels:
-            if subscribing:
-                self._sent.add(channel)
-                self._inflight.setdefault(channel, deque()).append(self._pending.pop(channel, []))
-            else:
-                self._sent.discard(channel)
-        for start in range(0, len(channels), BATCH_SIZE):
-            self._outbox.append((command, channels[start : start + BATCH_SIZE]))
-
-    def _drain_outbox(self) -> None:
+    def _write(self, commands: Sequence[SubscriptionCommand]) -> None:
+        if not commands:
+            return
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
-            return
-        chunks: list[bytes] = []
-        while self._outbox and self._unconfirmed < MAX_INFLIGHT:
-            command, channels = self._outbox.popleft()
-            chunks.append(encode_command(command, *channels))
-            self._unconfirmed += len(channels)
-        if chunks:
-            protocol.transport.write(b"".join(chunks))
+            return  # the connection is going; on_disconnected forgets what was not written
+        protocol.transport.write(
+            b"".join([encode_command(verb, *channels) for verb, channels in commands])
+        )
 
     # --- replies -----------------------------------------------------------------------------
 
     def _on_reply(self, reply: object) -> None:
+        """Any reply but a `message` (PubSubProtocol delivers those to `_on_message`)."""
         if type(reply) is list and reply and reply[0] in _PUBSUB_KINDS:
             kind = reply[0]
-            if kind == b"message":
-                self._on_message(reply[1], reply[2])
-            elif kind == b"subscribe":
-                self._confirmed(reply[1])
-                callbacks_by_channel = self._inflight.get(reply[1])
-                if callbacks_by_channel:
-                    callbacks = callbacks_by_channel.popleft()
-                    if not callbacks_by_channel:
-                        del self._inflight[reply[1]]
-                    for callback in callbacks:
-                        callback()
+            if kind == b"subscribe":
+                commands, callbacks = self._book.subscribe_confirmed(reply[1])
+                if commands:
+                    self._write(commands)
+                for callback in callbacks:
+                    callback()
             elif kind == b"unsubscribe":
-                self._confirmed(reply[1])
-            elif kind == b"pong":
+                commands = self._book.unsubscribe_confirmed(reply[1])
+                if commands:
+                    self._write(commands)
+            else:
                 self._last_pong = time.monotonic()
             return
         if reply == b"PONG" and not self._command_waiters:
@@ -447,11 +297,6 @@ class RedisBroker:
                 waiter.set_result(reply)
             return
         log.error("redis pubsub: unexpected reply %r", reply)
-
-    def _confirmed(self, channel: bytes) -> None:
-        self._unconfirmed -= 1
-        if self._outbox and self._unconfirmed < MAX_INFLIGHT // 2:
-            self._drain_outbox()
 
     def redis_time_ms(self) -> int:
         return int(time.time() * 1000 + self._clock_offset_ms)
@@ -484,6 +329,10 @@ class RedisBroker:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
         return results
+
+
+def _not_started(*_: object) -> None:
+    raise RuntimeError("RedisBroker.start() was not called")
 
 
 class RedisHandshakeError(Exception):

@@ -13,14 +13,13 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
 import orjson
 
 from sse_gateway.settings import BrandKey
-from sse_gateway.wire.naming import is_valid_id
+from sse_gateway.wire.naming import Identity, is_valid_id
 
 
 class AuthError(Exception):
@@ -31,12 +30,6 @@ class AuthError(Exception):
         self.status = status
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    brand_id: str
-    player_id: str
 
 
 _LEEWAY_SECONDS = 5

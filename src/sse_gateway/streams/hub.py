@@ -1,9 +1,9 @@
 """ConnectionHub: which local streams listen to which channel, and fan-out to them.
 
 Channels are reference-counted by the list of streams that joined them: the broker hears
-`subscribe` for the first and `unsubscribe` after the last. A stream receives events only once
-it is active (its `connected` frame written); while it replays history its live events are
-held instead, and so are a whole channel's while it refills a gap after a broker outage.
+`subscribe` for the first and `unsubscribe` after the last. Each stream decides by its own
+state what a live event means to it (written, held during its replay, or not yet for it); a
+whole channel's live events are held instead while it refills a gap after a broker outage.
 """
 
 from __future__ import annotations
@@ -12,20 +12,22 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from sse_gateway.broker.base import Broker
+from sse_gateway.streams.stream import HeldEvent
 from sse_gateway.wire.ids import StreamId, format_stream_id, parse_stream_id
 
-Held = list[tuple[str | None, bytes]]
+Held = list[HeldEvent]
 
 
-class Stream(Protocol):
-    channel: bytes
-    active: bool
-    held: Held | None
-    # After a replay: the newest id this stream was sent. Live copies of replayed events
-    # that arrive late (Pub/Sub and history reads are separate sockets) are skipped.
-    floor: StreamId | None
+class Subscriber(Protocol):
+    """What the hub needs of a stream (`streams.stream.Stream` is one)."""
 
-    def send(self, frame: bytes) -> None: ...
+    @property
+    def channel(self) -> bytes: ...
+
+    def deliver(self, frame: bytes, event_id: str | None, parsed: StreamId | None) -> int:
+        """Takes one live event; 1 when it was written, else 0."""
+
+    def close(self, reason: str, *, abort: bool = False, final: bytes = b"") -> None: ...
 
 
 class Channel:
@@ -35,7 +37,7 @@ class Channel:
 
     def __init__(self, name: bytes, since_ms: int) -> None:
         self.name = name
-        self.streams: list[Stream] = []
+        self.streams: list[Subscriber] = []
         # The newest history id delivered here, and when (broker clock) the channel began:
         # together they say where a gap after a broker outage starts.
         self.last: StreamId | None = None
@@ -46,23 +48,33 @@ class Channel:
         self.generation = 0
 
     def gap_start(self) -> str:
+        """The first history id a refill must read: the last delivered one, or the start."""
         return format_stream_id(self.last) if self.last is not None else f"{self.since_ms}-0"
 
+    def hold(self) -> int:
+        """A broker outage began: hold live events (keeping those held by an earlier outage
+        whose refill has not run) and return the generation that owns the next refill."""
+        self.generation += 1
+        if self.held is None:
+            self.held = []
+        return self.generation
+
+    def release(self) -> Held:
+        """The refill is done (or given up): stop holding; returns what was held."""
+        held, self.held = self.held, None
+        return held if held is not None else []
+
+    def advance(self, last: StreamId | None) -> None:
+        """The newest history id delivered, after a refill wrote events up to it."""
+        self.last = last
+
     def write(self, frame: bytes, event_id: str | None, parsed: StreamId | None) -> int:
+        """One event to every stream of the channel; returns how many wrote it."""
         sent = 0
         streams = self.streams
         # A copy when several: a send may close a slow stream, which removes it from the list.
         for stream in streams if len(streams) == 1 else tuple(streams):
-            if stream.active:
-                floor = stream.floor
-                if floor is not None and parsed is not None:
-                    if parsed <= floor:
-                        continue
-                    stream.floor = None  # caught up: channel order suffices from here on
-                stream.send(frame)
-                sent += 1
-            elif stream.held is not None:
-                stream.held.append((event_id, frame))
+            sent += stream.deliver(frame, event_id, parsed)
         return sent
 
 
@@ -77,20 +89,25 @@ class ConnectionHub:
     def channel_count(self) -> int:
         return len(self._channels)
 
-    def join(self, stream: Stream, on_ready: Callable[[], None]) -> Channel:
-        """Adds a stream; `on_ready` runs once its channel's subscription is active."""
-        channel = self._channels.get(stream.channel)
+    def intern(self, name: bytes) -> bytes:
+        """The channel name to give a new stream: the joined channel's own bytes object when
+        there is one, so that every stream of a player shares it."""
+        channel = self._channels.get(name)
+        return name if channel is None else channel.name
+
+    def join(self, stream: Subscriber, on_ready: Callable[[], None]) -> Channel:
+        """Adds a stream to its channel; `on_ready` runs once the subscription is active."""
+        name = stream.channel
+        channel = self._channels.get(name)
         if channel is None:
-            channel = Channel(stream.channel, self._broker.redis_time_ms())
-            self._channels[stream.channel] = channel
-            self._broker.subscribe(stream.channel)
-        else:
-            stream.channel = channel.name  # every stream of a player shares one bytes object
+            channel = Channel(name, self._broker.redis_time_ms())
+            self._channels[name] = channel
+            self._broker.subscribe(name)
         channel.streams.append(stream)
         self._broker.when_subscribed(channel.name, on_ready)
         return channel
 
-    def leave(self, stream: Stream) -> None:
+    def leave(self, stream: Subscriber) -> None:
         channel = self._channels.get(stream.channel)
         if channel is None:
             return
@@ -99,8 +116,8 @@ class ConnectionHub:
         except ValueError:
             return
         if not channel.streams:
-            del self._channels[stream.channel]
-            self._broker.unsubscribe(stream.channel)
+            del self._channels[channel.name]
+            self._broker.unsubscribe(channel.name)
 
     def get(self, name: bytes) -> Channel | None:
         return self._channels.get(name)
@@ -109,12 +126,12 @@ class ConnectionHub:
         return iter(tuple(self._channels.values()))
 
     def deliver(self, name: bytes, frame: bytes, event_id: str | None) -> int:
-        """Writes one encoded frame to every active stream of the channel."""
+        """Writes one encoded frame to every live stream of the channel; returns how many."""
         channel = self._channels.get(name)
         if channel is None:
             return 0
         if channel.held is not None:
-            channel.held.append((event_id, frame))
+            channel.held.append(HeldEvent(event_id, frame))
             return 0
         parsed = None
         if event_id is not None:
@@ -125,5 +142,5 @@ class ConnectionHub:
                 channel.last = parsed
         return channel.write(frame, event_id, parsed)
 
-    def streams(self) -> list[Stream]:
+    def streams(self) -> list[Subscriber]:
         return [stream for channel in self._channels.values() for stream in channel.streams]

@@ -9,6 +9,7 @@ turns both into one sequence with no gap and no duplicate.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
@@ -62,7 +63,7 @@ class ReplayMerge:
         return True
 
     def merge(
-        self, replayed: list[HistoryEvent], held: list[tuple[str | None, bytes]]
+        self, replayed: Sequence[HistoryEvent], held: Sequence[tuple[str | None, bytes]]
     ) -> list[tuple[str | None, bytes]]:
         """(id, frame) to write, in order: replayed entries, then held live ones not yet sent."""
         out: list[tuple[str | None, bytes]] = [

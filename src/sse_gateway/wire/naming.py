@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHANNEL_PREFIX = "SSE::"
@@ -30,3 +31,16 @@ def split_channel(channel: bytes) -> tuple[str, str] | None:
     if len(parts) != 2 or not (is_valid_id(parts[0]) and is_valid_id(parts[1])):
         return None
     return parts[0], parts[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Whom a stream is for: the brand and the player (a token's `brand_id` and `sub`)."""
+
+    brand_id: str
+    player_id: str
+
+    @property
+    def channel(self) -> bytes:
+        """The player's channel, `SSE::{brand_id}::{player_id}`."""
+        return channel_name(self.brand_id, self.player_id)

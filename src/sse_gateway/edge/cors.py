@@ -1,0 +1,66 @@
+"""CORS for browser pages on other origins (SSE_CORS_ORIGINS): origin checks and preflights."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sse_gateway.edge.auth import AuthError
+from sse_gateway.wire.http import Request, Response, error_response
+
+
+class OriginCheck(NamedTuple):
+    """The answer to a request's Origin: CORS headers to add, or why it is refused (403)."""
+
+    headers: list[tuple[str, str]]
+    refusal: AuthError | None
+
+
+class CorsPolicy:
+    def __init__(self, allowed_origins: frozenset[str]) -> None:
+        """`allowed_origins`: exact `scheme://host[:port]` values, no trailing slash."""
+        self._allowed = allowed_origins
+
+    def check(self, request: Request) -> OriginCheck:
+        """CORS headers for an allowed browser origin, or the 403 for one that is not.
+
+        No Origin (not a browser's cross-origin request) and the gateway's own pages (the
+        demo: same origin as Host) need neither.
+        """
+        origin = request.header(b"origin")
+        if origin is None:
+            return OriginCheck([], None)
+        if origin.rstrip("/") in self._allowed:
+            return OriginCheck(
+                [
+                    ("Access-Control-Allow-Origin", origin),
+                    ("Access-Control-Allow-Credentials", "true"),
+                    ("Vary", "Origin"),
+                ],
+                None,
+            )
+        host = request.header(b"host")
+        if host is not None and origin in (f"http://{host}", f"https://{host}"):
+            return OriginCheck([], None)
+        return OriginCheck(
+            [],
+            AuthError(
+                403, "origin_not_allowed", f"origin {origin} is not allowed (SSE_CORS_ORIGINS)"
+            ),
+        )
+
+    def preflight(self, request: Request) -> Response:
+        """The answer to `OPTIONS /v1/sse`."""
+        headers, refusal = self.check(request)
+        if refusal is not None:
+            return error_response(refusal.status, refusal.code, refusal.message)
+        if not headers:
+            return error_response(400, "bad_request", "a CORS preflight needs an Origin header")
+        headers += [
+            ("Access-Control-Allow-Methods", "GET"),
+            (
+                "Access-Control-Allow-Headers",
+                "Authorization, Last-Event-ID, X-Brand-ID, Cache-Control",
+            ),
+            ("Access-Control-Max-Age", "600"),
+        ]
+        return Response(204, b"", headers=headers)

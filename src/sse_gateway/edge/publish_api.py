@@ -1,0 +1,99 @@
+"""`POST /v1/publish` (when SSE_PUBLISH_API_KEY is set): one event or a batch, via the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+
+from sse_gateway.broker.base import Broker, BrokerUnavailable
+from sse_gateway.edge.admission import unavailable
+from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.metrics import Metrics
+from sse_gateway.publish.events import MAX_BATCH, InvalidEvent, PreparedEvent, event_from_mapping
+from sse_gateway.wire.http import Request, Response, error_response, json_response
+
+log = logging.getLogger("sse_gateway")
+
+PATH = "/v1/publish"
+
+
+class PublishEndpoint:
+    def __init__(
+        self, *, api_key: str, broker: Broker, metrics: Metrics, max_event_bytes: int
+    ) -> None:
+        self._api_key = api_key.encode()
+        self._broker = broker
+        self._metrics = metrics
+        self._max_event_bytes = max_event_bytes
+        self.max_body_bytes = min(64 << 20, (max_event_bytes + 512) * MAX_BATCH)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def authorized(self, authorization: str) -> bool:
+        """`Bearer <SSE_PUBLISH_API_KEY>`, compared in constant time."""
+        scheme, _, key = authorization.partition(" ")
+        presented = key.strip().encode()
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, self._api_key)
+
+    def body_limit(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        """A POST's body is kept only for an authorized publish, never otherwise."""
+        if not url.startswith(PATH.encode()):
+            return 0
+        authorization = dict(headers).get(b"authorization", b"").decode("latin-1")
+        return self.max_body_bytes if self.authorized(authorization) else 0
+
+    def handle(self, reader: RequestReader, request: Request) -> None:
+        """Answers once the broker has stored (or refused) the events; the reader holds any
+        request pipelined behind this one until then."""
+        reader.begin_async()
+        task = asyncio.get_running_loop().create_task(self._respond(reader, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _respond(self, reader: RequestReader, request: Request) -> None:
+        try:
+            response = await self.publish(request)
+        except Exception:
+            log.exception("publish failed")
+            response = error_response(500, "internal_error", "internal error")
+        reader.respond(response, keep_alive=request.keep_alive)
+        reader.end_async()
+
+    async def publish(self, request: Request) -> Response:
+        """202 `{"id", "receivers"}` (or `{"ids"}` for a batch); 400, 401, 413 or 503."""
+        if not self.authorized(request.header(b"authorization") or ""):
+            return error_response(
+                401,
+                "invalid_api_key",
+                "Authorization: Bearer <SSE_PUBLISH_API_KEY> required",
+                [("WWW-Authenticate", 'Bearer realm="sse-gateway-publish"')],
+            )
+        try:
+            body = json.loads(request.body)
+        except (ValueError, RecursionError):
+            return error_response(400, "invalid_json", "request body is not JSON")
+        is_batch = isinstance(body, list)
+        items = body if is_batch else [body]
+        if is_batch and not 1 <= len(body) <= MAX_BATCH:
+            return error_response(400, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} events")
+        events: list[PreparedEvent] = []
+        for index, item in enumerate(items):
+            try:
+                events.append(event_from_mapping(item, max_event_bytes=self._max_event_bytes))
+            except InvalidEvent as exc:
+                where = f"[{index}]." if is_batch else ""
+                if exc.too_large:
+                    return error_response(413, "payload_too_large", f"{where}{exc}")
+                return json_response(
+                    400,
+                    {"error": "invalid_field", "message": f"{where}{exc}", "field": exc.field},
+                )
+        try:
+            published = await self._broker.publish_events(events)
+        except BrokerUnavailable as exc:
+            return unavailable("broker_unavailable", f"not stored: {exc}")
+        self._metrics.published += len(published)
+        if is_batch:
+            return json_response(202, {"ids": [str(p) for p in published]})
+        return json_response(202, {"id": str(published[0]), "receivers": published[0].receivers})

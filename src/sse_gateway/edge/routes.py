@@ -1,0 +1,125 @@
+"""Router: the request handler of every request reader; one branch per path.
+
+/v1/sse       GET: a stream (edge.sse); OPTIONS: the CORS preflight
+/v1/publish   POST, when SSE_PUBLISH_API_KEY is set (edge.publish_api)
+/healthz      200 while the process serves
+/readyz       200, or 503 with the reason (draining, broker_disconnected)
+/metrics      Prometheus text format
+/, /demo      the demo page, in dev mode only
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib import resources
+
+from sse_gateway.edge.auth import make_token
+from sse_gateway.edge.cors import CorsPolicy
+from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.edge.publish_api import PATH as PUBLISH_PATH
+from sse_gateway.edge.publish_api import PublishEndpoint
+from sse_gateway.edge.sse import StreamEndpoint
+from sse_gateway.metrics import Metrics
+from sse_gateway.settings import Settings
+from sse_gateway.wire.http import Request, Response, error_response, json_response
+
+log = logging.getLogger("sse_gateway")
+
+_PLAIN_PATHS = {"/healthz", "/readyz", "/metrics"}
+_DEV_PATHS = {"/", "/demo"}
+
+
+class Router:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        streams: StreamEndpoint,
+        publish: PublishEndpoint | None,
+        cors: CorsPolicy,
+        metrics: Metrics,
+        ready_reason: Callable[[], str | None],
+    ) -> None:
+        """`publish` is None when publishing over HTTP is off; `ready_reason()` says why the
+        process is not ready (`/readyz`), or None."""
+        self._settings = settings
+        self._streams = streams
+        self._publish = publish
+        self._cors = cors
+        self._metrics = metrics
+        self._ready_reason = ready_reason
+        self._demo_page: bytes | None = None
+
+    def body_limit(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        if method != b"POST" or self._publish is None:
+            return 0
+        return self._publish.body_limit(url, headers)
+
+    def handle(self, reader: RequestReader, request: Request) -> None:
+        """Answers one request; a 500 for anything a branch raises (the socket closes)."""
+        path = request.path
+        method = request.method
+        head_only = method == "HEAD"
+        try:
+            if path == "/v1/sse":
+                if method == "GET":
+                    self._streams.open(reader, request)
+                elif method == "OPTIONS":
+                    reader.respond(self._cors.preflight(request), keep_alive=request.keep_alive)
+                else:
+                    reader.respond(_method_not_allowed("GET, OPTIONS"), keep_alive=False)
+                return
+            if path == PUBLISH_PATH and self._publish is not None:
+                if method != "POST":
+                    reader.respond(_method_not_allowed("POST"), keep_alive=False)
+                    return
+                self._publish.handle(reader, request)
+                return
+            if path in _PLAIN_PATHS or (path in _DEV_PATHS and self._settings.dev):
+                if method not in ("GET", "HEAD"):
+                    reader.respond(_method_not_allowed("GET, HEAD"), keep_alive=False)
+                    return
+                reader.respond(self.plain(path), keep_alive=request.keep_alive, head_only=head_only)
+                return
+            reader.respond(
+                error_response(404, "not_found", f"no route for {path}"),
+                keep_alive=request.keep_alive,
+                head_only=head_only,
+            )
+        except Exception:
+            log.exception("error handling %s %s", method, path)
+            reader.respond(
+                error_response(500, "internal_error", "internal error"), keep_alive=False
+            )
+
+    def plain(self, path: str) -> Response:
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            reason = self._ready_reason()
+            if reason is None:
+                return json_response(200, {"status": "ready"})
+            return json_response(503, {"status": "not_ready", "reason": reason})
+        if path == "/metrics":
+            return Response(
+                200, self._metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
+            )
+        return Response(200, self.demo_page(), content_type="text/html; charset=utf-8")
+
+    def demo_page(self) -> bytes:
+        if self._demo_page is None:
+            page = resources.files("sse_gateway").joinpath("static/demo.html").read_text()
+            # Dev mode only: the page comes pre-filled with a sample token and the publish key.
+            secret = self._settings.jwt_secret
+            token = make_token(secret, "demo", "player-1", ttl=24 * 3600) if secret else ""
+            page = page.replace("__TOKEN__", token)
+            page = page.replace("__PUBLISH_KEY__", self._settings.publish_api_key or "")
+            self._demo_page = page.encode("utf-8")
+        return self._demo_page
+
+
+def _method_not_allowed(allow: str) -> Response:
+    return error_response(
+        405, "method_not_allowed", f"method not allowed; use {allow}", [("Allow", allow)]
+    )

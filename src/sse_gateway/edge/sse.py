@@ -1,0 +1,118 @@
+"""`GET /v1/sse`: from a parsed request to a stream, or to the error that says why not.
+
+Authentication (token from `Authorization: Bearer` or `?token=`, brand claims), the
+`Last-Event-ID` check and admission happen here, at the edge; once all pass, the request
+reader hands its socket over and the stream lifecycle takes it from there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sse_gateway.broker.base import Broker
+from sse_gateway.edge.admission import Admission, unavailable
+from sse_gateway.edge.auth import AuthError, TokenVerifier
+from sse_gateway.edge.cors import CorsPolicy
+from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.metrics import Metrics
+from sse_gateway.streams.lifecycle import StreamLifecycle
+from sse_gateway.wire.envelope import EVENT_ID_PATTERN
+from sse_gateway.wire.http import BadQuery, Request, Response, error_response, parse_query
+from sse_gateway.wire.http import stream_head as encode_stream_head
+from sse_gateway.wire.naming import Identity
+
+
+class Authenticated(NamedTuple):
+    """A stream request that passed authentication."""
+
+    identity: Identity
+    cors_headers: list[tuple[str, str]]
+    query: dict[str, str]
+
+
+class StreamEndpoint:
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        cors: CorsPolicy,
+        admission: Admission,
+        broker: Broker,
+        lifecycle: StreamLifecycle,
+        metrics: Metrics,
+        retry_frame: bytes,
+    ) -> None:
+        """`retry_frame` is the `retry:` every stream begins with (SSE_RETRY_MS)."""
+        self._verifier = verifier
+        self._cors = cors
+        self._admission = admission
+        self._broker = broker
+        self._lifecycle = lifecycle
+        self._metrics = metrics
+        self._retry_frame = retry_frame
+        self._head = encode_stream_head([]) + retry_frame
+
+    def authenticate(self, request: Request) -> Authenticated:
+        """Who a stream request is for; raises AuthError (400, 401, 403)."""
+        cors, refusal = self._cors.check(request)
+        if refusal is not None:
+            raise refusal
+        try:
+            query = parse_query(request.query_string)
+        except BadQuery as exc:
+            raise AuthError(400, "bad_request", str(exc)) from exc
+        token: str | None = None
+        authorization = request.header(b"authorization")
+        if authorization is not None:
+            scheme, _, credentials = authorization.strip().partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                raise AuthError(401, "invalid_token", "Authorization must be 'Bearer <token>'")
+            token = credentials.strip()
+        elif "token" in query:
+            token = query["token"]
+        if not token:
+            raise AuthError(401, "missing_token", "a token is required (Authorization or ?token=)")
+        identity = self._verifier.verify(token)
+        for claimed in (request.header(b"x-brand-id"), query.get("brand_id")):
+            if claimed is not None and claimed != identity.brand_id:
+                raise AuthError(403, "brand_mismatch", "brand_id does not match the token's brand")
+        return Authenticated(identity, cors, query)
+
+    def open(self, reader: RequestReader, request: Request) -> None:
+        """Answers an error, or hands the reader's socket to a new stream."""
+        try:
+            identity, cors, query = self.authenticate(request)
+        except AuthError as exc:
+            headers: list[tuple[str, str]] = []
+            if exc.status == 401:
+                challenge = 'Bearer realm="sse-gateway"'
+                if exc.code != "missing_token":
+                    challenge += ', error="invalid_token"'
+                headers.append(("WWW-Authenticate", challenge))
+            self._refuse(
+                reader, error_response(exc.status, exc.code, exc.message, headers), exc.code
+            )
+            return
+        last_event_id = request.header(b"last-event-id")
+        if last_event_id is None:
+            last_event_id = query.get("last_event_id")
+        if last_event_id is not None:
+            last_event_id = last_event_id.strip()
+            if not EVENT_ID_PATTERN.fullmatch(last_event_id):
+                response = error_response(
+                    400, "invalid_last_event_id", "Last-Event-ID must match [A-Za-z0-9_.:-]{1,128}"
+                )
+                self._refuse(reader, response, "invalid_last_event_id")
+                return
+        refusal = self._admission.stream_refusal(
+            self._lifecycle.open_streams, self._broker.connected
+        )
+        if refusal is not None:
+            self._refuse(reader, unavailable(refusal, headers=cors), refusal)
+            return
+        head = self._head if not cors else encode_stream_head(cors) + self._retry_frame
+        self._lifecycle.open(reader.hand_over(), identity, last_event_id, head)
+
+    def _refuse(self, reader: RequestReader, response: Response, code: str) -> None:
+        self._metrics.rejected[code] += 1
+        reader.respond(response, keep_alive=False)

@@ -1,0 +1,48 @@
+"""Fanout: each message the broker read becomes one frame, written to the player's streams."""
+
+from __future__ import annotations
+
+import logging
+
+from sse_gateway.metrics import Metrics
+from sse_gateway.streams.hub import ConnectionHub
+from sse_gateway.wire.envelope import EnvelopeError, event_frame
+
+log = logging.getLogger("sse_gateway")
+
+
+class Fanout:
+    """The broker's message handler: parse and encode once, the same bytes for every stream."""
+
+    __slots__ = ("_hub", "_max_event_bytes", "_metrics")
+
+    def __init__(self, hub: ConnectionHub, metrics: Metrics, max_event_bytes: int) -> None:
+        self._hub = hub
+        self._metrics = metrics
+        self._max_event_bytes = max_event_bytes
+
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        """One Pub/Sub message (channel, envelope JSON). A bad message is dropped with a
+        warning and `sse_invalid_messages_total{reason}`; nothing a publisher sends raises."""
+        metrics = self._metrics
+        metrics.messages_received += 1
+        try:
+            frame, event_id = event_frame(payload, self._max_event_bytes)
+        except EnvelopeError as exc:
+            metrics.invalid_messages[exc.reason] += 1
+            log.warning(
+                "invalid published message dropped: channel=%s reason=%s detail=%s",
+                channel.decode("utf-8", "replace"),
+                exc.reason,
+                exc,
+            )
+            return
+        except Exception:
+            # Whatever a publisher sends must never take down the shared Pub/Sub reader.
+            metrics.invalid_messages["unencodable"] += 1
+            log.exception(
+                "invalid published message dropped: channel=%s reason=unencodable",
+                channel.decode("utf-8", "replace"),
+            )
+            return
+        metrics.delivered += self._hub.deliver(channel, frame, event_id)

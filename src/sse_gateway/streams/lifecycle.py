@@ -1,0 +1,195 @@
+"""StreamLifecycle: a stream from hand-over to close: join -> replay -> live -> close.
+
+open()            JOINING: the stream joins its channel; the hub subscribes it if new
+_ready()          the subscription is active: replay (REPLAYING) or go live at once
+_replayed()       history read: decide `recovered`, merge replay with held live events
+_go_live()        LIVE: `connected` (+ replayed events) written, heartbeats begin
+stream_closed()   CLOSED, whoever closed it: hub, heartbeats, counters, log line
+socket_closed()   the socket is gone: the drain and the socket budget stop counting it
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import orjson
+
+from sse_gateway.broker.base import HistoryEntry
+from sse_gateway.metrics import Metrics
+from sse_gateway.settings import Settings
+from sse_gateway.streams.heartbeat import HeartbeatScheduler
+from sse_gateway.streams.history import HistoryReader
+from sse_gateway.streams.hub import ConnectionHub
+from sse_gateway.streams.stream import CLOSED, Stream, closing_retry
+from sse_gateway.wire.frames import encode_json_line_event
+from sse_gateway.wire.ids import HistoryEvent, StreamId, parse_stream_id
+from sse_gateway.wire.naming import Identity, split_channel
+
+conn_log = logging.getLogger("sse_gateway.connection")
+
+
+class StreamLifecycle:
+    """Opens streams and keeps count of them; the `StreamOwner` of every stream it opens."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        hub: ConnectionHub,
+        heartbeats: HeartbeatScheduler,
+        history: HistoryReader,
+        metrics: Metrics,
+        release_socket: Callable[[], None],
+    ) -> None:
+        """`release_socket` is called once per stream socket that closes (the socket budget
+        counted it when the request reader accepted it)."""
+        self._settings = settings
+        self._hub = hub
+        self._heartbeats = heartbeats
+        self._history = history
+        self._metrics = metrics
+        self._release_socket = release_socket
+        self.event_buffer_size = settings.event_buffer_size
+        self.open_streams = 0
+        """Streams not yet CLOSED: what SSE_CONNECTION_LIMIT counts."""
+        self.open_sockets = 0
+        """Streams whose socket is not closed yet: the drain waits for these."""
+        self._conn_numbers = itertools.count(1)
+        self._conn_prefix = f"{os.getpid():06x}{secrets.token_hex(3)}"
+
+    def connection_id(self, conn_no: int) -> str:
+        """Unique across workers and restarts: a per-process prefix, then a fixed-width count."""
+        return f"{self._conn_prefix}{conn_no:010x}"
+
+    # --- open -> replay -> live --------------------------------------------------------------
+
+    def open(
+        self,
+        transport: asyncio.Transport,
+        identity: Identity,
+        last_event_id: str | None,
+        head: bytes,
+    ) -> Stream:
+        """Makes an authenticated, admitted request's socket a JOINING stream.
+
+        `head` is the HTTP response head (written with `connected`); `last_event_id` is the
+        client's, already checked against the id pattern, or None.
+        """
+        self.open_streams += 1
+        self.open_sockets += 1
+        self._metrics.opened += 1
+        conn_no = next(self._conn_numbers)
+        name = self._hub.intern(identity.channel)
+        stream = Stream(transport, name, conn_no, head, self)
+        transport.set_protocol(stream)
+        if conn_log.isEnabledFor(logging.INFO):
+            conn_log.info(
+                "stream open id=%s brand=%s player=%s",
+                self.connection_id(conn_no),
+                identity.brand_id,
+                identity.player_id,
+            )
+        self._hub.join(stream, partial(self._ready, stream, identity, last_event_id))
+        return stream
+
+    def _ready(self, stream: Stream, identity: Identity, last_event_id: str | None) -> None:
+        """The channel is subscribed: replay what was missed, or go live at once."""
+        if stream.state is CLOSED:
+            return
+        if last_event_id is None:
+            self._go_live(stream, identity, None, [], None)
+            return
+        last = parse_stream_id(last_event_id)
+        if last is None:
+            self._go_live(stream, identity, False, [], None)  # not a history id: can't recover
+            return
+        stream.begin_replay()
+        future = self._history.read(stream.channel, last_event_id)
+        future.add_done_callback(partial(self._replayed, stream, identity, last))
+
+    def _replayed(
+        self,
+        stream: Stream,
+        identity: Identity,
+        last: StreamId,
+        future: asyncio.Future[list[HistoryEntry]],
+    ) -> None:
+        failed = future.cancelled() or future.exception() is not None
+        if stream.state is CLOSED:
+            return
+        if failed:
+            # Not "recovered: false" (that tells the client to refetch its state): the history
+            # could not be read, so the client is asked to come back and try again.
+            self._metrics.replays["failed"] += 1
+            stream.close("replay_failed", final=closing_retry(self._settings.retry_ms))
+            return
+        entries = future.result()
+        history = self._history
+        # Recovered only when the history still holds the client's last id and the read was
+        # not cut short: then nothing between it and the events we send can be missing.
+        recovered = history.replay_covers(last, entries)
+        replayed = history.events(stream.channel, entries[1:]) if recovered else []
+        self._metrics.replays["recovered" if recovered else "not_recovered"] += 1
+        self._metrics.replayed_events += len(replayed)
+        self._go_live(stream, identity, recovered, replayed, last)
+
+    def _go_live(
+        self,
+        stream: Stream,
+        identity: Identity,
+        recovered: bool | None,
+        replayed: list[HistoryEvent],
+        last: StreamId | None,
+    ) -> None:
+        payload: dict[str, Any] = {
+            "connection_id": self.connection_id(stream.conn_no),
+            "brand_id": identity.brand_id,
+            "player_id": identity.player_id,
+            "heartbeat_interval": self._settings.keepalive_period,
+        }
+        if recovered is not None:
+            payload["recovered"] = recovered
+        # orjson writes what dump_json would here: ids are ASCII, the rest ints and bools.
+        connected = encode_json_line_event("connected", orjson.dumps(payload))
+        self._metrics.delivered += stream.go_live(connected, replayed, last)
+        self._heartbeats.add(stream)
+
+    # --- close -------------------------------------------------------------------------------
+
+    def close_all(self, reason: str) -> None:
+        """Closes every stream, each with its own `retry:` so clients do not return at once."""
+        for stream in self._hub.streams():
+            stream.close(reason, final=closing_retry(self._settings.retry_ms))
+
+    def stream_closed(self, stream: Stream, reason: str) -> None:
+        """Bookkeeping for a stream that ends, whoever ended it. Called once per stream."""
+        self.open_streams -= 1
+        self._metrics.closed[reason] += 1
+        self._hub.leave(stream)
+        if stream.hb_slot >= 0:
+            self._heartbeats.remove(stream)
+        level = logging.WARNING if reason == "slow_consumer" else logging.INFO
+        if not conn_log.isEnabledFor(level):
+            return
+        brand_player = split_channel(stream.channel) or ("?", "?")
+        conn_log.log(
+            level,
+            "stream close id=%s brand=%s player=%s duration=%.3fs reason=%s",
+            self.connection_id(stream.conn_no),
+            brand_player[0],
+            brand_player[1],
+            time.monotonic() - stream.opened_at,
+            reason,
+        )
+
+    def socket_closed(self, stream: Stream) -> None:
+        self.open_sockets -= 1
+        self._release_socket()

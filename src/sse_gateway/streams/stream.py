@@ -1,0 +1,254 @@
+"""Stream: one SSE response, from its hand-over by the request reader to its close.
+
+A stream is the asyncio protocol of its socket once the HTTP request became a stream (the
+request reader hands the transport over with `transport.set_protocol`, as uvicorn does on an
+upgrade). It owns that transport and every field below; its phase is an explicit state and each
+change of phase is one method:
+
+    JOINING --begin_replay()--> REPLAYING --go_live()--> LIVE --close()--> CLOSED
+       \\____________________go_live()________________/^           ^
+        \\_________________________close() from any state___________/
+
+- JOINING: the player's channel is being subscribed; nothing is written, live events are
+  not for this stream yet (a client that reads 200 must be able to trust `connected`).
+- REPLAYING: history after the client's last event id is being read; live events of the
+  channel are held, in arrival order, to be merged with the replay.
+- LIVE: `connected` was written; every event is written (or queued while the socket drains).
+- CLOSED: terminal. `close()` again does nothing; any other transition raises
+  `IllegalTransition`, which is a bug in the caller.
+
+No task, timer or queue exists per idle stream: a LIVE stream is this object, its transport
+and a slot in the heartbeat ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections import deque
+from typing import NamedTuple, Protocol
+
+from sse_gateway.wire.frames import encode_retry
+from sse_gateway.wire.ids import HistoryEvent, ReplayMerge, StreamId
+
+# On a close that asks clients to come back, each is told to wait SSE_RETRY_MS plus up to
+# this much, so that a restart or an outage does not bring every client back at once.
+RETRY_SPREAD_MS = 10_000
+
+
+class StreamState(enum.Enum):
+    JOINING = "joining"
+    REPLAYING = "replaying"
+    LIVE = "live"
+    CLOSED = "closed"
+
+
+JOINING = StreamState.JOINING
+REPLAYING = StreamState.REPLAYING
+LIVE = StreamState.LIVE
+CLOSED = StreamState.CLOSED
+
+
+class IllegalTransition(RuntimeError):
+    """A transition the state machine does not have: a bug in the caller, never the client's."""
+
+
+class HeldEvent(NamedTuple):
+    """A live event that arrived while history was read: its id (None for a plain PUBLISH)
+    and its encoded frame."""
+
+    id: str | None
+    frame: bytes
+
+
+class StreamOwner(Protocol):
+    """What a stream reports to whoever opened it (the stream lifecycle)."""
+
+    @property
+    def event_buffer_size(self) -> int:
+        """Frames a stream may queue while its socket does not drain (SSE_EVENT_BUFFER_SIZE)."""
+
+    def stream_closed(self, stream: Stream, reason: str) -> None:
+        """The stream entered CLOSED: bookkeeping (hub, heartbeats, counters, log). Once."""
+
+    def socket_closed(self, stream: Stream) -> None:
+        """The stream's socket is gone (after `stream_closed`). Once."""
+
+
+def closing_retry(retry_ms: int) -> bytes:
+    """A `retry:` frame for a stream closed by the gateway: SSE_RETRY_MS plus random spread."""
+    return encode_retry(retry_ms + random.randrange(RETRY_SPREAD_MS))
+
+
+class Stream(asyncio.Protocol):
+    """One SSE stream on its own socket. Created JOINING by the stream lifecycle."""
+
+    __slots__ = (
+        "channel",
+        "conn_no",
+        "floor",
+        "hb_slot",
+        "head",
+        "held",
+        "opened_at",
+        "owner",
+        "paused",
+        "queue",
+        "state",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        channel: bytes,
+        conn_no: int,
+        head: bytes,
+        owner: StreamOwner,
+    ) -> None:
+        """`head` is the HTTP response head; it goes out with the first frames (`connected`,
+        or a closing `retry:`), so a client that sees 200 knows its channel is subscribed."""
+        self.transport: asyncio.Transport | None = transport
+        self.channel = channel
+        self.conn_no = conn_no
+        self.head: bytes | None = head
+        self.owner = owner
+        self.state = JOINING
+        self.opened_at = time.monotonic()
+        # Live events that arrive while this stream replays history wait here (REPLAYING only).
+        self.held: list[HeldEvent] | None = None
+        # After a replay: the newest id this stream was sent. Live copies of replayed events
+        # that arrive late (Pub/Sub and history reads are separate sockets) are skipped.
+        self.floor: StreamId | None = None
+        self.paused = False
+        self.queue: deque[bytes] | None = None
+        # The heartbeat ring's slot of this stream (set by the scheduler; -1: not in the ring).
+        self.hb_slot = -1
+
+    # --- transitions -------------------------------------------------------------------------
+
+    def begin_replay(self) -> None:
+        """JOINING -> REPLAYING: from now on live events are held until `go_live`."""
+        if self.state is not JOINING:
+            raise IllegalTransition(f"begin_replay in state {self.state.value}")
+        self.state = REPLAYING
+        self.held = []
+
+    def go_live(self, connected: bytes, replayed: list[HistoryEvent], last: StreamId | None) -> int:
+        """JOINING or REPLAYING -> LIVE: writes the head, `connected`, then the events.
+
+        `replayed` are history events after the client's last id `last`, oldest first; they
+        are merged with the live events held meanwhile, each id once and in order
+        (`ReplayMerge`). Returns the number of events written after `connected`.
+        """
+        state = self.state
+        if state is not JOINING and state is not REPLAYING:
+            raise IllegalTransition(f"go_live in state {state.value}")
+        frames = [connected]
+        written = 0
+        held = self.held
+        self.held = None
+        if held is not None:
+            merge = ReplayMerge(last)
+            events = merge.merge(replayed, held)
+            frames.extend(frame for _, frame in events)
+            self.floor = merge.last
+            written = len(events)
+        self.state = LIVE
+        assert self.transport is not None  # a lost socket closes the stream first
+        self.transport.write(self._take_head() + b"".join(frames))
+        return written
+
+    def close(self, reason: str, *, abort: bool = False, final: bytes = b"") -> None:
+        """Any state -> CLOSED; again: nothing. Writes `final` (e.g. a `retry:`) then closes
+        the socket, or resets it at once with `abort`. `reason` is the metric and log label."""
+        if self.state is CLOSED:
+            return
+        self.state = CLOSED
+        self.queue = None
+        self.held = None
+        self.owner.stream_closed(self, reason)
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+            return
+        first = self._take_head() + final
+        if first:
+            transport.write(first)
+        transport.close()
+
+    # --- events ------------------------------------------------------------------------------
+
+    def deliver(self, frame: bytes, event_id: str | None, parsed: StreamId | None) -> int:
+        """One live event of the channel: written when LIVE (1), held when REPLAYING (0),
+        ignored when JOINING or CLOSED, or when at or below the replay floor (0).
+
+        `parsed` is `event_id` as a stream id, or None when it is not one. Per event and per
+        stream: the whole path from the channel to `transport.write`.
+        """
+        if self.state is not LIVE:
+            held = self.held
+            if held is not None:
+                held.append(HeldEvent(event_id, frame))
+            return 0
+        floor = self.floor
+        if floor is not None and parsed is not None:
+            if parsed <= floor:
+                return 0
+            self.floor = None  # caught up: channel order suffices from here on
+        self.send(frame)
+        return 1
+
+    def send(self, frame: bytes) -> None:
+        """Writes a frame, or queues it while the socket does not drain. A queue longer than
+        the owner's `event_buffer_size` closes the stream (`slow_consumer`)."""
+        if self.paused:
+            queue = self.queue
+            if queue is None:
+                self.queue = queue = deque()
+            queue.append(frame)
+            if len(queue) > self.owner.event_buffer_size:
+                self.close("slow_consumer", abort=True)
+            return
+        transport = self.transport
+        if transport is not None:
+            transport.write(frame)
+
+    def heartbeat(self, frame: bytes) -> None:
+        # A stream whose socket is not draining has no use for another heartbeat.
+        if not self.paused and self.transport is not None:
+            self.transport.write(frame)
+
+    def _take_head(self) -> bytes:
+        head = self.head
+        if head is None:
+            return b""
+        self.head = None
+        return head
+
+    # --- asyncio.Protocol --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a stream reads no requests; anything the client sends is ignored
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        queue = self.queue
+        transport = self.transport
+        if queue and transport is not None:
+            while queue and not self.paused:
+                transport.write(queue.popleft())
+        if not queue:
+            self.queue = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None  # nothing more can be written: close() only does the bookkeeping
+        self.close("client" if exc is None else "error")
+        self.owner.socket_closed(self)
