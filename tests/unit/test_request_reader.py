@@ -1,0 +1,674 @@
+"""RequestReader, driven in-process: a fake transport, a fake handler, a real Admission.
+
+In the style of uvicorn's tests/protocols: bytes go in through `data_received`, responses come
+out of the transport's recorded writes. Timers run on a loop whose clock only the test moves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+from fakes import FakeHandler, FakeTransport, advance, parse_response, run_in_loop, turns
+
+from sse_gateway.edge import protocol
+from sse_gateway.edge.admission import (
+    FD_SOCKET_SLACK,
+    REQUESTS_PER_TICK,
+    RETRY_AFTER_SECONDS,
+    Admission,
+)
+from sse_gateway.edge.protocol import (
+    HEADER_TIMEOUT,
+    MAX_HEADER_BYTES,
+    MAX_PIPELINED,
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
+    RequestReader,
+)
+from sse_gateway.metrics import Metrics
+from sse_gateway.wire.http import Request, Response, json_response
+
+GET = b"GET /v1/sse?player=p1&x=%20y HTTP/1.1\r\nHost: gw\r\nX-Token: Abc\r\n\r\n"
+
+
+def get(path: str = "/") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode()
+
+
+def post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+OK = json_response(200, {"ok": True})
+
+
+def answer(keep_alive: bool = True) -> Callable[[RequestReader, Request], None]:
+    def action(reader: RequestReader, request: Request) -> None:
+        reader.respond(OK, keep_alive=keep_alive)
+
+    return action
+
+
+class Conn:
+    """One reader on one fake socket."""
+
+    def __init__(
+        self,
+        handler: FakeHandler | None = None,
+        admission: Admission | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.admission = admission if admission is not None else Admission(1000, self.metrics)
+        self.handler = handler if handler is not None else FakeHandler()
+        self.transport = FakeTransport()
+        self.reader = RequestReader(self.handler, self.admission)
+        self.reader.connection_made(self.transport)  # type: ignore[arg-type]
+
+    def feed(self, data: bytes) -> None:
+        self.reader.data_received(data)
+
+    def responses(self) -> list[tuple[int, dict[str, str], bytes]]:
+        """Each write is one complete response."""
+        return [parse_response(data) for data in self.transport.writes]
+
+
+def error_code(body: bytes) -> str:
+    payload = json.loads(body)
+    assert set(payload) == {"error", "message"}
+    return str(payload["error"])
+
+
+# --- requests reach the handler -------------------------------------------------------------
+
+
+@run_in_loop
+async def test_simple_get_reaches_handler_with_its_fields() -> None:
+    conn = Conn()
+    conn.feed(GET)
+    assert len(conn.handler.calls) == 1
+    reader, request = conn.handler.calls[0]
+    assert reader is conn.reader
+    assert request.method == "GET"
+    assert request.path == "/v1/sse"
+    assert request.query_string == "player=p1&x=%20y"
+    assert request.headers == {b"host": b"gw", b"x-token": b"Abc"}
+    assert request.keep_alive is True
+    assert request.body == b""
+    assert conn.transport.writes == []  # the handler answered nothing: nothing written
+    assert not conn.transport.closed
+
+
+@run_in_loop
+async def test_request_split_over_many_reads_is_assembled() -> None:
+    conn = Conn()
+    for i in range(len(GET)):
+        conn.feed(GET[i : i + 1])
+    await turns(2)  # the per-turn request budget is refilled between turns
+    assert len(conn.handler.requests) == 1
+    request = conn.handler.requests[0]
+    assert request.path == "/v1/sse"
+    assert request.query_string == "player=p1&x=%20y"
+    assert request.headers == {b"host": b"gw", b"x-token": b"Abc"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "keep_alive"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+    ],
+)
+@run_in_loop
+async def test_keep_alive_of_the_request(raw: bytes, keep_alive: bool) -> None:
+    conn = Conn()
+    conn.feed(raw)
+    assert [r.keep_alive for r in conn.handler.requests] == [keep_alive]
+
+
+@run_in_loop
+async def test_path_defaults_to_slash_for_an_absolute_url_without_path() -> None:
+    conn = Conn()
+    conn.feed(b"GET http://gw HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert [(r.path, r.query_string) for r in conn.handler.requests] == [("/", "")]
+
+
+@run_in_loop
+async def test_connection_made_sets_write_buffer_limits() -> None:
+    conn = Conn()
+    assert conn.transport.write_buffer_limits == (WRITE_HIGH_WATER, WRITE_LOW_WATER)
+    assert conn.admission.open_sockets == 1
+
+
+# --- respond and keep-alive -----------------------------------------------------------------
+
+
+@run_in_loop
+async def test_respond_keep_alive_keeps_the_socket_for_the_next_request() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    conn.feed(get("/one"))
+    assert not conn.transport.closed
+    conn.feed(get("/two"))
+    assert [r.path for r in conn.handler.requests] == ["/one", "/two"]
+    responses = conn.responses()
+    assert len(responses) == 2
+    for status, headers, body in responses:
+        assert status == 200
+        assert headers["connection"] == "keep-alive"
+        assert json.loads(body) == {"ok": True}
+    assert not conn.transport.closed
+
+
+@run_in_loop
+async def test_respond_close_closes_and_ignores_later_bytes() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=False)))
+    conn.feed(get("/one"))
+    assert conn.transport.closed
+    [(status, headers, _)] = conn.responses()
+    assert status == 200
+    assert headers["connection"] == "close"
+    conn.feed(get("/two"))
+    assert [r.path for r in conn.handler.requests] == ["/one"]
+    assert len(conn.transport.writes) == 1
+    assert conn.transport.late_writes == []
+
+
+@run_in_loop
+async def test_pipelined_request_in_the_same_read_after_a_close_is_ignored() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=False)))
+    conn.feed(get("/one") + get("/two"))
+    assert [r.path for r in conn.handler.requests] == ["/one"]
+    assert len(conn.transport.writes) == 1
+    assert conn.transport.closed
+
+
+@run_in_loop
+async def test_draining_turns_keep_alive_off() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    conn.admission.draining = True
+    conn.feed(get("/one"))
+    [(status, headers, _)] = conn.responses()
+    assert status == 200
+    assert headers["connection"] == "close"
+    assert conn.transport.closed
+
+
+@run_in_loop
+async def test_head_only_response_has_no_body() -> None:
+    def action(reader: RequestReader, request: Request) -> None:
+        reader.respond(OK, keep_alive=True, head_only=True)
+
+    conn = Conn(FakeHandler(action=action))
+    conn.feed(b"HEAD / HTTP/1.1\r\nHost: gw\r\n\r\n")
+    [data] = conn.transport.writes
+    status, headers, body = parse_response(data, head_only=True)
+    assert status == 200
+    assert body == b""
+    assert headers["content-length"] == str(len(OK.body))
+
+
+# --- async handlers and pipelining ----------------------------------------------------------
+
+
+@run_in_loop
+async def test_pipelined_requests_wait_for_an_async_handler_and_run_in_order() -> None:
+    handler = FakeHandler(action=lambda reader, request: reader.begin_async())
+    conn = Conn(handler)
+    conn.feed(get("/1") + get("/2") + get("/3"))
+    assert [r.path for r in handler.requests] == ["/1"]
+    for expected in (["/1", "/2"], ["/1", "/2", "/3"]):
+        conn.reader.respond(OK, keep_alive=True)
+        conn.reader.end_async()
+        assert [r.path for r in handler.requests] == expected
+    conn.reader.respond(OK, keep_alive=True)
+    conn.reader.end_async()
+    assert len(handler.requests) == 3
+    assert [status for status, _, _ in conn.responses()] == [200, 200, 200]
+    assert conn.transport.pause_reading_calls == 0
+    assert conn.transport.reading
+    assert not conn.transport.closed
+
+
+@run_in_loop
+async def test_end_async_serves_queued_requests_answered_at_once() -> None:
+    paths: list[str] = []
+
+    def action(reader: RequestReader, request: Request) -> None:
+        paths.append(request.path)
+        if request.path == "/slow":
+            reader.begin_async()
+        else:
+            reader.respond(OK, keep_alive=True)
+
+    conn = Conn(FakeHandler(action=action))
+    conn.feed(get("/slow") + get("/a") + get("/b"))
+    assert paths == ["/slow"]
+    conn.reader.respond(OK, keep_alive=True)
+    conn.reader.end_async()
+    assert paths == ["/slow", "/a", "/b"]
+    assert len(conn.transport.writes) == 3
+    assert conn.transport.resume_reading_calls == 1
+
+
+@run_in_loop
+async def test_reading_pauses_at_max_pipelined_and_resumes_when_all_are_served() -> None:
+    handler = FakeHandler(action=lambda reader, request: reader.begin_async())
+    conn = Conn(handler)
+    conn.feed(get("/0"))
+    for i in range(1, MAX_PIPELINED):
+        conn.feed(get(f"/{i}"))
+    assert conn.transport.pause_reading_calls == 0  # MAX_PIPELINED - 1 waiting
+    conn.feed(get(f"/{MAX_PIPELINED}"))
+    assert conn.transport.pause_reading_calls == 1
+    assert not conn.transport.reading
+    assert len(handler.requests) == 1
+    # Each handled request goes async again; reading resumes once none is waiting.
+    for served in range(2, MAX_PIPELINED + 2):
+        conn.reader.respond(OK, keep_alive=True)
+        conn.reader.end_async()
+        assert len(handler.requests) == served
+        assert conn.transport.reading is (served == MAX_PIPELINED + 1)
+    assert [r.path for r in handler.requests] == [f"/{i}" for i in range(MAX_PIPELINED + 1)]
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+def _with_header_bytes(total: int) -> bytes:
+    """A request whose counted request line + header bytes are exactly `total`:
+    the URL "/" (1) and one header `X-Big` (5 + value + 4)."""
+    value = b"a" * (total - 1 - 5 - 4)
+    return b"GET / HTTP/1.1\r\nX-Big: " + value + b"\r\n\r\n"
+
+
+@run_in_loop
+async def test_headers_at_the_limit_are_accepted() -> None:
+    conn = Conn()
+    conn.feed(_with_header_bytes(MAX_HEADER_BYTES))
+    assert len(conn.handler.requests) == 1
+    assert conn.transport.writes == []
+
+
+@run_in_loop
+async def test_headers_over_the_limit_answer_431_and_close() -> None:
+    conn = Conn()
+    conn.feed(_with_header_bytes(MAX_HEADER_BYTES + 1))
+    assert conn.handler.requests == []
+    [(status, headers, body)] = conn.responses()
+    assert status == 431
+    assert headers["connection"] == "close"
+    assert error_code(body) == "request_header_fields_too_large"
+    assert b'"error":"request_header_fields_too_large"' in body
+    assert conn.transport.closed
+
+
+@run_in_loop
+async def test_many_small_headers_over_the_limit_answer_431() -> None:
+    conn = Conn()
+    headers = b"".join(b"X-H%05d: v\r\n" % i for i in range(MAX_HEADER_BYTES // 10))
+    conn.feed(b"GET / HTTP/1.1\r\n" + headers + b"\r\n")
+    assert conn.handler.requests == []
+    [(status, _, body)] = conn.responses()
+    assert status == 431
+    assert error_code(body) == "request_header_fields_too_large"
+    assert conn.transport.closed
+
+
+@run_in_loop
+async def test_request_line_over_the_limit_answers_431_before_it_ends() -> None:
+    conn = Conn()
+    conn.feed(b"GET /" + b"a" * MAX_HEADER_BYTES)  # no end of line yet
+    [(status, _, body)] = conn.responses()
+    assert status == 431
+    assert error_code(body) == "request_header_fields_too_large"
+    assert conn.transport.closed
+    assert conn.handler.requests == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "httptools buffers a header name/value internally and calls on_header only once it "
+        "is complete: an unterminated header grows past MAX_HEADER_BYTES without a 431"
+    ),
+)
+@run_in_loop
+async def test_unterminated_header_over_the_limit_answers_431() -> None:
+    conn = Conn()
+    conn.feed(b"GET / HTTP/1.1\r\nX-Big: ")
+    for _ in range(4):
+        conn.feed(b"a" * (MAX_HEADER_BYTES // 2))  # 2x the limit, the line never ends
+        await turns(2)
+    assert [status for status, _, _ in conn.responses()] == [431]
+    assert conn.transport.closed
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+        b"\x00\x01\x02\r\n\r\n",
+    ],
+)
+@run_in_loop
+async def test_malformed_request_answers_400_and_closes(raw: bytes) -> None:
+    conn = Conn()
+    conn.feed(raw)
+    assert conn.handler.requests == []
+    [(status, headers, body)] = conn.responses()
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert error_code(body) == "bad_request"
+    assert conn.transport.closed
+    conn.feed(get())  # ignored
+    assert conn.handler.requests == []
+    assert len(conn.transport.writes) == 1
+
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+@run_in_loop
+async def test_body_is_dropped_when_the_handler_keeps_none() -> None:
+    handler = FakeHandler(body_limit=0, action=answer(keep_alive=True))
+    conn = Conn(handler)
+    conn.feed(post("/publish", b'{"a":1}') + get("/next"))
+    assert [(r.path, r.body) for r in handler.requests] == [("/publish", b""), ("/next", b"")]
+    assert handler.body_limit_calls[0][:2] == (b"POST", b"/publish")
+    assert (b"content-length", b"7") in handler.body_limit_calls[0][2]
+
+
+@run_in_loop
+async def test_body_is_kept_up_to_the_limit_across_reads() -> None:
+    handler = FakeHandler(body_limit=10)
+    conn = Conn(handler)
+    data = post("/publish", b"0123456789")
+    conn.feed(data[:-7])
+    await turns(2)
+    conn.feed(data[-7:-3])
+    await turns(2)
+    conn.feed(data[-3:])
+    assert [r.body for r in handler.requests] == [b"0123456789"]
+    assert conn.transport.writes == []
+
+
+@run_in_loop
+async def test_chunked_body_is_kept() -> None:
+    handler = FakeHandler(body_limit=100)
+    conn = Conn(handler)
+    conn.feed(
+        b"POST /p HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+    )
+    assert [r.body for r in handler.requests] == [b"abcdefg"]
+
+
+@run_in_loop
+async def test_body_over_the_limit_answers_413_and_closes() -> None:
+    handler = FakeHandler(body_limit=10)
+    conn = Conn(handler)
+    conn.feed(post("/publish", b"0123456789X") + get("/next"))
+    assert handler.requests == []
+    [(status, headers, body)] = conn.responses()
+    assert status == 413
+    assert headers["connection"] == "close"
+    assert error_code(body) == "payload_too_large"
+    assert conn.transport.closed
+    assert conn.transport.late_writes == []
+
+
+# --- timers ---------------------------------------------------------------------------------
+
+
+@run_in_loop
+async def test_header_timeout_answers_408_and_closes() -> None:
+    conn = Conn()
+    conn.feed(b"GET / HTTP/1.1\r\nHost: g")
+    await advance(HEADER_TIMEOUT - 0.5)
+    assert conn.transport.writes == []
+    await advance(1.0)
+    [(status, headers, body)] = conn.responses()
+    assert status == 408
+    assert headers["connection"] == "close"
+    assert error_code(body) == "request_timeout"
+    assert conn.transport.closed
+    conn.feed(b"w\r\n\r\n")
+    assert conn.handler.requests == []
+
+
+@run_in_loop
+async def test_header_timeout_also_applies_to_a_silent_socket() -> None:
+    conn = Conn()
+    await advance(HEADER_TIMEOUT + 0.1)
+    assert [status for status, _, _ in conn.responses()] == [408]
+    assert conn.transport.closed
+
+
+@run_in_loop
+async def test_header_timeout_covers_a_body_that_never_ends() -> None:
+    conn = Conn(FakeHandler(body_limit=100))
+    conn.feed(b"POST /p HTTP/1.1\r\nContent-Length: 50\r\n\r\n0123")
+    await advance(HEADER_TIMEOUT + 0.1)
+    assert [status for status, _, _ in conn.responses()] == [408]
+    assert conn.handler.requests == []
+
+
+@run_in_loop
+async def test_monkeypatched_header_timeout_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "HEADER_TIMEOUT", 0.25)
+    conn = Conn()
+    await advance(0.2)
+    assert conn.transport.writes == []
+    await advance(0.1)
+    assert [status for status, _, _ in conn.responses()] == [408]
+
+
+@run_in_loop
+async def test_complete_request_stops_the_header_timer() -> None:
+    conn = Conn()  # the handler answers nothing (e.g. a stream being opened)
+    conn.feed(get())
+    await advance(HEADER_TIMEOUT * 3)
+    assert conn.transport.writes == []
+    assert not conn.transport.closed
+
+
+@run_in_loop
+async def test_idle_keep_alive_timeout_closes_silently() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    conn.feed(get())
+    assert len(conn.transport.writes) == 1
+    await advance(HEADER_TIMEOUT - 0.5)
+    assert not conn.transport.closed
+    await advance(1.0)
+    assert conn.transport.closed
+    assert len(conn.transport.writes) == 1  # no 408 on an idle keep-alive socket
+    conn.feed(get("/late"))
+    assert len(conn.handler.requests) == 1
+
+
+@run_in_loop
+async def test_idle_timer_restarts_with_each_response() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    conn.feed(get("/1"))
+    await advance(HEADER_TIMEOUT - 1)
+    conn.feed(get("/2"))
+    await advance(HEADER_TIMEOUT - 1)
+    assert not conn.transport.closed
+    await advance(1.5)
+    assert conn.transport.closed
+    assert len(conn.transport.writes) == 2
+
+
+# --- hand over ------------------------------------------------------------------------------
+
+
+@run_in_loop
+async def test_hand_over_gives_up_the_socket() -> None:
+    handed: list[object] = []
+    stream = object()
+
+    def action(reader: RequestReader, request: Request) -> None:
+        transport = reader.hand_over()
+        transport.set_protocol(stream)  # type: ignore[arg-type]
+        handed.append(transport)
+        reader.respond(OK, keep_alive=True)  # after the hand-over: nothing
+
+    handler = FakeHandler(action=action)
+    conn = Conn(handler)
+    conn.feed(get("/v1/sse") + get("/pipelined"))
+    assert handed == [conn.transport]
+    assert conn.transport.protocol is stream
+    assert [r.path for r in handler.requests] == ["/v1/sse"]  # the second never arrives
+    assert conn.transport.writes == []
+    assert not conn.transport.closed
+    assert conn.reader.url == b""  # the request line (with a token, maybe) is forgotten
+    conn.reader.respond(OK, keep_alive=False)
+    await advance(HEADER_TIMEOUT * 3)  # no timer of the reader's is left
+    assert conn.transport.writes == []
+    assert not conn.transport.closed
+    assert conn.admission.open_sockets == 1  # the slot goes with the socket, to the stream
+
+
+@run_in_loop
+async def test_hand_over_drops_requests_queued_behind_an_async_one() -> None:
+    calls: list[str] = []
+
+    def action(reader: RequestReader, request: Request) -> None:
+        calls.append(request.path)
+        if request.path == "/slow":
+            reader.begin_async()
+
+    conn = Conn(FakeHandler(action=action))
+    conn.feed(get("/slow") + get("/queued"))
+    transport = conn.reader.hand_over()
+    assert transport is conn.transport  # type: ignore[comparison-overlap]
+    conn.reader.end_async()
+    assert calls == ["/slow"]
+    assert conn.transport.writes == []
+
+
+# --- the admission: sockets and the per-turn request budget ---------------------------------
+
+
+@run_in_loop
+async def test_socket_beyond_the_budget_gets_503_and_is_closed() -> None:
+    metrics = Metrics()
+    admission = Admission(connection_limit=1, metrics=metrics)
+    budget = 1 + FD_SOCKET_SLACK
+    assert admission.socket_budget == budget
+    conns = [Conn(admission=admission, metrics=metrics) for _ in range(budget)]
+    assert all(c.transport.writes == [] and not c.transport.closed for c in conns)
+    assert metrics.rejected["connection_limit"] == 0
+
+    refused = Conn(admission=admission, metrics=metrics)
+    [(status, headers, body)] = refused.responses()
+    assert status == 503
+    assert headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    assert headers["connection"] == "close"
+    assert error_code(body) == "connection_limit"
+    assert refused.transport.closed
+    assert metrics.rejected["connection_limit"] == 1
+
+    # A refused socket reads nothing and has no header timer.
+    refused.feed(get())
+    await advance(HEADER_TIMEOUT + 1)
+    assert refused.handler.requests == []
+    assert len(refused.transport.writes) == 1
+
+    refused.reader.connection_lost(None)
+    assert admission.open_sockets == budget
+
+
+@run_in_loop
+async def test_connection_lost_releases_the_socket_slot() -> None:
+    metrics = Metrics()
+    admission = Admission(connection_limit=1, metrics=metrics)
+    conns = [Conn(admission=admission, metrics=metrics) for _ in range(admission.socket_budget)]
+    assert admission.open_sockets == admission.socket_budget
+    conns[0].reader.connection_lost(None)
+    assert admission.open_sockets == admission.socket_budget - 1
+    conns[1].reader.connection_lost(ConnectionResetError())
+    assert admission.open_sockets == admission.socket_budget - 2
+    # The freed slots admit new sockets again.
+    again = [Conn(admission=admission, metrics=metrics) for _ in range(2)]
+    assert all(c.transport.writes == [] for c in again)
+    assert metrics.rejected["connection_limit"] == 0
+
+
+@run_in_loop
+async def test_connection_lost_stops_the_timer_and_the_reader() -> None:
+    conn = Conn()
+    conn.feed(b"GET / HTTP/1.1\r\n")
+    conn.reader.connection_lost(None)
+    await advance(HEADER_TIMEOUT + 1)
+    assert conn.transport.writes == []
+    conn.feed(b"Host: gw\r\n\r\n")
+    assert conn.handler.requests == []
+    assert conn.admission.open_sockets == 0
+
+
+@run_in_loop
+async def test_requests_beyond_the_turn_budget_wait_for_a_later_turn() -> None:
+    metrics = Metrics()
+    admission = Admission(connection_limit=1000, metrics=metrics)
+    conns = [Conn(admission=admission, metrics=metrics) for _ in range(REQUESTS_PER_TICK + 1)]
+    for conn in conns:  # all in this one loop turn
+        conn.feed(get("/turn"))
+    for conn in conns[:-1]:
+        assert len(conn.handler.requests) == 1
+        assert conn.transport.pause_reading_calls == 0
+    last = conns[-1]
+    assert last.handler.requests == []
+    assert last.transport.pause_reading_calls == 1
+    assert not last.transport.reading
+
+    await turns(2)
+    assert last.transport.resume_reading_calls == 1
+    assert last.transport.reading
+    assert [r.path for r in last.handler.requests] == ["/turn"]
+    assert all(len(c.handler.requests) == 1 for c in conns)
+
+
+@run_in_loop
+async def test_bytes_read_while_waiting_keep_their_order() -> None:
+    admission = Admission(connection_limit=1000, metrics=Metrics())
+    others = [Conn(admission=admission) for _ in range(REQUESTS_PER_TICK)]
+    for other in others:
+        other.feed(get())
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)), admission=admission)
+    data = get("/a") + get("/b")
+    conn.feed(data[:10])
+    conn.feed(data[10:])  # read before the pause took effect
+    assert conn.handler.requests == []
+    await turns(3)
+    assert [r.path for r in conn.handler.requests] == ["/a", "/b"]
+
+
+@run_in_loop
+async def test_waiting_socket_that_goes_away_is_not_served() -> None:
+    admission = Admission(connection_limit=1000, metrics=Metrics())
+    others = [Conn(admission=admission) for _ in range(REQUESTS_PER_TICK)]
+    for other in others:
+        other.feed(get())
+    conn = Conn(admission=admission)
+    conn.feed(get("/gone"))
+    conn.reader.connection_lost(None)
+    await turns(3)
+    assert conn.handler.requests == []
+    assert conn.transport.resume_reading_calls == 0
+    assert admission.request_budget == REQUESTS_PER_TICK  # it spent nothing
+
+
+def test_response_type_is_the_one_encoded() -> None:
+    # Sanity of the helper used above: one write is one parseable response.
+    from sse_gateway.wire.http import encode_response
+
+    data = encode_response(Response(204), keep_alive=True)
+    assert parse_response(data)[0] == 204
