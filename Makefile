@@ -34,6 +34,7 @@ deps: $(VENV)/.dev-installed system-deps
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy --strict src/sse_gateway
