@@ -133,6 +133,7 @@ async def run_connect(requests: list[bytes]) -> tuple[float, int]:
     """Stream setup in-process: accept, HTTP request, JWT, hub join, SUBSCRIBE, `connected`."""
     from sse_gateway.app import Gateway, broker_from_settings
     from sse_gateway.broker.pubsub import PubSubProtocol
+    from sse_gateway.edge.protocol import RequestReader
     from sse_gateway.settings import Settings, parse_redis_address
 
     streams = len(requests)
@@ -152,7 +153,7 @@ async def run_connect(requests: list[bytes]) -> tuple[float, int]:
     clients = [NullTransport() for _ in range(streams)]
     start = time.perf_counter()
     for i in range(streams):
-        conn = gateway.protocol_factory()
+        conn = RequestReader(gateway.router, gateway.admission)
         conn.connection_made(clients[i])  # type: ignore[arg-type]
         conn.data_received(requests[i])
         if i % 100 == 99:

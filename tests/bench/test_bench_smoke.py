@@ -127,6 +127,6 @@ def test_hotpath_runs_the_real_path_to_every_stream(args: list[str]) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    # Every event (or every stream's `connected`) went through HttpConnection to a transport.
+    # Every event (or every stream's `connected`) went through a Stream to a transport.
     count = "3,000 events" if "--connect" not in args else "300 streams"
     assert count in proc.stdout, proc.stdout

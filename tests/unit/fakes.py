@@ -84,10 +84,10 @@ class FakeHandler:
         self.limit = body_limit
         self.action = action
         self.calls: list[tuple[Any, Request]] = []
-        self.body_limit_calls: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = []
+        self.body_limit_calls: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
 
-    def body_limit(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
-        self.body_limit_calls.append((method, url, list(headers)))
+    def body_limit(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        self.body_limit_calls.append((url, list(headers)))
         return self.limit
 
     def handle(self, reader: Any, request: Request) -> None:

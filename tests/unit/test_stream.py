@@ -435,3 +435,20 @@ def test_closing_retry_edges(monkeypatch: pytest.MonkeyPatch, pick: Callable[[in
     assert closing_retry(1500) == encode_retry(expected)
     assert 1500 <= expected < 1500 + RETRY_SPREAD_MS
     assert random.randrange is pick
+
+
+def test_a_stream_on_a_socket_already_backed_up_queues_from_the_start() -> None:
+    # The transport said pause_writing to the request reader before the hand-over.
+    owner = FakeOwner()
+    transport = FakeTransport()
+    stream = Stream(transport, b"ch", 7, HEAD, owner, paused=True)  # type: ignore[arg-type]
+    stream.go_live(CONNECTED, [], None)
+    transport.writes.clear()
+    for i in range(owner.event_buffer_size):
+        assert deliver(stream, f"1-{i}") == 1
+    assert transport.writes == []  # queued, not written
+    assert stream.state is StreamState.LIVE
+    deliver(stream, "2-0")
+    assert stream.state is StreamState.CLOSED
+    assert transport.aborted
+    assert [reason for _, reason in owner.closed] == ["slow_consumer"]

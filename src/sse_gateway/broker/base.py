@@ -59,7 +59,8 @@ class Broker(Protocol):
         """Wants `channel`; subscriptions of one loop tick are sent together."""
 
     def unsubscribe(self, channel: bytes) -> None:
-        """No longer wants `channel`; waiters of `when_subscribed` for it are dropped."""
+        """No longer wants `channel`; waiters of `when_subscribed` whose SUBSCRIBE was not
+        written yet are dropped (those of a SUBSCRIBE in flight run at its confirmation)."""
 
     def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
         """Calls `callback` once the subscription to a wanted channel is active (maybe now).

@@ -47,8 +47,9 @@ class SubscriptionBook:
       `unsubscribe_confirmed`, and the commands they return are written before the callbacks run.
     - a lost connection is reported with `on_disconnected()`, a new one with `on_connected()`.
 
-    `subscribe_verb`/`unsubscribe_verb` are the command names written (b"SSUBSCRIBE" and
-    b"SUNSUBSCRIBE" for a Redis Cluster shard).
+    `subscribe_verb`/`unsubscribe_verb` are the command names written. A Redis Cluster shard's
+    book is meant to write b"SSUBSCRIBE"/b"SUNSUBSCRIBE"; reading the `ssubscribe` and
+    `smessage` replies that brings is the cluster work's, not done yet.
     """
 
     __slots__ = (

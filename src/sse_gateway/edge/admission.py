@@ -3,8 +3,9 @@
 - The socket budget: sockets beyond the stream limit plus `FD_SOCKET_SLACK` are answered 503
   and closed at once, so the process never runs out of file descriptors.
 - The stream limit: SSE_CONNECTION_LIMIT, lowered to what the open-file limit allows.
-- The request budget: at most `REQUESTS_PER_TICK` requests are parsed per event-loop turn; the
-  rest wait a turn with their socket paused, so Pub/Sub delivery, heartbeats and health checks
+- The request budget: at most `REQUESTS_PER_TICK` reads of requests are parsed per event-loop
+  turn (several requests pipelined in one read count once); the rest wait a turn with their
+  socket paused, so Pub/Sub delivery, heartbeats and health checks
   keep running through a storm of 10,000 (re)connects.
 - Draining: after SIGTERM no keep-alive and no new stream.
 """
@@ -106,7 +107,9 @@ class Admission:
         if self.request_budget <= 0:
             return False
         self.request_budget -= 1
-        self._schedule_refill()
+        if not self._budget_refill_scheduled:  # _schedule_refill, inlined: once per request
+            self._budget_refill_scheduled = True
+            asyncio.get_running_loop().call_soon(self._refill)
         return True
 
     def wait_turn(self, resume: Callable[[], None]) -> None:

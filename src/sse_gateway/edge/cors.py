@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from sse_gateway.edge.auth import AuthError
@@ -11,8 +12,12 @@ from sse_gateway.wire.http import Request, Response, error_response
 class OriginCheck(NamedTuple):
     """The answer to a request's Origin: CORS headers to add, or why it is refused (403)."""
 
-    headers: list[tuple[str, str]]
+    headers: Sequence[tuple[str, str]]
     refusal: AuthError | None
+
+
+# Most stream requests (apps, same-origin pages) send no Origin: one shared answer, no copy.
+_NO_CORS = OriginCheck((), None)
 
 
 class CorsPolicy:
@@ -28,7 +33,7 @@ class CorsPolicy:
         """
         origin = request.header(b"origin")
         if origin is None:
-            return OriginCheck([], None)
+            return _NO_CORS
         if origin.rstrip("/") in self._allowed:
             return OriginCheck(
                 [
@@ -40,7 +45,7 @@ class CorsPolicy:
             )
         host = request.header(b"host")
         if host is not None and origin in (f"http://{host}", f"https://{host}"):
-            return OriginCheck([], None)
+            return _NO_CORS
         return OriginCheck(
             [],
             AuthError(
@@ -55,7 +60,8 @@ class CorsPolicy:
             return error_response(refusal.status, refusal.code, refusal.message)
         if not headers:
             return error_response(400, "bad_request", "a CORS preflight needs an Origin header")
-        headers += [
+        headers = [
+            *headers,
             ("Access-Control-Allow-Methods", "GET"),
             (
                 "Access-Control-Allow-Headers",

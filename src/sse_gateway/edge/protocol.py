@@ -28,8 +28,8 @@ WRITE_LOW_WATER = 16 * 1024
 class RequestHandler(Protocol):
     """What the reader asks of the application (the router)."""
 
-    def body_limit(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
-        """Bytes of body to keep for this request head; 0: read the body and drop it."""
+    def body_limit(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        """Bytes of a POST's body to keep for this request head; 0: read it and drop it."""
 
     def handle(self, reader: RequestReader, request: Request) -> None:
         """Answers with `reader.respond`, or takes the socket with `reader.hand_over`."""
@@ -51,10 +51,12 @@ class RequestReader(asyncio.Protocol):
         "header_bytes",
         "headers",
         "parser",
+        "reading_paused",
         "requests",
         "timer",
         "transport",
         "url",
+        "writing_paused",
     )
 
     def __init__(self, handler: RequestHandler, admission: Admission) -> None:
@@ -72,6 +74,9 @@ class RequestReader(asyncio.Protocol):
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
         self.deferred = b""  # read while over this turn's request budget
+        # Flow control, which a stream taking over the socket inherits.
+        self.writing_paused = False
+        self.reading_paused = False
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -93,6 +98,7 @@ class RequestReader(asyncio.Protocol):
             # budget, the request waits (its socket paused) for a later turn.
             if self.transport is not None:
                 self.transport.pause_reading()
+                self.reading_paused = True
             self.deferred += data
             self.admission.wait_turn(self._resume)
             return
@@ -111,8 +117,15 @@ class RequestReader(asyncio.Protocol):
         if self.closed or transport is None:
             return
         transport.resume_reading()
+        self.reading_paused = False
         data, self.deferred = self.deferred, b""
         self.data_received(data)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.admission.socket_closed()
@@ -144,7 +157,10 @@ class RequestReader(asyncio.Protocol):
         if self.parser is None:
             raise _HandedOver
         self.headers.append((name.lower(), value))
-        self._count_header_bytes(len(name) + len(value) + 4)
+        # Counted here rather than through _count_header_bytes: once per header per request.
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self._headers_too_large()
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -153,10 +169,11 @@ class RequestReader(asyncio.Protocol):
         # Only a body the handler asks for is kept; any other is read and dropped. The header
         # timer keeps running until the whole message is in: a body that never ends cannot
         # hold the socket.
-        limit = self.handler.body_limit(parser.get_method(), self.url, self.headers)
-        if limit > 0:
-            self.body = []
-            self.body_limit = limit
+        if parser.get_method() == b"POST":
+            limit = self.handler.body_limit(self.url, self.headers)
+            if limit > 0:
+                self.body = []
+                self.body_limit = limit
 
     def on_body(self, chunk: bytes) -> None:
         if self.parser is None:
@@ -196,6 +213,7 @@ class RequestReader(asyncio.Protocol):
             self.requests.append(request)
             if len(self.requests) >= MAX_PIPELINED and self.transport is not None:
                 self.transport.pause_reading()
+                self.reading_paused = True
             return
         self.handler.handle(self, request)
 
@@ -235,15 +253,22 @@ class RequestReader(asyncio.Protocol):
             self.requests = None
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+                self.reading_paused = False
 
     def hand_over(self) -> asyncio.Transport:
         """Gives the socket up for a stream: no more request parsing, no timers, no responses.
 
-        The caller installs the stream with `transport.set_protocol`; from then on the
-        stream hears `connection_lost`, and the socket's budget slot goes with it.
+        The caller installs the stream with `transport.set_protocol`, after reading
+        `writing_paused` (a stream must know its socket is already backed up); from then on
+        the stream hears `connection_lost` and flow control, and the socket's budget slot
+        goes with it. Reading is resumed if the reader had paused it: a stream must see the
+        client leave.
         """
         transport = self.transport
         assert transport is not None and not self.closed, "only an open socket is handed over"
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
         self._cancel_timer()
         self.parser = None
         self.requests = None

@@ -51,10 +51,8 @@ class Router:
         self._ready_reason = ready_reason
         self._demo_page: bytes | None = None
 
-    def body_limit(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
-        if method != b"POST" or self._publish is None:
-            return 0
-        return self._publish.body_limit(url, headers)
+    def body_limit(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        return 0 if self._publish is None else self._publish.body_limit(url, headers)
 
     def handle(self, reader: RequestReader, request: Request) -> None:
         """Answers one request; a 500 for anything a branch raises (the socket closes)."""

@@ -7,6 +7,7 @@ reader hands its socket over and the stream lifecycle takes it from there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from sse_gateway.broker.base import Broker
@@ -26,7 +27,7 @@ class Authenticated(NamedTuple):
     """A stream request that passed authentication."""
 
     identity: Identity
-    cors_headers: list[tuple[str, str]]
+    cors_headers: Sequence[tuple[str, str]]
     query: dict[str, str]
 
 
@@ -111,7 +112,8 @@ class StreamEndpoint:
             self._refuse(reader, unavailable(refusal, headers=cors), refusal)
             return
         head = self._head if not cors else encode_stream_head(cors) + self._retry_frame
-        self._lifecycle.open(reader.hand_over(), identity, last_event_id, head)
+        paused = reader.writing_paused
+        self._lifecycle.open(reader.hand_over(), identity, last_event_id, head, paused)
 
     def _refuse(self, reader: RequestReader, response: Response, code: str) -> None:
         self._metrics.rejected[code] += 1

@@ -31,7 +31,7 @@ from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.stream import CLOSED, Stream, closing_retry
 from sse_gateway.wire.frames import encode_json_line_event
 from sse_gateway.wire.ids import HistoryEvent, StreamId, parse_stream_id
-from sse_gateway.wire.naming import Identity, split_channel
+from sse_gateway.wire.naming import Identity, channel_name, split_channel
 
 conn_log = logging.getLogger("sse_gateway.connection")
 
@@ -77,18 +77,20 @@ class StreamLifecycle:
         identity: Identity,
         last_event_id: str | None,
         head: bytes,
+        paused: bool = False,
     ) -> Stream:
         """Makes an authenticated, admitted request's socket a JOINING stream.
 
         `head` is the HTTP response head (written with `connected`); `last_event_id` is the
-        client's, already checked against the id pattern, or None.
+        client's, already checked against the id pattern, or None; `paused`: the transport
+        has asked its protocol to pause writing and not resumed it yet.
         """
         self.open_streams += 1
         self.open_sockets += 1
         self._metrics.opened += 1
         conn_no = next(self._conn_numbers)
-        name = self._hub.intern(identity.channel)
-        stream = Stream(transport, name, conn_no, head, self)
+        name = self._hub.intern(channel_name(identity.brand_id, identity.player_id))
+        stream = Stream(transport, name, conn_no, head, self, paused)
         transport.set_protocol(stream)
         if conn_log.isEnabledFor(logging.INFO):
             conn_log.info(

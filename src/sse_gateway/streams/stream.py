@@ -2,8 +2,9 @@
 
 A stream is the asyncio protocol of its socket once the HTTP request became a stream (the
 request reader hands the transport over with `transport.set_protocol`, as uvicorn does on an
-upgrade). It owns that transport and every field below; its phase is an explicit state and each
-change of phase is one method:
+upgrade). It owns that transport and writes every field below (but `hb_slot`, which the
+heartbeat scheduler keeps here so that removal needs no lookup); its phase is an explicit state
+and each change of phase is one method:
 
     JOINING --begin_replay()--> REPLAYING --go_live()--> LIVE --close()--> CLOSED
        \\____________________go_live()________________/^           ^
@@ -107,9 +108,11 @@ class Stream(asyncio.Protocol):
         conn_no: int,
         head: bytes,
         owner: StreamOwner,
+        paused: bool = False,
     ) -> None:
         """`head` is the HTTP response head; it goes out with the first frames (`connected`,
-        or a closing `retry:`), so a client that sees 200 knows its channel is subscribed."""
+        or a closing `retry:`), so a client that sees 200 knows its channel is subscribed.
+        `paused`: the transport already asked to pause writing (before the hand-over)."""
         self.transport: asyncio.Transport | None = transport
         self.channel = channel
         self.conn_no = conn_no
@@ -122,7 +125,7 @@ class Stream(asyncio.Protocol):
         # After a replay: the newest id this stream was sent. Live copies of replayed events
         # that arrive late (Pub/Sub and history reads are separate sockets) are skipped.
         self.floor: StreamId | None = None
-        self.paused = False
+        self.paused = paused
         self.queue: deque[bytes] | None = None
         # The heartbeat ring's slot of this stream (set by the scheduler; -1: not in the ring).
         self.hb_slot = -1
@@ -146,7 +149,9 @@ class Stream(asyncio.Protocol):
         state = self.state
         if state is not JOINING and state is not REPLAYING:
             raise IllegalTransition(f"go_live in state {state.value}")
-        frames = [connected]
+        # The head goes out with the first frames, in one write.
+        frames = [self.head or b"", connected]
+        self.head = None
         written = 0
         held = self.held
         self.held = None
@@ -158,7 +163,7 @@ class Stream(asyncio.Protocol):
             written = len(events)
         self.state = LIVE
         assert self.transport is not None  # a lost socket closes the stream first
-        self.transport.write(self._take_head() + b"".join(frames))
+        self.transport.write(b"".join(frames))
         return written
 
     def close(self, reason: str, *, abort: bool = False, final: bytes = b"") -> None:
@@ -176,7 +181,8 @@ class Stream(asyncio.Protocol):
         if abort:
             transport.abort()
             return
-        first = self._take_head() + final
+        first = (self.head or b"") + final
+        self.head = None
         if first:
             transport.write(first)
         transport.close()
@@ -188,7 +194,7 @@ class Stream(asyncio.Protocol):
         ignored when JOINING or CLOSED, or when at or below the replay floor (0).
 
         `parsed` is `event_id` as a stream id, or None when it is not one. Per event and per
-        stream: the whole path from the channel to `transport.write`.
+        stream this is the whole path from the channel to `transport.write`: `send` is inlined.
         """
         if self.state is not LIVE:
             held = self.held
@@ -200,35 +206,36 @@ class Stream(asyncio.Protocol):
             if parsed <= floor:
                 return 0
             self.floor = None  # caught up: channel order suffices from here on
-        self.send(frame)
+        if self.paused:
+            self._enqueue(frame)
+        else:
+            transport = self.transport
+            if transport is not None:
+                transport.write(frame)
         return 1
 
     def send(self, frame: bytes) -> None:
         """Writes a frame, or queues it while the socket does not drain. A queue longer than
         the owner's `event_buffer_size` closes the stream (`slow_consumer`)."""
         if self.paused:
-            queue = self.queue
-            if queue is None:
-                self.queue = queue = deque()
-            queue.append(frame)
-            if len(queue) > self.owner.event_buffer_size:
-                self.close("slow_consumer", abort=True)
+            self._enqueue(frame)
             return
         transport = self.transport
         if transport is not None:
             transport.write(frame)
 
+    def _enqueue(self, frame: bytes) -> None:
+        queue = self.queue
+        if queue is None:
+            self.queue = queue = deque()
+        queue.append(frame)
+        if len(queue) > self.owner.event_buffer_size:
+            self.close("slow_consumer", abort=True)
+
     def heartbeat(self, frame: bytes) -> None:
         # A stream whose socket is not draining has no use for another heartbeat.
         if not self.paused and self.transport is not None:
             self.transport.write(frame)
-
-    def _take_head(self) -> bytes:
-        head = self.head
-        if head is None:
-            return b""
-        self.head = None
-        return head
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 

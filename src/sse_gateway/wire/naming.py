@@ -39,8 +39,3 @@ class Identity:
 
     brand_id: str
     player_id: str
-
-    @property
-    def channel(self) -> bytes:
-        """The player's channel, `SSE::{brand_id}::{player_id}`."""
-        return channel_name(self.brand_id, self.player_id)
