@@ -59,6 +59,9 @@ class NullTransport:
     def set_protocol(self, protocol: object) -> None:
         pass
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
 
 def resp_message(channel: bytes, payload: bytes) -> bytes:
     return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (

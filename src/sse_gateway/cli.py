@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--api-key", help="publish API key (default: $SSE_PUBLISH_API_KEY)")
     publish.add_argument("--history-size", help="default 100 (env SSE_HISTORY_SIZE)")
     publish.add_argument("--history-ttl", default=None, help="e.g. 24h (env SSE_HISTORY_TTL)")
+    script = commands.add_parser(
+        "publish-script",
+        help="print the shipped publish.lua, for publishers in other languages",
+        description="Print publish.lua (SCRIPT LOAD it, then EVALSHA), its path or its SHA1.",
+    )
+    shown = script.add_mutually_exclusive_group()
+    shown.add_argument("--path", action="store_true", help="print the file's path instead")
+    shown.add_argument("--sha", action="store_true", help="print its SHA1 (EVALSHA) instead")
     return parser
 
 
@@ -75,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "token":
         return _token(args)
+    if args.command == "publish-script":
+        return _publish_script(args)
     if args.command == "publish":
         from sse_gateway.publish.cli import publish_command
 
@@ -95,6 +105,18 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    return 0
+
+
+def _publish_script(args: argparse.Namespace) -> int:
+    from sse_gateway.publish import PUBLISH_SCRIPT, PUBLISH_SCRIPT_PATH, PUBLISH_SCRIPT_SHA
+
+    if args.path:
+        print(PUBLISH_SCRIPT_PATH)
+    elif args.sha:
+        print(PUBLISH_SCRIPT_SHA)
+    else:
+        sys.stdout.write(PUBLISH_SCRIPT)
     return 0
 
 

@@ -65,6 +65,9 @@ class FakeTransport:
     def get_protocol(self) -> asyncio.BaseProtocol | None:
         return self.protocol
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default  # no real socket behind it
+
     # --- for assertions ----------------------------------------------------------------------
 
     @property

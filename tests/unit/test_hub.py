@@ -39,6 +39,9 @@ class RecordingTransport:
     def abort(self) -> None:
         pass
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
 
 class Owner:
     event_buffer_size = 50

@@ -45,6 +45,12 @@ _PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong"})
 
 
 class RedisBroker:
+    """The broker for EVENTS_REDIS_STORAGE: one Pub/Sub connection, redis-py for commands.
+
+    Each method keeps the contract written on `broker.base.Broker`. Source of truth: Redis
+    (the player's history stream and its Pub/Sub channel, both named `SSE::{brand}::{player}`).
+    """
+
     def __init__(
         self,
         address: RedisAddress,
@@ -280,7 +286,10 @@ class RedisBroker:
                 if commands:
                     self._write(commands)
                 for callback in callbacks:
-                    callback()
+                    try:
+                        callback()
+                    except Exception:  # one waiter's failure must not starve the others
+                        log.exception("redis pubsub: error in a subscription waiter")
             elif kind == b"unsubscribe":
                 commands = self._book.unsubscribe_confirmed(reply[1])
                 if commands:

@@ -98,13 +98,15 @@ class StreamEndpoint:
         if last_event_id is None:
             last_event_id = query.get("last_event_id")
         if last_event_id is not None:
-            last_event_id = last_event_id.strip()
-            if not EVENT_ID_PATTERN.fullmatch(last_event_id):
-                response = error_response(
-                    400, "invalid_last_event_id", "Last-Event-ID must match [A-Za-z0-9_.:-]{1,128}"
-                )
-                self._refuse(reader, response, "invalid_last_event_id")
-                return
+            # Empty means no id (WHATWG: an empty `id:` resets the last event ID), and an
+            # EventSource never recovers from a non-200 answer.
+            last_event_id = last_event_id.strip() or None
+        if last_event_id is not None and not EVENT_ID_PATTERN.fullmatch(last_event_id):
+            response = error_response(
+                400, "invalid_last_event_id", "Last-Event-ID must match [A-Za-z0-9_.:-]{1,128}"
+            )
+            self._refuse(reader, response, "invalid_last_event_id")
+            return
         refusal = self._admission.stream_refusal(
             self._lifecycle.open_streams, self._broker.connected
         )

@@ -36,6 +36,8 @@ from sse_gateway.settings import RedisAddress, parse_redis_address
 DEFAULT_HISTORY_SIZE = 100
 DEFAULT_HISTORY_TTL = 24 * 3600
 
+PUBLISH_SCRIPT_PATH = str(resources.files("sse_gateway").joinpath("lua/publish.lua"))
+"""Where the installed package keeps publish.lua (`sse-gateway publish-script --path`)."""
 PUBLISH_SCRIPT = resources.files("sse_gateway").joinpath("lua/publish.lua").read_text()
 PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 

@@ -101,23 +101,27 @@ class HistoryReader:
         return len(entries) <= self.history_size
 
     def events(self, channel: bytes, entries: list[HistoryEntry]) -> list[HistoryEvent]:
-        """The frames of history entries; an entry that is not a valid event is skipped with
-        a warning and `sse_invalid_messages_total{reason}`, as on the live path."""
+        """The frames of history entries. An entry that cannot become a frame is skipped with
+        a warning and `sse_invalid_messages_total{reason}`, as on the live path (`unencodable`
+        for one that parses but cannot be encoded, e.g. data nested 1,000 deep); the others
+        are all returned. Never raises for an entry's content."""
         events = []
         for entry in entries:
             try:
                 envelope = envelope_from_object(
                     {"type": entry.type, "data": load_json(entry.data.encode()), "id": entry.id}
                 )
+                events.append(HistoryEvent(entry.id, envelope.encode()))
+                continue
             except EnvelopeError as exc:
                 reason = exc.reason
-                self._metrics.invalid_messages[reason] += 1
-                gateway_log.warning(
-                    "invalid history entry skipped: channel=%s id=%s reason=%s",
-                    channel.decode("utf-8", "replace"),
-                    entry.id,
-                    reason,
-                )
-                continue
-            events.append(HistoryEvent(entry.id, envelope.encode()))
+            except Exception:  # RecursionError and the like: whatever a publisher stored
+                reason = "unencodable"
+            self._metrics.invalid_messages[reason] += 1
+            gateway_log.warning(
+                "invalid history entry skipped: channel=%s id=%s reason=%s",
+                channel.decode("utf-8", "replace"),
+                entry.id,
+                reason,
+            )
         return events

@@ -28,7 +28,7 @@ from sse_gateway.settings import Settings
 from sse_gateway.streams.heartbeat import HeartbeatScheduler
 from sse_gateway.streams.history import HistoryReader
 from sse_gateway.streams.hub import ConnectionHub
-from sse_gateway.streams.stream import CLOSED, Stream, closing_retry
+from sse_gateway.streams.stream import CLOSED, Stream, bound_send_buffer, closing_retry
 from sse_gateway.wire.frames import encode_json_line_event
 from sse_gateway.wire.ids import HistoryEvent, StreamId, parse_stream_id
 from sse_gateway.wire.naming import Identity, channel_name, split_channel
@@ -92,6 +92,7 @@ class StreamLifecycle:
         name = self._hub.intern(channel_name(identity.brand_id, identity.player_id))
         stream = Stream(transport, name, conn_no, head, self, paused)
         transport.set_protocol(stream)
+        bound_send_buffer(transport)
         if conn_log.isEnabledFor(logging.INFO):
             conn_log.info(
                 "stream open id=%s brand=%s player=%s",
@@ -106,16 +107,20 @@ class StreamLifecycle:
         """The channel is subscribed: replay what was missed, or go live at once."""
         if stream.state is CLOSED:
             return
-        if last_event_id is None:
-            self._go_live(stream, identity, None, [], None)
-            return
-        last = parse_stream_id(last_event_id)
-        if last is None:
-            self._go_live(stream, identity, False, [], None)  # not a history id: can't recover
-            return
-        stream.begin_replay()
-        future = self._history.read(stream.channel, last_event_id)
-        future.add_done_callback(partial(self._replayed, stream, identity, last))
+        try:
+            if last_event_id is None:
+                self._go_live(stream, identity, None, [], None)
+                return
+            last = parse_stream_id(last_event_id)
+            if last is None:  # not a history id: can't recover
+                self._go_live(stream, identity, False, [], None)
+                return
+            stream.begin_replay()
+            future = self._history.read(stream.channel, last_event_id)
+            future.add_done_callback(partial(self._replayed, stream, identity, last))
+        except Exception:
+            # A bug must not leave the stream open and silent: the client comes back instead.
+            self._failed(stream, "error", "starting")
 
     def _replayed(
         self,
@@ -133,15 +138,29 @@ class StreamLifecycle:
             self._metrics.replays["failed"] += 1
             stream.close("replay_failed", final=closing_retry(self._settings.retry_ms))
             return
-        entries = future.result()
-        history = self._history
-        # Recovered only when the history still holds the client's last id and the read was
-        # not cut short: then nothing between it and the events we send can be missing.
-        recovered = history.replay_covers(last, entries)
-        replayed = history.events(stream.channel, entries[1:]) if recovered else []
-        self._metrics.replays["recovered" if recovered else "not_recovered"] += 1
-        self._metrics.replayed_events += len(replayed)
-        self._go_live(stream, identity, recovered, replayed, last)
+        try:
+            entries = future.result()
+            history = self._history
+            # Recovered only when the history still holds the client's last id and the read
+            # was not cut short: then nothing between it and the events we send can be missing.
+            recovered = history.replay_covers(last, entries)
+            replayed = history.events(stream.channel, entries[1:]) if recovered else []
+            self._metrics.replays["recovered" if recovered else "not_recovered"] += 1
+            self._metrics.replayed_events += len(replayed)
+            # Not recovered: the client's id is no floor (it may come from a Redis that
+            # restarted empty, with higher ids than any the new one gives): live from now on.
+            self._go_live(stream, identity, recovered, replayed, last if recovered else None)
+        except Exception:
+            self._metrics.replays["failed"] += 1
+            self._failed(stream, "replay_failed", "the replay")
+
+    def _failed(self, stream: Stream, reason: str, what: str) -> None:
+        conn_log.exception(
+            "stream %s: %s failed; closing it with a retry",
+            self.connection_id(stream.conn_no),
+            what,
+        )
+        stream.close(reason, final=closing_retry(self._settings.retry_ms))
 
     def _go_live(
         self,

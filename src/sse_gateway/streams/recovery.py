@@ -63,8 +63,11 @@ class OutageRecovery:
     def _refill(self, channel: Channel, generation: int) -> None:
         if not self._current(channel, generation):
             return
-        future = self._history.read(channel.name, channel.gap_start())
-        future.add_done_callback(partial(self._refilled, channel, generation))
+        try:
+            future = self._history.read(channel.name, channel.gap_start())
+            future.add_done_callback(partial(self._refilled, channel, generation))
+        except Exception:
+            self._give_up(channel, "starting the refill")
 
     def _refilled(
         self, channel: Channel, generation: int, future: asyncio.Future[list[HistoryEntry]]
@@ -78,7 +81,12 @@ class OutageRecovery:
                     REFILL_RETRY_SECONDS, self._refill, channel, generation
                 )
             return  # else the next on_broker_state(False) registers the next attempt
-        entries = future.result()
+        try:
+            self._write_refill(channel, future.result())
+        except Exception:
+            self._give_up(channel, "the refill")
+
+    def _write_refill(self, channel: Channel, entries: list[HistoryEntry]) -> None:
         if not self._history.refill_covers(channel.last, entries):
             # History no longer reaches back to the gap: say so rather than skip events
             # silently. Reconnecting clients get `recovered: false` and refetch their state.
@@ -98,3 +106,16 @@ class OutageRecovery:
         for event_id, frame in events:
             delivered += channel.write(frame, event_id, parse_stream_id(event_id))
         self._metrics.delivered += delivered
+
+    def _give_up(self, channel: Channel, what: str) -> None:
+        """A bug must not stall a channel (its held events growing without end): stop
+        holding and close its streams with a `retry:`; they come back and replay history."""
+        log.exception(
+            "%s of %s failed; closing its %d streams with a retry",
+            what,
+            channel.name.decode("utf-8", "replace"),
+            len(channel.streams),
+        )
+        channel.release()
+        for stream in tuple(channel.streams):
+            stream.close("error", final=closing_retry(self._retry_ms))

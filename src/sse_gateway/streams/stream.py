@@ -25,8 +25,11 @@ and a slot in the heartbeat ring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
+import socket
+import struct
 import time
 from collections import deque
 from typing import NamedTuple, Protocol
@@ -37,6 +40,13 @@ from sse_gateway.wire.ids import HistoryEvent, ReplayMerge, StreamId
 # On a close that asks clients to come back, each is told to wait SSE_RETRY_MS plus up to
 # this much, so that a restart or an outage does not bring every client back at once.
 RETRY_SPREAD_MS = 10_000
+# The kernel send buffer asked for each stream's socket (Linux doubles it for its bookkeeping):
+# enough for any burst a live client reads at once, and a bound on what a stalled client's
+# socket holds. Without it the kernel grows the buffer to tcp_wmem's maximum (4 MiB), which a
+# client cut off as a slow consumer would still read, stale, long after the cut.
+SEND_BUFFER_BYTES = 64 * 1024
+# SO_LINGER on, 0 s: close() resets the connection and drops what the kernel still holds.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 class StreamState(enum.Enum):
@@ -76,6 +86,18 @@ class StreamOwner(Protocol):
 
     def socket_closed(self, stream: Stream) -> None:
         """The stream's socket is gone (after `stream_closed`). Once."""
+
+
+def _socket_option(transport: asyncio.BaseTransport, name: int, value: int | bytes) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # e.g. the client is already gone
+            sock.setsockopt(socket.SOL_SOCKET, name, value)
+
+
+def bound_send_buffer(transport: asyncio.BaseTransport) -> None:
+    """Caps the kernel send buffer of a stream's socket at `SEND_BUFFER_BYTES`."""
+    _socket_option(transport, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
 
 def closing_retry(retry_ms: int) -> bytes:
@@ -179,6 +201,9 @@ class Stream(asyncio.Protocol):
         if transport is None:
             return
         if abort:
+            # A reset, not a FIN after whatever the kernel still holds: the client learns of the
+            # cut at once instead of reading stale frames, and the memory is freed now.
+            _socket_option(transport, socket.SO_LINGER, _RESET_ON_CLOSE)
             transport.abort()
             return
         first = (self.head or b"") + final
