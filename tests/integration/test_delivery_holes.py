@@ -6,9 +6,10 @@ import json
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 import redis
-from support.procs import Gateway, RedisServer, cli, wait_for
+from support.procs import Gateway, GatewayFactory, RedisServer, cli, wait_for
 from support.sse import assert_quiet, read_events
 
 from sse_gateway.publish import PUBLISH_SCRIPT, PUBLISH_SCRIPT_SHA, Event, SyncPublisher
@@ -246,3 +247,52 @@ def test_a_last_event_id_newer_than_the_history_still_gets_live_events(
         assert connected["recovered"] is False
         sent = [publisher.publish(brand, player, "n", n) for n in range(1, 4)]
         assert [e.id for e in read_events(client, 3)] == sent
+
+
+# --- 2. a Pub/Sub drop at full speed is refilled, not declared a gap -------------------------
+
+
+def subscribed(r: redis.Redis, channel: str) -> bool:
+    [(_, count)] = r.pubsub_numsub(channel)
+    return int(count) > 0
+
+
+def test_pubsub_killed_twice_while_publishing_at_full_speed_loses_nothing(
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    r: redis.Redis,
+    ids: Callable[..., str],
+) -> None:
+    key = "k" * 32
+    gateway = gateway_factory("--publish-api-key", key, redis=redis_server)
+    brand, player = ids("b"), ids("p")
+    channel = f"SSE::{brand}::{player}"
+    client, _ = gateway.player_stream(brand, player)
+    sent: list[str] = []
+    with (
+        client,
+        httpx.Client(
+            base_url=f"http://127.0.0.1:{gateway.port}",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        ) as http,
+    ):
+        for n in range(300):
+            response = http.post(
+                "/v1/publish",
+                json={"brand_id": brand, "player_id": player, "type": "n", "data": n},
+            )
+            assert response.status_code == 202, response.text
+            sent.append(response.json()["id"])
+            if n in (50, 150):
+                # The second kill waits until the gateway has subscribed the channel again:
+                # two outages run into one, with more events than the history keeps, would be
+                # a gap the history really cannot fill.
+                wait_for(lambda: subscribed(r, channel), what="the channel subscribed again")
+                assert r.client_kill_filter(_type="pubsub") >= 1
+        got = read_events(client, 300, timeout=30)
+        assert [e.id for e in got] == sent
+        assert [e.json() for e in got] == list(range(300))
+    metrics = gateway.metrics()
+    assert metrics.get("sse_connections_closed_total", reason="history_gap") is None
+    assert "does not cover" not in gateway.logs()

@@ -94,7 +94,9 @@ class HistoryReader:
         PUBLISH never was in the history. Only a stream trimmed past `last` (it holds one more
         entry than the history size only once trimming began) proves events are lost.
         """
-        if last is not None and entries and parse_stream_id(entries[0].id) == last:
+        # The read may begin before `last` (it started at an older gap, and a refill that
+        # finished meanwhile delivered up to `last`): from `last` on it must be whole.
+        if last is not None and any(parse_stream_id(entry.id) == last for entry in entries):
             return len(entries) < self.limit
         # `last` is not there (or the channel delivered nothing yet): only a stream that is
         # full may have been trimmed past the gap's start.

@@ -64,6 +64,12 @@ class Channel:
         held, self.held = self.held, None
         return held if held is not None else []
 
+    def take_held(self) -> Held:
+        """What was held so far; the channel goes on holding (a newer outage's refill is
+        pending)."""
+        held, self.held = self.held, []
+        return held if held is not None else []
+
     def advance(self, last: StreamId | None) -> None:
         """The newest history id delivered, after a refill wrote events up to it."""
         self.last = last

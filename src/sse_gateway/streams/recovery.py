@@ -73,20 +73,25 @@ class OutageRecovery:
         self, channel: Channel, generation: int, future: asyncio.Future[list[HistoryEntry]]
     ) -> None:
         failed = future.cancelled() or future.exception() is not None
-        if channel.held is None or not self._current(channel, generation):
-            return  # a newer outage owns this channel's refill now
+        if channel.held is None or self._hub.get(channel.name) is not channel:
+            return  # the channel is gone, or a refill read later already wrote this gap
         if failed:
-            if self._broker.connected:  # only the read failed: try again shortly
+            if self._current(channel, generation) and self._broker.connected:
+                # Only the read failed: try again shortly.
                 asyncio.get_running_loop().call_later(
                     REFILL_RETRY_SECONDS, self._refill, channel, generation
                 )
             return  # else the next on_broker_state(False) registers the next attempt
+        # Written even when a newer outage began meanwhile: this read and the live events
+        # held since its subscription are contiguous, and the history may be trimmed past the
+        # gap's start by the time the newer refill reads it.
         try:
-            self._write_refill(channel, future.result())
+            self._write_refill(channel, future.result(), self._current(channel, generation))
         except Exception:
             self._give_up(channel, "the refill")
 
-    def _write_refill(self, channel: Channel, entries: list[HistoryEntry]) -> None:
+    def _write_refill(self, channel: Channel, entries: list[HistoryEntry], last: bool) -> None:
+        """`last`: no newer outage is pending, so live events flow again after this."""
         if not self._history.refill_covers(channel.last, entries):
             # History no longer reaches back to the gap: say so rather than skip events
             # silently. Reconnecting clients get `recovered: false` and refetch their state.
@@ -100,7 +105,8 @@ class OutageRecovery:
                 stream.close("history_gap", final=closing_retry(self._retry_ms))
             return
         merge = ReplayMerge(channel.last)
-        events = merge.merge(self._history.events(channel.name, entries), channel.release())
+        held = channel.release() if last else channel.take_held()
+        events = merge.merge(self._history.events(channel.name, entries), held)
         channel.advance(merge.last)
         delivered = 0
         for event_id, frame in events:

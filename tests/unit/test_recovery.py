@@ -1,0 +1,116 @@
+"""OutageRecovery with the history reads and the subscription confirmations under the test's
+control: the order of outages, confirmations and read results that a fast channel meets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fakes import FakeOwner, FakeTransport, run_in_loop, turns
+
+from sse_gateway.broker.base import HistoryEntry
+from sse_gateway.metrics import Metrics
+from sse_gateway.streams.history import HistoryReader
+from sse_gateway.streams.hub import ConnectionHub
+from sse_gateway.streams.recovery import OutageRecovery
+from sse_gateway.streams.stream import Stream
+from sse_gateway.wire.ids import parse_stream_id
+
+CHANNEL = b"SSE::b1::p1"
+HISTORY_SIZE = 5
+
+
+class ControlledBroker:
+    """Subscriptions confirm when the test says; nothing is read through it."""
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.waiters: list[Callable[[], None]] = []
+
+    def redis_time_ms(self) -> int:
+        return 0
+
+    def subscribe(self, channel: bytes) -> None:
+        pass
+
+    def unsubscribe(self, channel: bytes) -> None:
+        pass
+
+    def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
+        self.waiters.append(callback)
+
+    def confirm(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter()
+
+
+class ControlledReader(HistoryReader):
+    """Reads return futures that the test completes."""
+
+    def __init__(self) -> None:
+        super().__init__(None, HISTORY_SIZE, Metrics())  # type: ignore[arg-type]
+        self.reads: list[tuple[str, asyncio.Future[list[HistoryEntry]]]] = []
+
+    def read(self, channel: bytes, start_id: str) -> asyncio.Future[list[HistoryEntry]]:
+        future: asyncio.Future[list[HistoryEntry]] = asyncio.get_running_loop().create_future()
+        self.reads.append((start_id, future))
+        return future
+
+
+def entry(n: int) -> HistoryEntry:
+    return HistoryEntry(f"{n}-0", "n", str(n))
+
+
+def live(hub: ConnectionHub, n: int) -> None:
+    hub.deliver(CHANNEL, f"id: {n}-0\nevent: n\ndata: {n}\n\n".encode(), f"{n}-0")
+
+
+def received(transport: FakeTransport) -> list[int]:
+    ids = [line[4:] for line in transport.output.decode().splitlines() if line.startswith("id: ")]
+    return [parsed[0] for parsed in map(parse_stream_id, ids) if parsed is not None]
+
+
+@run_in_loop
+async def test_a_refill_overtaken_by_a_second_outage_is_still_written() -> None:
+    broker = ControlledBroker()
+    hub = ConnectionHub(broker)  # type: ignore[arg-type]
+    reader = ControlledReader()
+    recovery = OutageRecovery(
+        broker=broker,  # type: ignore[arg-type]
+        hub=hub,
+        history=reader,
+        metrics=Metrics(),
+        retry_ms=3000,
+    )
+    transport = FakeTransport()
+    owner = FakeOwner()
+    stream = Stream(transport, CHANNEL, 1, b"", owner)  # type: ignore[arg-type]
+    hub.join(stream, lambda: None)
+    broker.confirm()
+    stream.go_live(b"", [], None)
+    for n in range(1, 11):
+        live(hub, n)
+    # Outage 1: the channel holds; it is subscribed again and its refill reads from 10-0.
+    recovery.on_broker_state(False)
+    broker.confirm()
+    [(start, first_read)] = reader.reads
+    assert start == "10-0"
+    for n in (13, 14):
+        live(hub, n)  # live again, held while the refill runs
+    # Outage 2 begins before the first read returns.
+    recovery.on_broker_state(False)
+    first_read.set_result([entry(n) for n in range(10, 15)])
+    await turns(2)
+    # The first read and the events held since its subscription are contiguous: written.
+    assert received(transport) == list(range(1, 15))
+    # Outage 2 ends; by now the history is trimmed far past 10-0 (it keeps 5 + 1 entries).
+    broker.confirm()
+    start, second_read = reader.reads[-1]
+    assert start == "14-0"  # from where the first refill got to, not from the older gap
+    second_read.set_result([entry(n) for n in range(14, 20)])
+    await turns(2)
+    assert received(transport) == list(range(1, 20))
+    assert owner.closed == []  # no history_gap: the history never lost an event
+    live(hub, 20)
+    assert received(transport)[-1] == 20
