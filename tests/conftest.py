@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.procs import DEFAULT_SECRET, Gateway, GatewayFactory, RedisServer
 
+from sse_gateway.publish import SyncPublisher
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -44,6 +46,16 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def publisher(redis_server: RedisServer) -> Iterator[SyncPublisher]:
+    """The sync publishing library on the session's redis-server (default history)."""
+    pub = SyncPublisher.from_url(redis_server.url)
+    try:
+        yield pub
+    finally:
+        pub.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -15,15 +15,6 @@ from support.sse import assert_quiet, read_events
 from sse_gateway.publish import PUBLISH_SCRIPT, PUBLISH_SCRIPT_SHA, Event, SyncPublisher
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def publisher(redis_server: RedisServer) -> Iterator[SyncPublisher]:
-    pub = SyncPublisher.from_url(redis_server.url)
-    try:
-        yield pub
-    finally:
-        pub.close()
 
 
 # --- 6. an empty Last-Event-ID means "no id" ------------------------------------------------

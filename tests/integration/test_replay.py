@@ -31,15 +31,6 @@ def stream_id(value: str | None) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-@pytest.fixture
-def publisher(redis_server: RedisServer) -> Iterator[SyncPublisher]:
-    pub = SyncPublisher.from_url(redis_server.url)
-    try:
-        yield pub
-    finally:
-        pub.close()
-
-
 class ContinuousPublisher(threading.Thread):
     """Publishes events for one player back to back until stopped; records the ids returned."""
 
