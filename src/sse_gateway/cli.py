@@ -1,4 +1,4 @@
-"""`sse-gateway serve` and `sse-gateway token`."""
+"""`sse-gateway serve`, `token`, `publish` and `publish-script`."""
 
 from __future__ import annotations
 
