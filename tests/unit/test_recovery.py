@@ -48,8 +48,8 @@ class ControlledBroker:
 class ControlledReader(HistoryReader):
     """Reads return futures that the test completes."""
 
-    def __init__(self) -> None:
-        super().__init__(None, HISTORY_SIZE, Metrics())  # type: ignore[arg-type]
+    def __init__(self, history_size: int = HISTORY_SIZE) -> None:
+        super().__init__(None, history_size, Metrics())  # type: ignore[arg-type]
         self.reads: list[tuple[str, asyncio.Future[list[HistoryEntry]]]] = []
 
     def read(self, channel: bytes, start_id: str) -> asyncio.Future[list[HistoryEntry]]:
@@ -114,3 +114,105 @@ async def test_a_refill_overtaken_by_a_second_outage_is_still_written() -> None:
     assert owner.closed == []  # no history_gap: the history never lost an event
     live(hub, 20)
     assert received(transport)[-1] == 20
+
+
+class Setup:
+    """A channel with one live stream that has received events 1..10."""
+
+    def __init__(self, history_size: int = 50) -> None:
+        self.broker = ControlledBroker()
+        self.hub = ConnectionHub(self.broker)  # type: ignore[arg-type]
+        self.reader = ControlledReader(history_size)
+        self.recovery = OutageRecovery(
+            broker=self.broker,  # type: ignore[arg-type]
+            hub=self.hub,
+            history=self.reader,
+            metrics=Metrics(),
+            retry_ms=3000,
+        )
+        self.transport = FakeTransport()
+        self.owner = FakeOwner()
+        stream = Stream(self.transport, CHANNEL, 1, b"", self.owner)  # type: ignore[arg-type]
+        self.hub.join(stream, lambda: None)
+        self.broker.confirm()
+        stream.go_live(b"", [], None)
+        for n in range(1, 11):
+            live(self.hub, n)
+
+    def outage(self) -> None:
+        self.recovery.on_broker_state(False)
+
+    def resubscribed(self) -> asyncio.Future[list[HistoryEntry]]:
+        """The channel is subscribed again: its refill's read goes out."""
+        self.broker.confirm()
+        return self.reader.reads[-1][1]
+
+    def received(self) -> list[int]:
+        return received(self.transport)
+
+
+def history(first: int, last: int) -> list[HistoryEntry]:
+    return [entry(n) for n in range(first, last + 1)]
+
+
+@run_in_loop
+async def test_an_overtaken_refill_writes_only_what_preceded_the_newer_outage() -> None:
+    # Events held after the newer resubscription come after a hole (what was published during
+    # the newer outage): the overtaken refill must not write them, or the hole is skipped.
+    s = Setup()
+    s.outage()  # 11, 12 published meanwhile
+    read1 = s.resubscribed()
+    live(s.hub, 13)
+    live(s.hub, 14)
+    s.outage()  # 15, 16 published meanwhile
+    read2 = s.resubscribed()
+    live(s.hub, 17)
+    read1.set_result(history(10, 14))
+    await turns(2)
+    assert s.received() == list(range(1, 15))
+    read2.set_result(history(10, 17))
+    await turns(2)
+    assert s.received() == list(range(1, 18))
+    assert s.owner.closed == []
+
+
+@run_in_loop
+async def test_a_stale_read_after_a_newer_refill_wrote_is_ignored() -> None:
+    s = Setup()
+    s.outage()  # 11, 12 published meanwhile
+    read1 = s.resubscribed()
+    live(s.hub, 13)
+    s.outage()  # 14 published meanwhile
+    read2 = s.resubscribed()
+    live(s.hub, 15)
+    read2.set_result(history(10, 15))  # the newer read returns first
+    await turns(2)
+    assert s.received() == list(range(1, 16))
+    live(s.hub, 16)
+    s.outage()  # 17, 18 published meanwhile
+    read3 = s.resubscribed()
+    live(s.hub, 19)
+    read1.set_result(history(10, 13))  # the first read, stale, returns at last
+    await turns(2)
+    assert s.received() == list(range(1, 17))  # nothing written out of turn
+    read3.set_result(history(16, 19))
+    await turns(2)
+    assert s.received() == list(range(1, 20))
+    assert s.owner.closed == []
+
+
+@run_in_loop
+async def test_a_stale_read_of_a_full_history_is_no_false_gap() -> None:
+    s = Setup(history_size=2)
+    s.outage()
+    read1 = s.resubscribed()
+    s.outage()
+    read2 = s.resubscribed()
+    read2.set_result(history(10, 12))  # full (size + 1 entries), and it holds 10: covered
+    await turns(2)
+    live(s.hub, 13)
+    s.outage()
+    read1.set_result(history(10, 12))
+    await turns(2)
+    assert s.owner.closed == []
+    assert s.received() == list(range(1, 14))

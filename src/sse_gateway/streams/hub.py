@@ -33,7 +33,7 @@ class Subscriber(Protocol):
 class Channel:
     """One player's channel on this process: its streams and what it last delivered."""
 
-    __slots__ = ("generation", "held", "last", "name", "since_ms", "streams")
+    __slots__ = ("generation", "held", "last", "name", "segments", "since_ms", "streams")
 
     def __init__(self, name: bytes, since_ms: int) -> None:
         self.name = name
@@ -44,31 +44,58 @@ class Channel:
         self.since_ms = since_ms
         # While not None, live events wait here: a refill from history is under way.
         self.held: Held | None = None
-        # Bumped at every broker outage, so a refill that an outage overtook is ignored.
+        # Bumped at every broker outage: each outage's refill knows which events are its own.
         self.generation = 0
+        # When an outage begins while an earlier one's refill is still due, the events held
+        # since that earlier outage's resubscription are set aside here, by generation: they
+        # follow that refill's read without a hole; what is held later may not.
+        self.segments: dict[int, Held] | None = None
 
     def gap_start(self) -> str:
         """The first history id a refill must read: the last delivered one, or the start."""
         return format_stream_id(self.last) if self.last is not None else f"{self.since_ms}-0"
 
     def hold(self) -> int:
-        """A broker outage began: hold live events (keeping those held by an earlier outage
-        whose refill has not run) and return the generation that owns the next refill."""
+        """A broker outage began: hold live events; returns the generation of its refill."""
+        if self.held is not None:
+            if self.segments is None:
+                self.segments = {}
+            self.segments[self.generation] = self.held
+        self.held = []
         self.generation += 1
-        if self.held is None:
-            self.held = []
         return self.generation
 
-    def release(self) -> Held:
-        """The refill is done (or given up): stop holding; returns what was held."""
-        held, self.held = self.held, None
-        return held if held is not None else []
+    def pending(self, generation: int) -> bool:
+        """Whether the refill of `generation` still has events to write (a newer refill that
+        wrote took every older generation's events with it)."""
+        if self.held is None:
+            return False
+        return generation == self.generation or (
+            self.segments is not None and generation in self.segments
+        )
 
-    def take_held(self) -> Held:
-        """What was held so far; the channel goes on holding (a newer outage's refill is
-        pending)."""
-        held, self.held = self.held, []
-        return held if held is not None else []
+    def take(self, generation: int) -> Held:
+        """The events held for `generation` and every older one, oldest first. For the
+        current generation the channel stops holding; for an older one it goes on holding
+        (a newer outage's refill is still due)."""
+        taken: Held = []
+        segments = self.segments
+        if segments:
+            for older in sorted(g for g in segments if g <= generation):
+                taken.extend(segments.pop(older))
+            if not segments:
+                self.segments = None
+        if generation == self.generation and self.held is not None:
+            taken.extend(self.held)
+            self.held = None
+        return taken
+
+    def release(self) -> Held:
+        """Every refill is done or given up: stop holding; returns all that was held."""
+        taken = self.take(self.generation)
+        self.held = None
+        self.segments = None
+        return taken
 
     def advance(self, last: StreamId | None) -> None:
         """The newest history id delivered, after a refill wrote events up to it."""

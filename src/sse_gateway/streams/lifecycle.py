@@ -145,11 +145,11 @@ class StreamLifecycle:
             # was not cut short: then nothing between it and the events we send can be missing.
             recovered = history.replay_covers(last, entries)
             replayed = history.events(stream.channel, entries[1:]) if recovered else []
-            self._metrics.replays["recovered" if recovered else "not_recovered"] += 1
-            self._metrics.replayed_events += len(replayed)
             # Not recovered: the client's id is no floor (it may come from a Redis that
             # restarted empty, with higher ids than any the new one gives): live from now on.
             self._go_live(stream, identity, recovered, replayed, last if recovered else None)
+            self._metrics.replays["recovered" if recovered else "not_recovered"] += 1
+            self._metrics.replayed_events += len(replayed)
         except Exception:
             self._metrics.replays["failed"] += 1
             self._failed(stream, "replay_failed", "the replay")

@@ -2,9 +2,11 @@
 
 Whatever is published until a channel is subscribed again is read back from its history; live
 events of the channel are held (`Channel.hold`) until that refill has been written, then merged
-with it, so each stream sees every event once and in order. A refill that another outage
-overtook is ignored (the channel's generation moved on). When history provably lost events of
-the gap, the channel's streams are closed with `history_gap` instead of skipping them silently.
+with it, so each stream sees every event once and in order. When outages follow each other
+faster than refills complete, each refill writes its read with the events held between its own
+resubscription and the next outage (no hole between them), and the newest refill writes the
+rest; a refill that a newer one already covered is ignored. When history provably lost events
+of the gap, the channel's streams are closed with `history_gap` instead of skipping them.
 """
 
 from __future__ import annotations
@@ -73,25 +75,24 @@ class OutageRecovery:
         self, channel: Channel, generation: int, future: asyncio.Future[list[HistoryEntry]]
     ) -> None:
         failed = future.cancelled() or future.exception() is not None
-        if channel.held is None or self._hub.get(channel.name) is not channel:
-            return  # the channel is gone, or a refill read later already wrote this gap
+        if self._hub.get(channel.name) is not channel or not channel.pending(generation):
+            return  # the channel is gone, or a newer refill already wrote what this one read
         if failed:
             if self._current(channel, generation) and self._broker.connected:
                 # Only the read failed: try again shortly.
                 asyncio.get_running_loop().call_later(
                     REFILL_RETRY_SECONDS, self._refill, channel, generation
                 )
-            return  # else the next on_broker_state(False) registers the next attempt
-        # Written even when a newer outage began meanwhile: this read and the live events
-        # held since its subscription are contiguous, and the history may be trimmed past the
-        # gap's start by the time the newer refill reads it.
+            return  # else the newer outage's refill covers this gap too
+        # Written even when a newer outage began meanwhile: this read and the events held
+        # between its resubscription and that outage have no hole between them, and by the
+        # time the newer refill reads, the history may be trimmed past this gap's start.
         try:
-            self._write_refill(channel, future.result(), self._current(channel, generation))
+            self._write_refill(channel, generation, future.result())
         except Exception:
             self._give_up(channel, "the refill")
 
-    def _write_refill(self, channel: Channel, entries: list[HistoryEntry], last: bool) -> None:
-        """`last`: no newer outage is pending, so live events flow again after this."""
+    def _write_refill(self, channel: Channel, generation: int, entries: list[HistoryEntry]) -> None:
         if not self._history.refill_covers(channel.last, entries):
             # History no longer reaches back to the gap: say so rather than skip events
             # silently. Reconnecting clients get `recovered: false` and refetch their state.
@@ -105,8 +106,7 @@ class OutageRecovery:
                 stream.close("history_gap", final=closing_retry(self._retry_ms))
             return
         merge = ReplayMerge(channel.last)
-        held = channel.release() if last else channel.take_held()
-        events = merge.merge(self._history.events(channel.name, entries), held)
+        events = merge.merge(self._history.events(channel.name, entries), channel.take(generation))
         channel.advance(merge.last)
         delivered = 0
         for event_id, frame in events:
