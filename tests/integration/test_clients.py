@@ -406,3 +406,30 @@ def test_chromium_cross_origin_refused_for_unlisted_origin(
         ),
         what="the refusal to be counted",
     )
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+def test_chromium_demo_page_shows_a_published_event(
+    browser: Any, gateway_factory: GatewayFactory
+) -> None:
+    gw = gateway_factory("--dev", "--keepalive-period", "1s", jwt_secret=None)
+    page = browser.new_page()
+    try:
+        page.goto(f"{gw.url}/demo")
+        page.click("#connect")
+        page.wait_for_function(
+            "document.getElementById('log').textContent.includes('connected ')", timeout=30_000
+        )
+        page.fill(
+            "#event",
+            '{"brand_id": "demo", "player_id": "player-1", "type": "bonus", "data": {"n": 7}}',
+        )
+        page.click("#publish")
+        page.wait_for_function(
+            "document.getElementById('log').textContent.includes('event bonus')", timeout=30_000
+        )
+        log = page.evaluate("document.getElementById('log').textContent")
+    finally:
+        page.close()
+    assert '"n":7' in log.replace(" ", "")
