@@ -345,9 +345,9 @@ def test_queue_beyond_the_buffer_size_aborts_as_slow_consumer() -> None:
     stream, transport, owner = live(FakeOwner(event_buffer_size=3))
     stream.pause_writing()
     for i in range(3):
-        stream.send(frame(f"1-{i}"))
+        deliver(stream, f"1-{i}")
     assert owner.closed == []
-    stream.send(frame("1-3"))
+    deliver(stream, "1-3")
     assert owner.closed == [(stream, "slow_consumer")]
     assert stream.state is S.CLOSED
     assert transport.aborted
@@ -391,7 +391,6 @@ def test_connection_lost_closes_then_reports_the_socket(
     assert not transport.closed and not transport.aborted
     # Nothing is written afterwards either.
     deliver(stream, "9-9")
-    stream.send(frame("9-9"))
     stream.heartbeat(HEARTBEAT)
     stream.close("again", final=b"retry: 1\n\n")
     stream.resume_writing()

@@ -219,7 +219,7 @@ class Stream(asyncio.Protocol):
         ignored when JOINING or CLOSED, or when at or below the replay floor (0).
 
         `parsed` is `event_id` as a stream id, or None when it is not one. Per event and per
-        stream this is the whole path from the channel to `transport.write`: `send` is inlined.
+        stream this is the whole path from the channel to `transport.write`.
         """
         if self.state is not LIVE:
             held = self.held
@@ -239,17 +239,9 @@ class Stream(asyncio.Protocol):
                 transport.write(frame)
         return 1
 
-    def send(self, frame: bytes) -> None:
-        """Writes a frame, or queues it while the socket does not drain. A queue longer than
-        the owner's `event_buffer_size` closes the stream (`slow_consumer`)."""
-        if self.paused:
-            self._enqueue(frame)
-            return
-        transport = self.transport
-        if transport is not None:
-            transport.write(frame)
-
     def _enqueue(self, frame: bytes) -> None:
+        """Queues a frame while the socket does not drain; one more than the owner's
+        `event_buffer_size` cuts the stream off (`slow_consumer`)."""
         queue = self.queue
         if queue is None:
             self.queue = queue = deque()
