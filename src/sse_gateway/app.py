@@ -29,7 +29,6 @@ from sse_gateway.streams.history import HistoryReader
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.lifecycle import StreamLifecycle
 from sse_gateway.streams.recovery import OutageRecovery
-from sse_gateway.wire.frames import encode_retry
 
 
 def broker_from_settings(settings: Settings) -> Broker:
@@ -62,7 +61,7 @@ class Gateway:
         self.admission = Admission(effective_connection_limit(limit, fd_limit), metrics)
         self.hub = ConnectionHub(broker)
         self.heartbeats = HeartbeatScheduler(settings.keepalive_period)
-        history = HistoryReader(broker, settings.history_size, metrics)
+        history = HistoryReader(broker, settings.history_size, metrics, settings.history_ttl)
         self.lifecycle = StreamLifecycle(
             settings,
             hub=self.hub,
@@ -92,7 +91,7 @@ class Gateway:
             broker=broker,
             lifecycle=self.lifecycle,
             metrics=metrics,
-            retry_frame=encode_retry(settings.retry_ms),
+            retry_ms=settings.retry_ms,
         )
         publish = None
         if settings.publish_api_key is not None:

@@ -19,6 +19,7 @@ class Metrics:
         "messages_received",
         "opened",
         "published",
+        "refills",
         "rejected",
         "replayed_events",
         "replays",
@@ -31,6 +32,7 @@ class Metrics:
         self.published = 0
         self.replayed_events = 0
         self.replays: Counter[str] = Counter()
+        self.refills: Counter[str] = Counter()
         self.broker_reconnects = 0
         self.closed: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -77,6 +79,12 @@ class Metrics:
         counter("sse_events_delivered_total", "Event frames written to streams.", self.delivered)
         labelled("sse_replays_total", "Last-Event-ID replays, by outcome.", "outcome", self.replays)
         counter("sse_events_replayed_total", "Events sent from history.", self.replayed_events)
+        labelled(
+            "sse_refills_total",
+            "Channel refills from history after a broker outage, by outcome.",
+            "outcome",
+            self.refills,
+        )
         counter("sse_events_published_total", "Events published through the API.", self.published)
         counter(
             "sse_broker_reconnects_total",

@@ -21,6 +21,7 @@ log = logging.getLogger("sse_gateway")
 
 LISTEN_BACKLOG = 4096
 WORKER_MIN_LIFETIME = 5.0
+BROKER_WAIT_SECONDS = 3.0
 
 
 def raise_fd_limit() -> int:
@@ -77,6 +78,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         connection_limit=per_worker_limit(settings),
     )
     await gateway.start()
+    # Listen once the broker is connected (waiting at most BROKER_WAIT_SECONDS): the clients
+    # of a restarted instance come back the moment it listens, and are better served than
+    # refused. A broker still down by then gets refusals EventSource survives (docs/api.md).
+    deadline = loop.time() + BROKER_WAIT_SECONDS
+    while not gateway.broker.connected and loop.time() < deadline:
+        await asyncio.sleep(0.01)
     try:
         server = await loop.create_server(
             gateway.protocol_factory,
@@ -111,11 +118,13 @@ async def drain(gateway: Gateway, server: asyncio.Server, drain_seconds: float) 
     started = time.monotonic()
     lifecycle = gateway.lifecycle
     log.info("draining: %d streams, at most %.3gs", lifecycle.open_streams, drain_seconds)
-    # 1. Not ready, no keep-alive, no new stream: a request already read gets 503 `draining`.
+    # 1. Not ready, no keep-alive, no new stream: a stream request already read is refused
+    #    `draining` (with a `close` event and `retry:` an EventSource survives, or 503).
     gateway.begin_drain()
     # 2. No new sockets.
     server.close()
-    # 3. Every stream ends with its own jittered `retry:`, so clients come back spread out.
+    # 3. Every stream ends with `event: close` and its own jittered `retry:`, so clients come
+    #    back spread out.
     gateway.close_all_streams("shutdown")
     deadline = started + max(0.0, drain_seconds - 0.5)
     # 4. Wait for the streams' sockets: their last `retry:` must be flushed. Idle keep-alive

@@ -19,6 +19,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -39,6 +40,11 @@ BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
 HISTORY_PIPELINE = 1000
+# One more than the pool's connections: after a Redis restart every pooled one may be dead
+# (a failed command disconnects its connection, which reconnects when next used).
+READ_ATTEMPTS = COMMAND_CONNECTIONS + 1
+
+_Item = TypeVar("_Item")
 
 # `message` replies never get here: PubSubProtocol hands them to `_on_message` directly.
 _PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong"})
@@ -321,23 +327,53 @@ class RedisBroker:
     async def read_history(
         self, requests: list[tuple[bytes, str]], limit: int
     ) -> list[list[HistoryEntry]]:
+        def add(pipe: Any, request: tuple[bytes, str]) -> None:
+            pipe.xrange(request[0], min=request[1], max="+", count=limit)
+
         results: list[list[HistoryEntry]] = []
-        try:
-            for start in range(0, len(requests), HISTORY_PIPELINE):
-                async with self._commands.pipeline(transaction=False) as pipe:
-                    for channel, first_id in requests[start : start + HISTORY_PIPELINE]:
-                        pipe.xrange(channel, min=first_id, max="+", count=limit)
-                    # One refused XRANGE (say a key that is not a stream) must not fail the
-                    # other replays of its batch.
-                    replies = await pipe.execute(raise_on_error=False)
-                for reply in replies:
-                    if isinstance(reply, Exception):
-                        log.warning("history read refused by redis: %s", reply)
-                        reply = []
-                    results.append(_entries(reply))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+        for reply in await self._read(add, requests):
+            if isinstance(reply, Exception):
+                log.warning("history read refused by redis: %s", reply)
+                reply = []
+            results.append(_entries(reply))
         return results
+
+    async def read_heads(self, channels: list[bytes]) -> list[str | None]:
+        def add(pipe: Any, channel: bytes) -> None:
+            pipe.xrevrange(channel, max="+", min="-", count=1)
+
+        heads: list[str | None] = []
+        for reply in await self._read(add, channels):
+            if isinstance(reply, Exception):
+                log.warning("history head read refused by redis: %s", reply)
+                reply = []
+            heads.append(reply[0][0].decode("ascii") if reply else None)
+        return heads
+
+    async def _read(self, add: Callable[[Any, _Item], None], items: Sequence[_Item]) -> list[Any]:
+        """Read-only commands, `add`ed per item to pipelines of HISTORY_PIPELINE, each sent
+        up to READ_ATTEMPTS times: a pooled connection that Redis dropped (a restart) fails
+        once, and reads are safe to repeat (publishes never are). One refused command (say a
+        key that is not a stream) is an exception among the replies, not a failed batch.
+        BrokerUnavailable when Redis cannot be reached."""
+        replies: list[Any] = []
+        for start in range(0, len(items), HISTORY_PIPELINE):
+            batch = items[start : start + HISTORY_PIPELINE]
+            for attempt in range(1, READ_ATTEMPTS + 1):
+                try:
+                    async with self._commands.pipeline(transaction=False) as pipe:
+                        for item in batch:
+                            add(pipe, item)
+                        replies.extend(await pipe.execute(raise_on_error=False))
+                    break
+                except (
+                    redis.exceptions.ConnectionError,
+                    redis.exceptions.TimeoutError,
+                    OSError,
+                ) as exc:
+                    if attempt == READ_ATTEMPTS:
+                        raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+        return replies
 
 
 def _not_started(*_: object) -> None:

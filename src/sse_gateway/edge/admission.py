@@ -17,7 +17,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from sse_gateway.metrics import Metrics
-from sse_gateway.wire.http import Response, error_response
+from sse_gateway.streams.stream import spread_retry
+from sse_gateway.wire.frames import encode_close
+from sse_gateway.wire.http import Request, Response, error_response
 
 RETRY_AFTER_SECONDS = 5
 REQUESTS_PER_TICK = 100
@@ -48,6 +50,36 @@ def unavailable(
     """
     text = message if message is not None else _UNAVAILABLE_MESSAGES[code]
     return error_response(503, code, text, [("Retry-After", str(RETRY_AFTER_SECONDS)), *headers])
+
+
+def accepts_event_stream(request: Request) -> bool:
+    """Whether the client asked for `text/event-stream` (every EventSource and SSE library
+    does; curl and health probes do not)."""
+    accept = request.headers.get(b"accept")
+    return accept is not None and b"text/event-stream" in accept.lower()
+
+
+def unavailable_stream(
+    code: str, retry_ms: int, headers: Iterable[tuple[str, str]] = ()
+) -> Response:
+    """A transient stream refusal that an EventSource survives: `200 text/event-stream` whose
+    body is one `event: close` with the reason and a `retry:` (SSE_RETRY_MS plus spread).
+
+    WHATWG HTML fails an EventSource for good on any answer that is not `200
+    text/event-stream` (and ignores `Retry-After`); this one ends normally, so it reconnects
+    by itself after `retry`. `Retry-After` is kept for other clients.
+    """
+    frame = encode_close(code, _UNAVAILABLE_MESSAGES[code], spread_retry(retry_ms))
+    return Response(
+        200,
+        frame,
+        content_type="text/event-stream; charset=utf-8",
+        headers=[
+            ("Cache-Control", "no-cache"),
+            ("Retry-After", str(RETRY_AFTER_SECONDS)),
+            *headers,
+        ],
+    )
 
 
 class Admission:

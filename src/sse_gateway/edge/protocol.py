@@ -204,6 +204,7 @@ class RequestReader(asyncio.Protocol):
             headers=dict(self.headers),
             keep_alive=parser.should_keep_alive(),
             body=b"".join(self.body) if self.body else b"",
+            http_version=parser.get_http_version(),
         )
         self.headers = []
         self.body = None

@@ -11,7 +11,12 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from sse_gateway.broker.base import Broker
-from sse_gateway.edge.admission import Admission, unavailable
+from sse_gateway.edge.admission import (
+    Admission,
+    accepts_event_stream,
+    unavailable,
+    unavailable_stream,
+)
 from sse_gateway.edge.auth import AuthError, TokenVerifier
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
@@ -41,17 +46,17 @@ class StreamEndpoint:
         broker: Broker,
         lifecycle: StreamLifecycle,
         metrics: Metrics,
-        retry_frame: bytes,
+        retry_ms: int,
     ) -> None:
-        """`retry_frame` is the `retry:` every stream begins with (SSE_RETRY_MS)."""
+        """`retry_ms` is SSE_RETRY_MS: what `retry:` tells clients that are refused."""
         self._verifier = verifier
         self._cors = cors
         self._admission = admission
         self._broker = broker
         self._lifecycle = lifecycle
         self._metrics = metrics
-        self._retry_frame = retry_frame
-        self._head = encode_stream_head([]) + retry_frame
+        self._retry_ms = retry_ms
+        self._head = encode_stream_head([])
 
     def authenticate(self, request: Request) -> Authenticated:
         """Who a stream request is for; raises AuthError (400, 401, 403)."""
@@ -111,11 +116,19 @@ class StreamEndpoint:
             self._lifecycle.open_streams, self._broker.connected
         )
         if refusal is not None:
-            self._refuse(reader, unavailable(refusal, headers=cors), refusal)
+            # Transient: an EventSource must come back by itself, so it gets a 200 it survives.
+            if accepts_event_stream(request):
+                response = unavailable_stream(refusal, self._retry_ms, cors)
+            else:
+                response = unavailable(refusal, headers=cors)
+            self._refuse(reader, response, refusal)
             return
-        head = self._head if not cors else encode_stream_head(cors) + self._retry_frame
+        chunked = request.http_version != "1.0"
+        head = encode_stream_head(cors, chunked=chunked) if cors or not chunked else self._head
         paused = reader.writing_paused
-        self._lifecycle.open(reader.hand_over(), identity, last_event_id, head, paused)
+        self._lifecycle.open(
+            reader.hand_over(), identity, last_event_id, head, paused, chunked=chunked
+        )
 
     def _refuse(self, reader: RequestReader, response: Response, code: str) -> None:
         self._metrics.rejected[code] += 1

@@ -1,4 +1,5 @@
-"""Fanout: each message the broker read becomes one frame, written to the player's streams."""
+"""Fanout: each message the broker read becomes one frame (as an HTTP/1.1 chunk), written to
+the player's streams."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.wire.envelope import EnvelopeError, event_frame
+from sse_gateway.wire.frames import chunk
 
 log = logging.getLogger("sse_gateway")
 
@@ -45,4 +47,5 @@ class Fanout:
                 channel.decode("utf-8", "replace"),
             )
             return
-        metrics.delivered += self._hub.deliver(channel, frame, event_id)
+        # One chunk per message, whatever the number of streams (see `streams.stream`).
+        metrics.delivered += self._hub.deliver(channel, chunk(frame), event_id)

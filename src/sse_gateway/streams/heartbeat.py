@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from sse_gateway.wire.frames import encode_event
+from sse_gateway.wire.frames import chunk, encode_event
 
 MAX_TICK_SECONDS = 0.1
 
@@ -25,7 +25,8 @@ class Beating(Protocol):
 
 
 def heartbeat_frame(now_ms: int) -> bytes:
-    return encode_event("heartbeat", f'{{"ts":{now_ms}}}')
+    """The heartbeat event, as the chunk every stream takes (see `streams.stream`)."""
+    return chunk(encode_event("heartbeat", f'{{"ts":{now_ms}}}'))
 
 
 class HeartbeatScheduler:

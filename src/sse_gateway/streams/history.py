@@ -17,7 +17,14 @@ import logging
 from sse_gateway.broker.base import Broker, HistoryEntry
 from sse_gateway.metrics import Metrics
 from sse_gateway.wire.envelope import EnvelopeError, envelope_from_object, load_json
-from sse_gateway.wire.ids import HistoryEvent, StreamId, parse_stream_id
+from sse_gateway.wire.frames import chunk
+from sse_gateway.wire.ids import (
+    HistoryEvent,
+    StreamId,
+    is_position,
+    parse_stream_id,
+    position_id,
+)
 
 log = logging.getLogger("sse_gateway.replay")
 gateway_log = logging.getLogger("sse_gateway")
@@ -25,19 +32,32 @@ gateway_log = logging.getLogger("sse_gateway")
 BATCH = 1000
 
 _Pending = tuple[bytes, str, "asyncio.Future[list[HistoryEntry]]"]
+_PendingHead = tuple[bytes, "asyncio.Future[str]"]
+
+# The start of every history: a read from it returns every entry.
+START = "0-0"
+# How far back of (the estimate of) Redis' clock the resume id of an empty history lies: any
+# entry added after the history was read empty has a later id, even with the estimate off.
+POSITION_MARGIN_MS = 1000
 
 
 class HistoryReader:
     """Batched history reads, plus what a read proves about the events in between."""
 
-    def __init__(self, broker: Broker, history_size: int, metrics: Metrics) -> None:
+    def __init__(
+        self, broker: Broker, history_size: int, metrics: Metrics, history_ttl: float = 86_400.0
+    ) -> None:
+        """`history_size` and `history_ttl` (seconds) are what publishers keep (SSE_HISTORY_SIZE,
+        SSE_HISTORY_TTL): what a read proves depends on them."""
         self._broker = broker
+        self.history_ttl_ms = int(history_ttl * 1000)
         self._metrics = metrics
         self.history_size = history_size
         # The entry at the start id itself, up to history_size after it, and one more: a read
         # that returns `limit` entries was cut short.
         self.limit = history_size + 2
         self._pending: list[_Pending] = []
+        self._pending_heads: list[_PendingHead] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -55,13 +75,45 @@ class HistoryReader:
             loop.call_soon(self._flush)
         return future
 
+    def head(self, channel: bytes) -> asyncio.Future[str]:
+        """The position at the end of `channel`'s history: its newest entry id, or, when it is
+        empty, a `position_id` of Redis' clock (`POSITION_MARGIN_MS` back). Batched like
+        `read`; fails as `read` does."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self._pending_heads.append((channel, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
+        heads, self._pending_heads = self._pending_heads, []
+        loop = asyncio.get_running_loop()
         for start in range(0, len(pending), BATCH):
-            task = asyncio.get_running_loop().create_task(self._run(pending[start : start + BATCH]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(loop.create_task(self._run(pending[start : start + BATCH])))
+        for start in range(0, len(heads), BATCH):
+            self._spawn(loop.create_task(self._run_heads(heads[start : start + BATCH])))
+
+    def _spawn(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_heads(self, batch: list[_PendingHead]) -> None:
+        try:
+            heads = await self._broker.read_heads([channel for channel, _ in batch])
+        except Exception as exc:
+            log.warning("history head read of %d channels failed: %s", len(batch), exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        empty = position_id(max(0, self._broker.redis_time_ms() - POSITION_MARGIN_MS))
+        for (_, future), head in zip(batch, heads, strict=True):
+            if not future.done():
+                future.set_result(empty if head is None else head)
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
@@ -81,39 +133,59 @@ class HistoryReader:
     # --- what a read proves ------------------------------------------------------------------
 
     def replay_covers(self, last: StreamId, entries: list[HistoryEntry]) -> bool:
-        """A client's replay: the history must still hold its last id, and all that follows."""
+        """A client's replay: the history must still hold its last id, and all that follows.
+
+        A `position_id` (the resume id of a stream that began on an empty history) is in no
+        history: the read holds every entry after it. Nothing after it was trimmed as long as
+        the stream is not full (publish.lua keeps history_size + 1 entries once it trims), and
+        nothing expired as long as the first entry after it (or now, when there is none) comes
+        less than the history TTL after it: the history expires only a TTL after its last
+        publish, and everything published before the expiry goes with it.
+        """
+        if is_position(last):
+            if len(entries) > self.history_size:
+                return False
+            first = parse_stream_id(entries[0].id) if entries else None
+            first_ms = first[0] if first is not None else self._broker.redis_time_ms()
+            return first_ms < last[0] + self.history_ttl_ms
         if len(entries) >= self.limit:
             return False  # the read was cut short: there is more than a replay may send
         return bool(entries) and parse_stream_id(entries[0].id) == last
 
-    def refill_covers(self, last: StreamId | None, entries: list[HistoryEntry]) -> bool:
-        """A channel's refill after an outage: is every event since `last` among `entries`?
+    def refill_verdict(self, top: StreamId | None, entries: list[HistoryEntry]) -> str:
+        """What a channel's refill read after an outage proves about the gap.
 
-        Unlike a client's replay, `last` may legitimately be absent: a Redis restart without
-        persistence starts the stream afresh (all it holds came after the outage), and a plain
-        PUBLISH never was in the history. Only a stream trimmed past `last` (it holds one more
-        entry than the history size only once trimming began) proves events are lost.
+        `top` is the newest history id the channel's streams were sent (None: none yet);
+        `entries` were read from the gap's start. `covered`: every event after `top` is in
+        `entries`. `gap`: the history was trimmed past `top` (it holds one more entry than
+        the history size only once trimming began), events are provably lost. `lost`: the
+        history no longer holds `top` but was not trimmed: Redis restarted (empty, or from
+        an older snapshot), the key expired, or entries were deleted; what lies below `top`
+        decides (`OutageRecovery`).
         """
-        # The read may begin before `last` (it started at an older gap, and a refill that
-        # finished meanwhile delivered up to `last`): from `last` on it must be whole.
-        if last is not None and any(parse_stream_id(entry.id) == last for entry in entries):
-            return len(entries) < self.limit
-        # `last` is not there (or the channel delivered nothing yet): only a stream that is
-        # full may have been trimmed past the gap's start.
-        return len(entries) <= self.history_size
+        if top is None:
+            # The channel sent nothing from history yet: a plain PUBLISH never was in it, and
+            # a stream that is not full was not trimmed past the gap's start.
+            return "covered" if len(entries) <= self.history_size else "gap"
+        # The read may begin before `top` (it started at an older gap, and a refill that
+        # finished meanwhile delivered up to `top`): from `top` on it must be whole.
+        if any(parse_stream_id(entry.id) == top for entry in entries):
+            return "covered" if len(entries) < self.limit else "gap"
+        return "gap" if len(entries) > self.history_size else "lost"
 
     def events(self, channel: bytes, entries: list[HistoryEntry]) -> list[HistoryEvent]:
-        """The frames of history entries. An entry that cannot become a frame is skipped with
-        a warning and `sse_invalid_messages_total{reason}`, as on the live path (`unencodable`
-        for one that parses but cannot be encoded, e.g. data nested 1,000 deep); the others
-        are all returned. Never raises for an entry's content."""
+        """The frames (as chunks, see `streams.stream`) of history entries. An entry that
+        cannot become a frame is skipped with a warning and `sse_invalid_messages_total{reason}`,
+        as on the live path (`unencodable` for one that parses but cannot be encoded, e.g.
+        data nested 1,000 deep); the others are all returned.
+        Never raises for an entry's content."""
         events = []
         for entry in entries:
             try:
                 envelope = envelope_from_object(
                     {"type": entry.type, "data": load_json(entry.data.encode()), "id": entry.id}
                 )
-                events.append(HistoryEvent(entry.id, envelope.encode()))
+                events.append(HistoryEvent(entry.id, chunk(envelope.encode())))
                 continue
             except EnvelopeError as exc:
                 reason = exc.reason

@@ -24,6 +24,13 @@ class Subscriber(Protocol):
     @property
     def channel(self) -> bytes: ...
 
+    @property
+    def floor(self) -> StreamId | None:
+        """The newest history id this stream was sent by a replay, until live events pass it."""
+
+    def forget_floor(self) -> None:
+        """The history restarted: ids at or below `floor` are new events now."""
+
     def deliver(self, frame: bytes, event_id: str | None, parsed: StreamId | None) -> int:
         """Takes one live event; 1 when it was written, else 0."""
 

@@ -1,11 +1,19 @@
 """StreamLifecycle: a stream from hand-over to close: join -> replay -> live -> close.
 
 open()            JOINING: the stream joins its channel; the hub subscribes it if new
-_ready()          the subscription is active: replay (REPLAYING) or go live at once
-_replayed()       history read: decide `recovered`, merge replay with held live events
-_go_live()        LIVE: `connected` (+ replayed events) written, heartbeats begin
+_ready()          the subscription is active: REPLAYING; read the history after the
+                  client's last id, or (no usable id) only where the history ends
+_replayed()       history read: decide `recovered`; not recovered: read where it ends
+_positioned()     the resume id is known (the history's newest entry id, or a position)
+_go_live()        LIVE: `connected` with its `id:` (+ replayed events) written, heartbeats begin
 stream_closed()   CLOSED, whoever closed it: hub, heartbeats, counters, log line
 socket_closed()   the socket is gone: the drain and the socket budget stop counting it
+
+Every `connected` carries an `id:`, the resume id, so that an EventSource has a last event
+id to reconnect with from its first frame on: the client's own id when its replay was
+recovered, else the newest entry id of the player's history when the stream went live (a
+`position_id` of Redis' clock when empty). Live events at or below it were published before
+that point and are not sent; a reconnect with it replays exactly the events after it.
 """
 
 from __future__ import annotations
@@ -28,9 +36,15 @@ from sse_gateway.settings import Settings
 from sse_gateway.streams.heartbeat import HeartbeatScheduler
 from sse_gateway.streams.history import HistoryReader
 from sse_gateway.streams.hub import ConnectionHub
-from sse_gateway.streams.stream import CLOSED, Stream, bound_send_buffer, closing_retry
-from sse_gateway.wire.frames import encode_json_line_event
-from sse_gateway.wire.ids import HistoryEvent, StreamId, parse_stream_id
+from sse_gateway.streams.stream import CLOSED, PlainStream, Stream, bound_send_buffer, farewell
+from sse_gateway.wire.frames import encode_connected
+from sse_gateway.wire.ids import (
+    HistoryEvent,
+    StreamId,
+    format_stream_id,
+    is_position,
+    parse_stream_id,
+)
 from sse_gateway.wire.naming import Identity, channel_name, split_channel
 
 conn_log = logging.getLogger("sse_gateway.connection")
@@ -78,19 +92,23 @@ class StreamLifecycle:
         last_event_id: str | None,
         head: bytes,
         paused: bool = False,
+        *,
+        chunked: bool = True,
     ) -> Stream:
         """Makes an authenticated, admitted request's socket a JOINING stream.
 
         `head` is the HTTP response head (written with `connected`); `last_event_id` is the
         client's, already checked against the id pattern, or None; `paused`: the transport
-        has asked its protocol to pause writing and not resumed it yet.
+        has asked its protocol to pause writing and not resumed it yet; `chunked`: the head
+        announced a chunked body (HTTP/1.1), else the body is close-delimited (HTTP/1.0).
         """
         self.open_streams += 1
         self.open_sockets += 1
         self._metrics.opened += 1
         conn_no = next(self._conn_numbers)
         name = self._hub.intern(channel_name(identity.brand_id, identity.player_id))
-        stream = Stream(transport, name, conn_no, head, self, paused)
+        kind = Stream if chunked else PlainStream
+        stream = kind(transport, name, conn_no, head, self, paused)
         transport.set_protocol(stream)
         bound_send_buffer(transport)
         if conn_log.isEnabledFor(logging.INFO):
@@ -104,23 +122,26 @@ class StreamLifecycle:
         return stream
 
     def _ready(self, stream: Stream, identity: Identity, last_event_id: str | None) -> None:
-        """The channel is subscribed: replay what was missed, or go live at once."""
+        """The channel is subscribed: replay what was missed, or find where the history ends."""
         if stream.state is CLOSED:
             return
         try:
-            if last_event_id is None:
-                self._go_live(stream, identity, None, [], None)
-                return
-            last = parse_stream_id(last_event_id)
-            if last is None:  # not a history id: can't recover
-                self._go_live(stream, identity, False, [], None)
-                return
             stream.begin_replay()
-            future = self._history.read(stream.channel, last_event_id)
+            last = parse_stream_id(last_event_id)
+            if last is None:
+                # No id, or one that is not a history id (it cannot be recovered).
+                recovered = None if last_event_id is None else False
+                self._read_position(stream, identity, recovered)
+                return
+            future = self._history.read(stream.channel, format_stream_id(last))
             future.add_done_callback(partial(self._replayed, stream, identity, last))
         except Exception:
             # A bug must not leave the stream open and silent: the client comes back instead.
             self._failed(stream, "error", "starting")
+
+    def _read_position(self, stream: Stream, identity: Identity, recovered: bool | None) -> None:
+        future = self._history.head(stream.channel)
+        future.add_done_callback(partial(self._positioned, stream, identity, recovered))
 
     def _replayed(
         self,
@@ -129,30 +150,56 @@ class StreamLifecycle:
         last: StreamId,
         future: asyncio.Future[list[HistoryEntry]],
     ) -> None:
-        failed = future.cancelled() or future.exception() is not None
         if stream.state is CLOSED:
             return
-        if failed:
-            # Not "recovered: false" (that tells the client to refetch its state): the history
-            # could not be read, so the client is asked to come back and try again.
+        if future.cancelled() or future.exception() is not None:
             self._metrics.replays["failed"] += 1
-            stream.close("replay_failed", final=closing_retry(self._settings.retry_ms))
+            self._history_failed(stream)
             return
         try:
             entries = future.result()
             history = self._history
             # Recovered only when the history still holds the client's last id and the read
             # was not cut short: then nothing between it and the events we send can be missing.
-            recovered = history.replay_covers(last, entries)
-            replayed = history.events(stream.channel, entries[1:]) if recovered else []
-            # Not recovered: the client's id is no floor (it may come from a Redis that
-            # restarted empty, with higher ids than any the new one gives): live from now on.
-            self._go_live(stream, identity, recovered, replayed, last if recovered else None)
-            self._metrics.replays["recovered" if recovered else "not_recovered"] += 1
+            if not history.replay_covers(last, entries):
+                # The client's id is no floor (it may come from a Redis that restarted empty,
+                # with higher ids than any the new one gives): it starts from where the history
+                # ends now, and is told so.
+                self._metrics.replays["not_recovered"] += 1
+                self._read_position(stream, identity, False)
+                return
+            first = 0 if is_position(last) else 1  # a position is no entry; an id is the first
+            replayed = history.events(stream.channel, entries[first:])
+            resume_id = format_stream_id(last)
+            self._go_live(stream, identity, True, resume_id, replayed, last)
+            self._metrics.replays["recovered"] += 1
             self._metrics.replayed_events += len(replayed)
         except Exception:
             self._metrics.replays["failed"] += 1
             self._failed(stream, "replay_failed", "the replay")
+
+    def _positioned(
+        self,
+        stream: Stream,
+        identity: Identity,
+        recovered: bool | None,
+        future: asyncio.Future[str],
+    ) -> None:
+        if stream.state is CLOSED:
+            return
+        if future.cancelled() or future.exception() is not None:
+            self._history_failed(stream)
+            return
+        try:
+            resume_id = future.result()
+            self._go_live(stream, identity, recovered, resume_id, [], parse_stream_id(resume_id))
+        except Exception:
+            self._failed(stream, "error", "going live")
+
+    def _history_failed(self, stream: Stream) -> None:
+        # Not "recovered: false" (that tells the client to refetch its state): the history
+        # could not be read, so the client is asked to come back and try again.
+        stream.close("replay_failed", final=farewell("replay_failed", self._settings.retry_ms))
 
     def _failed(self, stream: Stream, reason: str, what: str) -> None:
         conn_log.exception(
@@ -160,16 +207,19 @@ class StreamLifecycle:
             self.connection_id(stream.conn_no),
             what,
         )
-        stream.close(reason, final=closing_retry(self._settings.retry_ms))
+        stream.close(reason, final=farewell(reason, self._settings.retry_ms))
 
     def _go_live(
         self,
         stream: Stream,
         identity: Identity,
         recovered: bool | None,
+        resume_id: str,
         replayed: list[HistoryEvent],
         last: StreamId | None,
     ) -> None:
+        """`resume_id` is the `connected` frame's `id:`; `last` the same id parsed (None for
+        a plain one), the floor of the live events held meanwhile."""
         payload: dict[str, Any] = {
             "connection_id": self.connection_id(stream.conn_no),
             "brand_id": identity.brand_id,
@@ -179,7 +229,7 @@ class StreamLifecycle:
         if recovered is not None:
             payload["recovered"] = recovered
         # orjson writes what dump_json would here: ids are ASCII, the rest ints and bools.
-        connected = encode_json_line_event("connected", orjson.dumps(payload))
+        connected = encode_connected(orjson.dumps(payload), resume_id, self._settings.retry_ms)
         self._metrics.delivered += stream.go_live(connected, replayed, last)
         self._heartbeats.add(stream)
 
@@ -188,7 +238,7 @@ class StreamLifecycle:
     def close_all(self, reason: str) -> None:
         """Closes every stream, each with its own `retry:` so clients do not return at once."""
         for stream in self._hub.streams():
-            stream.close(reason, final=closing_retry(self._settings.retry_ms))
+            stream.close(reason, final=farewell(reason, self._settings.retry_ms))
 
     def stream_closed(self, stream: Stream, reason: str) -> None:
         """Bookkeeping for a stream that ends, whoever ended it. Called once per stream."""

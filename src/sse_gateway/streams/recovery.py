@@ -17,10 +17,16 @@ from functools import partial
 
 from sse_gateway.broker.base import Broker, HistoryEntry
 from sse_gateway.metrics import Metrics
-from sse_gateway.streams.history import HistoryReader
+from sse_gateway.streams.history import START, HistoryReader
 from sse_gateway.streams.hub import Channel, ConnectionHub
-from sse_gateway.streams.stream import closing_retry
-from sse_gateway.wire.ids import ReplayMerge, parse_stream_id
+from sse_gateway.streams.stream import farewell
+from sse_gateway.wire.ids import (
+    ReplayMerge,
+    StreamId,
+    format_stream_id,
+    is_position,
+    parse_stream_id,
+)
 
 log = logging.getLogger("sse_gateway")
 
@@ -93,18 +99,59 @@ class OutageRecovery:
             self._give_up(channel, "the refill")
 
     def _write_refill(self, channel: Channel, generation: int, entries: list[HistoryEntry]) -> None:
-        if not self._history.refill_covers(channel.last, entries):
-            # History no longer reaches back to the gap: say so rather than skip events
-            # silently. Reconnecting clients get `recovered: false` and refetch their state.
-            channel.release()
-            log.warning(
-                "history does not cover the outage of %s; closing its %d streams",
-                channel.name.decode(),
-                len(channel.streams),
-            )
-            for stream in tuple(channel.streams):
-                stream.close("history_gap", final=closing_retry(self._retry_ms))
+        top = self._newest_sent(channel)
+        verdict = self._history.refill_verdict(top, entries)
+        if verdict == "gap":
+            self._history_gap(channel, "history does not cover the outage")
+        elif verdict == "lost" and top is not None:
+            # The newest id sent is gone from the history. Only a history that holds nothing
+            # at or below it restarted cleanly (all it holds came after): read it all to see.
+            future = self._history.read(channel.name, START)
+            future.add_done_callback(partial(self._read_whole, channel, generation, top))
+        else:
+            self._metrics.refills["covered"] += 1
+            self._write(channel, generation, entries)
+
+    def _read_whole(
+        self,
+        channel: Channel,
+        generation: int,
+        top: StreamId,
+        future: asyncio.Future[list[HistoryEntry]],
+    ) -> None:
+        if self._hub.get(channel.name) is not channel or not channel.pending(generation):
             return
+        if future.cancelled() or future.exception() is not None:
+            if self._current(channel, generation) and self._broker.connected:
+                asyncio.get_running_loop().call_later(
+                    REFILL_RETRY_SECONDS, self._refill, channel, generation
+                )
+            return
+        try:
+            entries = future.result()
+            below = any((parse_stream_id(entry.id) or top) <= top for entry in entries)
+            if below or len(entries) > self._history.history_size:
+                # Ids went back (an older snapshot, a clock set back, deleted entries): which
+                # of these the streams already have cannot be told, so they are told instead.
+                self._history_gap(channel, f"history went back past {format_stream_id(top)}")
+                return
+            log.warning(
+                "history of %s restarted (its newest id sent, %s, is gone and nothing older "
+                "is left): starting over from what it holds",
+                channel.name.decode("utf-8", "replace"),
+                format_stream_id(top),
+            )
+            self._metrics.refills["history_restarted"] += 1
+            # The new history's ids owe nothing to the old ones (a clock behind the old Redis
+            # gives lower ones): no id sent before may hide what it holds or adds from now on.
+            channel.advance(None)
+            for stream in channel.streams:
+                stream.forget_floor()
+            self._write(channel, generation, entries)
+        except Exception:
+            self._give_up(channel, "the refill")
+
+    def _write(self, channel: Channel, generation: int, entries: list[HistoryEntry]) -> None:
         merge = ReplayMerge(channel.last)
         events = merge.merge(self._history.events(channel.name, entries), channel.take(generation))
         channel.advance(merge.last)
@@ -112,6 +159,37 @@ class OutageRecovery:
         for event_id, frame in events:
             delivered += channel.write(frame, event_id, parse_stream_id(event_id))
         self._metrics.delivered += delivered
+
+    def _newest_sent(self, channel: Channel) -> StreamId | None:
+        """The newest history id any stream of the channel was sent: the channel's last, or a
+        replay's floor above it (a replay may have sent entries not yet seen live). Floors
+        below the gap's start do not count: everything the refill writes is above them."""
+        top = channel.last
+        start = parse_stream_id(channel.gap_start())
+        for stream in channel.streams:
+            floor = stream.floor
+            if (
+                floor is not None
+                and not is_position(floor)  # a stream's start on an empty history: no entry
+                and (start is None or floor >= start)
+                and (top is None or floor > top)
+            ):
+                top = floor
+        return top
+
+    def _history_gap(self, channel: Channel, why: str) -> None:
+        # History no longer reaches back to the gap: say so rather than skip events silently.
+        # Reconnecting clients get `recovered: false` and refetch their state.
+        self._metrics.refills["history_gap"] += 1
+        channel.release()
+        log.warning(
+            "%s of %s; closing its %d streams",
+            why,
+            channel.name.decode("utf-8", "replace"),
+            len(channel.streams),
+        )
+        for stream in tuple(channel.streams):
+            stream.close("history_gap", final=farewell("history_gap", self._retry_ms))
 
     def _give_up(self, channel: Channel, what: str) -> None:
         """A bug must not stall a channel (its held events growing without end): stop
@@ -124,4 +202,4 @@ class OutageRecovery:
         )
         channel.release()
         for stream in tuple(channel.streams):
-            stream.close("error", final=closing_retry(self._retry_ms))
+            stream.close("error", final=farewell("error", self._retry_ms))

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from typing import NamedTuple, Protocol
 
-from sse_gateway.wire.frames import encode_retry
+from sse_gateway.wire.frames import LAST_CHUNK, chunk, encode_close, unchunk
 from sse_gateway.wire.ids import HistoryEvent, ReplayMerge, StreamId
 
 # On a close that asks clients to come back, each is told to wait SSE_RETRY_MS plus up to
@@ -100,13 +100,37 @@ def bound_send_buffer(transport: asyncio.BaseTransport) -> None:
     _socket_option(transport, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
 
-def closing_retry(retry_ms: int) -> bytes:
-    """A `retry:` frame for a stream closed by the gateway: SSE_RETRY_MS plus random spread."""
-    return encode_retry(retry_ms + random.randrange(RETRY_SPREAD_MS))
+# What `event: close` says for each reason a stream is closed and asked to come back.
+CLOSE_MESSAGES = {
+    "shutdown": "the gateway is shutting down",
+    "history_gap": "the history no longer holds every event since the last one sent",
+    "replay_failed": "the history could not be read",
+    "error": "the gateway failed to serve this stream",
+}
+
+
+def spread_retry(retry_ms: int) -> int:
+    """SSE_RETRY_MS plus a random 0-`RETRY_SPREAD_MS`: clients closed together (a restart, an
+    outage) do not all come back in the same instant."""
+    return retry_ms + random.randrange(RETRY_SPREAD_MS)
+
+
+def farewell(reason: str, retry_ms: int, message: str | None = None) -> bytes:
+    """The `event: close` frame (with its `retry:`) of a stream the gateway closes and wants
+    back: `reason` is the close reason, `retry_ms` SSE_RETRY_MS, spread here."""
+    text = message if message is not None else CLOSE_MESSAGES.get(reason, reason)
+    return encode_close(reason, text, spread_retry(retry_ms))
 
 
 class Stream(asyncio.Protocol):
-    """One SSE stream on its own socket. Created JOINING by the stream lifecycle."""
+    """One SSE stream on its own socket. Created JOINING by the stream lifecycle.
+
+    Frames come as HTTP/1.1 chunks (`wire.frames.chunk`, made once per message for every
+    stream of a channel): this class writes them as they are, `PlainStream` (HTTP/1.0) takes
+    the frame back out.
+    """
+
+    CHUNKED = True
 
     __slots__ = (
         "channel",
@@ -164,15 +188,17 @@ class Stream(asyncio.Protocol):
     def go_live(self, connected: bytes, replayed: list[HistoryEvent], last: StreamId | None) -> int:
         """JOINING or REPLAYING -> LIVE: writes the head, `connected`, then the events.
 
-        `replayed` are history events after the client's last id `last`, oldest first; they
-        are merged with the live events held meanwhile, each id once and in order
+        `connected` is a plain frame; `replayed` are history events (chunks) after `last`, the
+        position the client resumes from, oldest first. They are merged with the live events
+        held meanwhile, each id once and in order, and none at or below `last`
         (`ReplayMerge`). Returns the number of events written after `connected`.
         """
         state = self.state
         if state is not JOINING and state is not REPLAYING:
             raise IllegalTransition(f"go_live in state {state.value}")
+        chunked = self.CHUNKED
         # The head goes out with the first frames, in one write.
-        frames = [self.head or b"", connected]
+        frames = [self.head or b"", chunk(connected) if chunked else connected]
         self.head = None
         written = 0
         held = self.held
@@ -180,7 +206,10 @@ class Stream(asyncio.Protocol):
         if held is not None:
             merge = ReplayMerge(last)
             events = merge.merge(replayed, held)
-            frames.extend(frame for _, frame in events)
+            if chunked:
+                frames.extend(frame for _, frame in events)
+            else:
+                frames.extend(unchunk(frame) for _, frame in events)
             self.floor = merge.last
             written = len(events)
         self.state = LIVE
@@ -189,8 +218,9 @@ class Stream(asyncio.Protocol):
         return written
 
     def close(self, reason: str, *, abort: bool = False, final: bytes = b"") -> None:
-        """Any state -> CLOSED; again: nothing. Writes `final` (e.g. a `retry:`) then closes
-        the socket, or resets it at once with `abort`. `reason` is the metric and log label."""
+        """Any state -> CLOSED; again: nothing. Writes `final` (a plain frame, e.g. `farewell`)
+        and the body's end, then closes the socket; or resets it at once with `abort`.
+        `reason` is the metric and log label."""
         if self.state is CLOSED:
             return
         self.state = CLOSED
@@ -206,10 +236,12 @@ class Stream(asyncio.Protocol):
             _socket_option(transport, socket.SO_LINGER, _RESET_ON_CLOSE)
             transport.abort()
             return
-        first = (self.head or b"") + final
+        end = final
+        if self.CHUNKED:
+            # A chunked body ends with its last chunk: the client sees a clean end, not a cut.
+            end = chunk(final) + LAST_CHUNK if final else LAST_CHUNK
+        transport.write((self.head or b"") + end)
         self.head = None
-        if first:
-            transport.write(first)
         transport.close()
 
     # --- events ------------------------------------------------------------------------------
@@ -238,6 +270,11 @@ class Stream(asyncio.Protocol):
             if transport is not None:
                 transport.write(frame)
         return 1
+
+    def forget_floor(self) -> None:
+        """The channel's history restarted (`OutageRecovery`): its ids owe nothing to the old
+        ones, so the floor would hide new events."""
+        self.floor = None
 
     def _enqueue(self, frame: bytes) -> None:
         """Queues a frame while the socket does not drain; one more than the owner's
@@ -276,3 +313,21 @@ class Stream(asyncio.Protocol):
         self.transport = None  # nothing more can be written: close() only does the bookkeeping
         self.close("client" if exc is None else "error")
         self.owner.socket_closed(self)
+
+
+class PlainStream(Stream):
+    """A stream to an HTTP/1.0 client: the body is not chunked, it ends when the socket
+    closes. Rare (browsers and SSE libraries speak HTTP/1.1), so it pays the unchunking."""
+
+    __slots__ = ()
+
+    CHUNKED = False
+
+    def deliver(self, frame: bytes, event_id: str | None, parsed: StreamId | None) -> int:
+        # Held events stay chunks, like the replayed ones they are merged with in `go_live`.
+        return Stream.deliver(
+            self, unchunk(frame) if self.state is LIVE else frame, event_id, parsed
+        )
+
+    def heartbeat(self, frame: bytes) -> None:
+        Stream.heartbeat(self, unchunk(frame))

@@ -53,7 +53,43 @@ def encode_json_event(event: str, payload: Any, event_id: str | None = None) -> 
 
 
 def encode_retry(retry_ms: int) -> bytes:
+    """A `retry:`-only block. Browsers take it silently, but some clients (httpx-sse,
+    fetch-event-source) report it as an empty message: streams put `retry:` inside a frame
+    (`encode_connected`, `encode_close`) instead."""
     return f"retry: {int(retry_ms)}\n\n".encode("ascii")
+
+
+def encode_connected(payload: bytes, event_id: str, retry_ms: int) -> bytes:
+    """A stream's first frame: `id:` (the resume id), `event: connected`, `retry:`, and the
+    payload, JSON on one line. `event_id` is a checked id (ASCII, no line break)."""
+    return (
+        f"id: {event_id}\nevent: connected\nretry: {int(retry_ms)}\ndata: ".encode("ascii")
+        + payload
+        + b"\n\n"
+    )
+
+
+def encode_close(reason: str, message: str, retry_ms: int) -> bytes:
+    """The frame a stream ends with when the gateway wants the client back later:
+    `event: close`, `retry:` (milliseconds) and `{"reason": …, "message": …}`."""
+    data = dump_json({"reason": reason, "message": message})
+    return f"event: close\nretry: {int(retry_ms)}\ndata: {data}\n\n".encode()
+
+
+def chunk(frame: bytes) -> bytes:
+    """`frame` as one HTTP/1.1 chunk (RFC 9112 §7.1): size in hex, CRLF, bytes, CRLF.
+
+    Streams carry chunks: a frame is made a chunk once per message, and an HTTP/1.0 stream
+    (close-delimited body) takes it back out with `unchunk`."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)
+
+
+def unchunk(data: bytes) -> bytes:
+    """The frame inside one chunk made by `chunk`."""
+    return data[data.index(b"\n") + 1 : -2]
+
+
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def encode_comment(text: str = "") -> bytes:

@@ -21,6 +21,8 @@ class Request:
     headers: dict[bytes, bytes]
     keep_alive: bool
     body: bytes = b""
+    http_version: str = "1.1"
+    """As the request line gave it: "1.0" or "1.1"."""
 
     def header(self, name: bytes) -> str | None:
         value = self.headers.get(name)
@@ -93,9 +95,14 @@ def encode_response(response: Response, *, keep_alive: bool, head_only: bool = F
     return head if head_only else head + response.body
 
 
-def stream_head(headers: Iterable[tuple[str, str]]) -> bytes:
-    """The head of an SSE response: close-delimited body, never cached, never buffered."""
-    base = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"), *headers]
+def stream_head(headers: Iterable[tuple[str, str]], *, chunked: bool = True) -> bytes:
+    """The head of an SSE response: never cached, never buffered; the body is chunked
+    (`chunked`, for HTTP/1.1 clients: libraries built on urllib3 read a close-delimited body
+    only as their buffer fills) or runs until the connection closes (HTTP/1.0)."""
+    base = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+    if chunked:
+        base.append(("Transfer-Encoding", "chunked"))
+    base.extend(headers)
     return encode_head(
         200,
         base,
