@@ -94,28 +94,6 @@ def test_a_restart_from_an_older_snapshot_closes_the_channels_streams_with_histo
         assert [e.id for e in read_events(client, 3)] == sent
 
 
-def test_a_replay_floor_above_an_older_snapshot_closes_with_history_gap(
-    gateway_factory: GatewayFactory, fresh_redis: RedisServer, ids: Callable[..., str]
-) -> None:
-    """The stream's newest id came from its replay, not from the channel's live events."""
-    gateway = gateway_factory(redis=fresh_redis)
-    brand, player = ids("b"), ids("p")
-    key = f"SSE::{brand}::{player}"
-    r = fresh_redis.client()
-    r.xadd(key, {"t": "n", "d": "0"}, id="1000-0")
-    r.save()
-    r.xadd(key, {"t": "n", "d": "1"}, id="99999999999998-0")
-    r.xadd(key, {"t": "n", "d": "2"}, id=FAR_FUTURE_ID)
-    r.close()
-    client, connected = gateway.player_stream(brand, player, "99999999999998-0")
-    with client:
-        assert connected["recovered"] is True
-        assert [e.id for e in read_events(client, 1)] == [FAR_FUTURE_ID]
-        restart_empty(fresh_redis, lambda: gateway.readyz()[0] == 200)
-        assert next_non_heartbeat(client) == "close"
-    assert gateway.metrics().value("sse_refills_total", outcome="history_gap") == 1
-
-
 def test_a_restart_empty_with_lower_ids_starts_over_and_delivers_them(
     gateway_factory: GatewayFactory, fresh_redis: RedisServer, ids: Callable[..., str]
 ) -> None:

@@ -84,7 +84,3 @@ class Broker(Protocol):
         written by `publish.lua` (no `t`/`d` fields) is left out. BrokerUnavailable when the
         broker cannot be reached.
         """
-
-    async def read_heads(self, channels: list[bytes]) -> list[str | None]:
-        """For each channel: the id of the newest entry of its history, or None when the
-        history is empty (or gone). BrokerUnavailable when the broker cannot be reached."""

@@ -119,17 +119,6 @@ class MemoryBroker:
             out.append(entries[:limit])
         return out
 
-    async def read_heads(self, channels: list[bytes]) -> list[str | None]:
-        now = time.monotonic()
-        heads: list[str | None] = []
-        for channel in channels:
-            history = self._history.get(channel)
-            if history is None or history.expires_at <= now or not history.entries:
-                heads.append(None)
-            else:
-                heads.append(history.entries[-1][1].id)
-        return heads
-
     def _sweep(self) -> None:
         now = time.monotonic()
         for channel in [c for c, h in self._history.items() if h.expires_at <= now]:

@@ -338,24 +338,14 @@ class RedisBroker:
             results.append(_entries(reply))
         return results
 
-    async def read_heads(self, channels: list[bytes]) -> list[str | None]:
-        def add(pipe: Any, channel: bytes) -> None:
-            pipe.xrevrange(channel, max="+", min="-", count=1)
-
-        heads: list[str | None] = []
-        for reply in await self._read(add, channels):
-            if isinstance(reply, Exception):
-                log.warning("history head read refused by redis: %s", reply)
-                reply = []
-            heads.append(reply[0][0].decode("ascii") if reply else None)
-        return heads
-
     async def _read(self, add: Callable[[Any, _Item], None], items: Sequence[_Item]) -> list[Any]:
         """Read-only commands, `add`ed per item to pipelines of HISTORY_PIPELINE, each sent
-        up to READ_ATTEMPTS times: a pooled connection that Redis dropped (a restart) fails
-        once, and reads are safe to repeat (publishes never are). One refused command (say a
-        key that is not a stream) is an exception among the replies, not a failed batch.
-        BrokerUnavailable when Redis cannot be reached."""
+        up to READ_ATTEMPTS times when its connection turns out closed: a pooled connection
+        that Redis dropped (a restart) fails at once, and reads are safe to repeat (publishes
+        never are). A timeout is not retried: a Redis that does not answer would only hold
+        the reads longer. One refused command (say a key that is not a stream) is an
+        exception among the replies, not a failed batch. BrokerUnavailable when Redis cannot
+        be reached."""
         replies: list[Any] = []
         for start in range(0, len(items), HISTORY_PIPELINE):
             batch = items[start : start + HISTORY_PIPELINE]
@@ -366,13 +356,11 @@ class RedisBroker:
                             add(pipe, item)
                         replies.extend(await pipe.execute(raise_on_error=False))
                     break
-                except (
-                    redis.exceptions.ConnectionError,
-                    redis.exceptions.TimeoutError,
-                    OSError,
-                ) as exc:
+                except (redis.exceptions.ConnectionError, ConnectionError) as exc:
                     if attempt == READ_ATTEMPTS:
                         raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+                except (redis.exceptions.TimeoutError, OSError) as exc:
+                    raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
         return replies
 
 

@@ -8,7 +8,6 @@ import logging
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.wire.envelope import EnvelopeError, event_frame
-from sse_gateway.wire.frames import chunk
 
 log = logging.getLogger("sse_gateway")
 
@@ -29,7 +28,8 @@ class Fanout:
         metrics = self._metrics
         metrics.messages_received += 1
         try:
-            frame, event_id = event_frame(payload, self._max_event_bytes)
+            # One chunk per message, whatever the number of streams (see `streams.stream`).
+            frame, event_id = event_frame(payload, self._max_event_bytes, True)
         except EnvelopeError as exc:
             metrics.invalid_messages[exc.reason] += 1
             log.warning(
@@ -47,5 +47,4 @@ class Fanout:
                 channel.decode("utf-8", "replace"),
             )
             return
-        # One chunk per message, whatever the number of streams (see `streams.stream`).
-        metrics.delivered += self._hub.deliver(channel, chunk(frame), event_id)
+        metrics.delivered += self._hub.deliver(channel, frame, event_id)

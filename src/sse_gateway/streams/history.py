@@ -32,12 +32,11 @@ gateway_log = logging.getLogger("sse_gateway")
 BATCH = 1000
 
 _Pending = tuple[bytes, str, "asyncio.Future[list[HistoryEntry]]"]
-_PendingHead = tuple[bytes, "asyncio.Future[str]"]
 
 # The start of every history: a read from it returns every entry.
 START = "0-0"
-# How far back of (the estimate of) Redis' clock the resume id of an empty history lies: any
-# entry added after the history was read empty has a later id, even with the estimate off.
+# How far back of (the estimate of) Redis' clock a stream's starting position lies: every
+# entry added after the stream subscribed has a later id, even with the estimate off by this.
 POSITION_MARGIN_MS = 1000
 
 
@@ -57,7 +56,8 @@ class HistoryReader:
         # that returns `limit` entries was cut short.
         self.limit = history_size + 2
         self._pending: list[_Pending] = []
-        self._pending_heads: list[_PendingHead] = []
+        self._position_ms = -1
+        self._position = ""
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -75,45 +75,25 @@ class HistoryReader:
             loop.call_soon(self._flush)
         return future
 
-    def head(self, channel: bytes) -> asyncio.Future[str]:
-        """The position at the end of `channel`'s history: its newest entry id, or, when it is
-        empty, a `position_id` of Redis' clock (`POSITION_MARGIN_MS` back). Batched like
-        `read`; fails as `read` does."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
-        self._pending_heads.append((channel, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return future
+    def position(self) -> str:
+        """Where a stream that starts now begins in every history: a `position_id` of Redis'
+        clock `POSITION_MARGIN_MS` back. Every event published after the stream's
+        subscription has a later id; the few published in the margin before it have one too
+        (a reconnect from it replays them: events the client never had, not duplicates)."""
+        ms = self._broker.redis_time_ms() - POSITION_MARGIN_MS
+        if ms != self._position_ms:  # a connect storm asks many times per millisecond
+            self._position_ms = ms
+            self._position = position_id(max(0, ms))
+        return self._position
 
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        heads, self._pending_heads = self._pending_heads, []
         loop = asyncio.get_running_loop()
         for start in range(0, len(pending), BATCH):
-            self._spawn(loop.create_task(self._run(pending[start : start + BATCH])))
-        for start in range(0, len(heads), BATCH):
-            self._spawn(loop.create_task(self._run_heads(heads[start : start + BATCH])))
-
-    def _spawn(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_heads(self, batch: list[_PendingHead]) -> None:
-        try:
-            heads = await self._broker.read_heads([channel for channel, _ in batch])
-        except Exception as exc:
-            log.warning("history head read of %d channels failed: %s", len(batch), exc)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        empty = position_id(max(0, self._broker.redis_time_ms() - POSITION_MARGIN_MS))
-        for (_, future), head in zip(batch, heads, strict=True):
-            if not future.done():
-                future.set_result(empty if head is None else head)
+            task = loop.create_task(self._run(pending[start : start + BATCH]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
@@ -135,41 +115,42 @@ class HistoryReader:
     def replay_covers(self, last: StreamId, entries: list[HistoryEntry]) -> bool:
         """A client's replay: the history must still hold its last id, and all that follows.
 
-        A `position_id` (the resume id of a stream that began on an empty history) is in no
-        history: the read holds every entry after it. Nothing after it was trimmed as long as
+        A `position_id` (the resume id of a stream that began without a recovered replay) is in
+        no history: the read holds every entry after it. Nothing after it was trimmed as long as
         the stream is not full (publish.lua keeps history_size + 1 entries once it trims), and
         nothing expired as long as the first entry after it (or now, when there is none) comes
         less than the history TTL after it: the history expires only a TTL after its last
         publish, and everything published before the expiry goes with it.
         """
         if is_position(last):
-            if len(entries) > self.history_size:
-                return False
+            now_ms = self._broker.redis_time_ms()
+            if len(entries) > self.history_size or last[0] > now_ms:
+                return False  # trimmed, or a position no stream was given (it would hide events)
             first = parse_stream_id(entries[0].id) if entries else None
-            first_ms = first[0] if first is not None else self._broker.redis_time_ms()
+            first_ms = first[0] if first is not None else now_ms
             return first_ms < last[0] + self.history_ttl_ms
         if len(entries) >= self.limit:
             return False  # the read was cut short: there is more than a replay may send
         return bool(entries) and parse_stream_id(entries[0].id) == last
 
-    def refill_verdict(self, top: StreamId | None, entries: list[HistoryEntry]) -> str:
+    def refill_verdict(self, last: StreamId | None, entries: list[HistoryEntry]) -> str:
         """What a channel's refill read after an outage proves about the gap.
 
-        `top` is the newest history id the channel's streams were sent (None: none yet);
-        `entries` were read from the gap's start. `covered`: every event after `top` is in
-        `entries`. `gap`: the history was trimmed past `top` (it holds one more entry than
-        the history size only once trimming began), events are provably lost. `lost`: the
-        history no longer holds `top` but was not trimmed: Redis restarted (empty, or from
-        an older snapshot), the key expired, or entries were deleted; what lies below `top`
-        decides (`OutageRecovery`).
+        `last` is the newest history id the channel delivered (None: none yet); `entries`
+        were read from the gap's start. `covered`: every event after `last` is in `entries`.
+        `gap`: the history was trimmed past `last` (it holds one more entry than the history
+        size only once trimming began), events are provably lost. `lost`: the history no
+        longer holds `last` but was not trimmed: Redis restarted (empty, or from an older
+        snapshot), the key expired, or entries were deleted; what lies below `last` decides
+        (`OutageRecovery`).
         """
-        if top is None:
+        if last is None:
             # The channel sent nothing from history yet: a plain PUBLISH never was in it, and
             # a stream that is not full was not trimmed past the gap's start.
             return "covered" if len(entries) <= self.history_size else "gap"
-        # The read may begin before `top` (it started at an older gap, and a refill that
-        # finished meanwhile delivered up to `top`): from `top` on it must be whole.
-        if any(parse_stream_id(entry.id) == top for entry in entries):
+        # The read may begin before `last` (it started at an older gap, and a refill that
+        # finished meanwhile delivered up to `last`): from `last` on it must be whole.
+        if any(parse_stream_id(entry.id) == last for entry in entries):
             return "covered" if len(entries) < self.limit else "gap"
         return "gap" if len(entries) > self.history_size else "lost"
 

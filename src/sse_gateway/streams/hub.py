@@ -24,10 +24,6 @@ class Subscriber(Protocol):
     @property
     def channel(self) -> bytes: ...
 
-    @property
-    def floor(self) -> StreamId | None:
-        """The newest history id this stream was sent by a replay, until live events pass it."""
-
     def forget_floor(self) -> None:
         """The history restarted: ids at or below `floor` are new events now."""
 

@@ -22,9 +22,7 @@ from sse_gateway.streams.hub import Channel, ConnectionHub
 from sse_gateway.streams.stream import farewell
 from sse_gateway.wire.ids import (
     ReplayMerge,
-    StreamId,
     format_stream_id,
-    is_position,
     parse_stream_id,
 )
 
@@ -99,25 +97,20 @@ class OutageRecovery:
             self._give_up(channel, "the refill")
 
     def _write_refill(self, channel: Channel, generation: int, entries: list[HistoryEntry]) -> None:
-        top = self._newest_sent(channel)
-        verdict = self._history.refill_verdict(top, entries)
+        verdict = self._history.refill_verdict(channel.last, entries)
         if verdict == "gap":
             self._history_gap(channel, "history does not cover the outage")
-        elif verdict == "lost" and top is not None:
+        elif verdict == "lost":
             # The newest id sent is gone from the history. Only a history that holds nothing
             # at or below it restarted cleanly (all it holds came after): read it all to see.
             future = self._history.read(channel.name, START)
-            future.add_done_callback(partial(self._read_whole, channel, generation, top))
+            future.add_done_callback(partial(self._read_whole, channel, generation))
         else:
             self._metrics.refills["covered"] += 1
             self._write(channel, generation, entries)
 
     def _read_whole(
-        self,
-        channel: Channel,
-        generation: int,
-        top: StreamId,
-        future: asyncio.Future[list[HistoryEntry]],
+        self, channel: Channel, generation: int, future: asyncio.Future[list[HistoryEntry]]
     ) -> None:
         if self._hub.get(channel.name) is not channel or not channel.pending(generation):
             return
@@ -129,6 +122,13 @@ class OutageRecovery:
             return
         try:
             entries = future.result()
+            # Judged by the channel's last id now, not when the read was sent: a refill that
+            # wrote meanwhile (this one was overtaken) may have advanced it, even started over.
+            top = channel.last
+            if top is None or any(parse_stream_id(entry.id) == top for entry in entries):
+                self._metrics.refills["covered"] += 1
+                self._write(channel, generation, entries)
+                return
             below = any((parse_stream_id(entry.id) or top) <= top for entry in entries)
             if below or len(entries) > self._history.history_size:
                 # Ids went back (an older snapshot, a clock set back, deleted entries): which
@@ -159,23 +159,6 @@ class OutageRecovery:
         for event_id, frame in events:
             delivered += channel.write(frame, event_id, parse_stream_id(event_id))
         self._metrics.delivered += delivered
-
-    def _newest_sent(self, channel: Channel) -> StreamId | None:
-        """The newest history id any stream of the channel was sent: the channel's last, or a
-        replay's floor above it (a replay may have sent entries not yet seen live). Floors
-        below the gap's start do not count: everything the refill writes is above them."""
-        top = channel.last
-        start = parse_stream_id(channel.gap_start())
-        for stream in channel.streams:
-            floor = stream.floor
-            if (
-                floor is not None
-                and not is_position(floor)  # a stream's start on an empty history: no entry
-                and (start is None or floor >= start)
-                and (top is None or floor > top)
-            ):
-                top = floor
-        return top
 
     def _history_gap(self, channel: Channel, why: str) -> None:
         # History no longer reaches back to the gap: say so rather than skip events silently.

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from typing import NamedTuple, Protocol
 
-from sse_gateway.wire.frames import LAST_CHUNK, chunk, encode_close, unchunk
+from sse_gateway.wire.frames import LAST_CHUNK, chunk, chunk_size_line, encode_close, unchunk
 from sse_gateway.wire.ids import HistoryEvent, ReplayMerge, StreamId
 
 # On a close that asks clients to come back, each is told to wait SSE_RETRY_MS plus up to
@@ -198,7 +198,11 @@ class Stream(asyncio.Protocol):
             raise IllegalTransition(f"go_live in state {state.value}")
         chunked = self.CHUNKED
         # The head goes out with the first frames, in one write.
-        frames = [self.head or b"", chunk(connected) if chunked else connected]
+        frames = [self.head or b""]
+        if chunked:
+            frames += (chunk_size_line(len(connected)), connected, b"\r\n")
+        else:
+            frames.append(connected)
         self.head = None
         written = 0
         held = self.held

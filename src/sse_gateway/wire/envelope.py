@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import orjson
 
-from sse_gateway.wire.frames import dump_json, encode_event
+from sse_gateway.wire.frames import chunk, chunk_size_line, dump_json, encode_event
 
 EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -45,16 +45,27 @@ class Envelope:
         return _encode_frame(head, self.type, self.data, self.id)
 
 
-def _encode_frame(head: bytes, event_type: str, data: Any, event_id: str | None) -> bytes:
-    """`head` is `event: <type>\\ndata: `; the frame adds the id line and the data's JSON."""
+def _encode_frame(
+    head: bytes, event_type: str, data: Any, event_id: str | None, chunked: bool = False
+) -> bytes:
+    """`head` is `event: <type>\\ndata: `; the frame adds the id line and the data's JSON.
+    `chunked`: the frame as one HTTP/1.1 chunk (`frames.chunk`), built in the same step."""
     try:
         # Compact JSON never holds a raw line break, so it is one `data:` line as it is.
         body = orjson.dumps(data)
     except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the general path
-        return encode_event(event_type, dump_json(data), event_id)
+        frame = encode_event(event_type, dump_json(data), event_id)
+        return chunk(frame) if chunked else frame
     if event_id is None:
+        if chunked:
+            size = len(head) + len(body) + 2
+            return b"".join((chunk_size_line(size), head, body, b"\n\n\r\n"))
         return head + body + b"\n\n"
-    return b"id: " + event_id.encode("ascii") + b"\n" + head + body + b"\n\n"
+    id_bytes = event_id.encode("ascii")
+    if chunked:
+        size = len(id_bytes) + len(head) + len(body) + 7  # "id: ", a line end, a blank line
+        return b"".join((chunk_size_line(size), b"id: ", id_bytes, b"\n", head, body, b"\n\n\r\n"))
+    return b"id: " + id_bytes + b"\n" + head + body + b"\n\n"
 
 
 def _reject_constant(name: str) -> Any:
@@ -95,8 +106,9 @@ def parse_envelope(payload: bytes, max_bytes: int) -> Envelope:
     return envelope_from_object(load_json(payload))
 
 
-def event_frame(payload: bytes, max_bytes: int) -> tuple[bytes, str | None]:
-    """The SSE frame and id of one published message: `parse_envelope(...).encode()` and `.id`.
+def event_frame(payload: bytes, max_bytes: int, chunked: bool = False) -> tuple[bytes, str | None]:
+    """The SSE frame and id of one published message: `parse_envelope(...).encode()` and `.id`;
+    with `chunked`, the frame as one HTTP/1.1 chunk (`frames.chunk`), as streams take it.
 
     The Pub/Sub hot path, in one pass and without building an Envelope; the same checks in the
     same order, so a bad message is refused with the same reason.
@@ -120,7 +132,7 @@ def event_frame(payload: bytes, max_bytes: int) -> tuple[bytes, str | None]:
     event_id = obj.get("id")
     if event_id is not None:
         event_id = validate_event_id(event_id)
-    return _encode_frame(head, event_type, obj["data"], event_id), event_id
+    return _encode_frame(head, event_type, obj["data"], event_id, chunked), event_id
 
 
 def load_json(payload: bytes) -> Any:
