@@ -16,7 +16,7 @@ import pytest
 from httpx_sse import connect_sse
 from support.asserts import assert_error
 from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_for
-from support.sse import request
+from support.sse import assert_position_id, request
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,27 +42,30 @@ def test_httpx_sse_reads_connected_and_published_event(
     gw = gateway_factory("--keepalive-period", "500ms", redis=redis_server)
     brand, player = ids("b"), ids("p")
     r = redis_server.client()
-    seen: list[tuple[str, str, str]] = []
+    seen: list[tuple[str, str, str, int | None]] = []
     headers = {"Authorization": f"Bearer {gw.token(brand, player)}"}
     with (
         httpx.Client(timeout=httpx.Timeout(15.0), trust_env=False) as client,
         connect_sse(client, "GET", f"{gw.url}/v1/sse", headers=headers) as source,
     ):
         assert source.response.status_code == 200
+        assert source.response.headers.get("transfer-encoding") == "chunked"
         for sse in source.iter_sse():
             if sse.event == "heartbeat":
                 continue
-            if sse.retry is not None and not sse.data:
-                continue  # httpx-sse yields the `retry:`-only block as an empty "message"
-            seen.append((sse.event, sse.id, sse.data))
+            # httpx-sse yields every block that set a field: there is no `retry:`-only one
+            # (it would be an empty "message"), the retry comes inside `connected`.
+            seen.append((sse.event, sse.id, sse.data, sse.retry))
             if sse.event == "connected":
                 publish(r, brand, player, {"type": "greeting", "data": {"hi": 1}, "id": "9-1"})
             if sse.event == "greeting":
                 break
     r.close()
-    assert [s[0] for s in seen] == ["connected", "greeting"]
+    assert [s[0] for s in seen] == ["connected", "greeting"], seen
     assert json.loads(seen[0][2])["player_id"] == player
-    assert seen[1][1:] == ("9-1", '{"hi":1}')
+    assert_position_id(seen[0][1])  # the resume id of an empty history
+    assert seen[0][3] == 3000
+    assert seen[1][1:] == ("9-1", '{"hi":1}', None)
 
 
 # ----------------------------------------------------------------------------- CORS
@@ -344,6 +347,7 @@ def test_chromium_event_source_same_origin(
         page.close()
     connected = json.loads(events[0]["data"])
     assert (connected["brand_id"], connected["player_id"]) == (brand, player)
+    assert_position_id(events[0]["id"])  # the resume id: an EventSource has one from the start
     note = next(e for e in events if e["type"] == "notification")
     assert json.loads(note["data"]) == {"msg": "hé"}
     assert note["id"] == "7-0"

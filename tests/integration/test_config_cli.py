@@ -23,7 +23,7 @@ from support.procs import (
     free_port,
     wait_for,
 )
-from support.sse import SSEClient, request
+from support.sse import SSEClient, assert_position_id, request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -218,7 +218,11 @@ def test_dev_mode_prints_working_token_and_curl(gateway_factory: GatewayFactory)
     try:
         out = _read_until(proc, b"event: connected", 20)
         out += _read_until(proc, b"event: heartbeat", 20)
-        assert out.startswith(b"retry:"), out[:200]
+        # curl decodes the chunked body: the first frame is `connected` with its resume id
+        # (the demo player's history is empty: a position) and its retry, in one block.
+        first = re.match(rb"id: (\d+-\d+)\nevent: connected\nretry: 3000\ndata: \{", out)
+        assert first is not None, out[:200]
+        assert_position_id(first.group(1).decode())
         publish_lines = [
             line[line.index("curl ") :]
             for line in logs.splitlines()

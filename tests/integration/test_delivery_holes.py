@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 from support.procs import Gateway, GatewayFactory, RedisServer, cli, wait_for
-from support.sse import assert_quiet, read_events
+from support.sse import assert_position_id, assert_quiet, read_events
 
 from sse_gateway.publish import PUBLISH_SCRIPT, PUBLISH_SCRIPT_SHA, Event, SyncPublisher
 
@@ -31,6 +31,8 @@ def test_an_empty_last_event_id_starts_a_stream_without_replay(
     client, connected = gateway.player_stream(brand, player, "", query=query)
     with client:
         assert "recovered" not in connected  # no id: no replay, as without the header
+        assert client.connected is not None
+        assert_position_id(client.connected.id)  # as without the header
         assert_quiet(client, 0.3)
         live = publisher.publish(brand, player, "n", "live")
         assert [e.id for e in read_events(client, 1)] == [live]
@@ -236,6 +238,9 @@ def test_a_last_event_id_newer_than_the_history_still_gets_live_events(
     client, connected = gateway.player_stream(brand, player, last_id)
     with client:
         assert connected["recovered"] is False
+        # Not the client's id: a position of now, so a reconnect resumes from there.
+        assert client.connected is not None
+        assert_position_id(client.connected.id)
         sent = [publisher.publish(brand, player, "n", n) for n in range(1, 4)]
         assert [e.id for e in read_events(client, 3)] == sent
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
+from support.asserts import assert_close_frame, assert_farewell
 from support.procs import Gateway, GatewayFactory, RedisServer, wait_for
 from support.sse import SSEEvent, assert_quiet, is_event, read_events, read_through
 
@@ -176,7 +177,10 @@ def test_pubsub_outage_longer_than_history_is_not_silent(
                 got += [e.id for e in read_events(client, 1)]
         except EOFError:
             closed = True
-        if not closed:
+        if closed:
+            # Said, not silent: `event: close` (history_gap) asks the client back.
+            assert_farewell(client, "history_gap", 3000)
+        else:
             assert got == [*missed, live], f"{21 - len(got)} events silently missing"
     finally:
         client.close()
@@ -260,6 +264,7 @@ def test_slow_consumer_cut_off_then_recovers_everything(
         client, connected = gateway.player_stream(brand, player, last_seen)
         with client:
             assert connected["recovered"] is True
+            assert client.connected is not None and client.connected.id == last_seen
             got = read_through(client, published[-1], timeout=60)
             assert_exactly((e.id for e in got), published, "reconnected client")
             assert [e.json()["n"] for e in got] == list(range(count))
@@ -282,6 +287,8 @@ class FailoverClient(threading.Thread):
         self.client, _ = a.player_stream(brand, player)
         self.ids: list[str | None] = []
         self.retries: list[int] = []
+        self.farewell: SSEEvent | None = None  # A's last frame
+        self.ended = False  # A's chunked body ended with its last chunk (not a cut)
         self.recovered: bool | None = None
         self.target: str | None = None
         self.got_target = threading.Event()
@@ -300,8 +307,11 @@ class FailoverClient(threading.Thread):
                         self._absorb(self.client.next_frame(30))
                     except EOFError:
                         break
-            # every `retry:` A sent, from the first frame on
+            # every `retry:` A sent, from the first frame on, and in which frames
             self.retries = [f.retry for f in self.client.frames if f.retry is not None]
+            assert self.retries == self.client.retries
+            self.farewell = self.client.frames[-1] if self.client.frames else None
+            self.ended = self.client.ended
             last_id = self.client.parser.last_event_id
             client, connected = self.b.player_stream(self.brand, self.player, last_id or None)
             self.recovered = connected.get("recovered")
@@ -352,10 +362,14 @@ def test_sigterm_clients_resume_on_another_instance(
             raise client.error
         assert client.recovered is True, f"client {n}"
         assert_exactly(client.ids, published[(client.brand, client.player)], f"client {n}")
-        # retry: the configured one first, then the shutdown one: 1000 ms + up to 10 s of jitter
+        # retry: the configured one in `connected`, then the shutdown one in `event: close`:
+        # 1000 ms + up to 10 s of jitter; A's body ends with its last chunk.
         assert len(client.retries) == 2, f"client {n}: retry frames from A: {client.retries}"
         assert client.retries[0] == 1000
-        assert 1000 <= client.retries[1] <= 11_000
+        assert client.farewell is not None
+        assert_close_frame(client.farewell, "shutdown", 1000)
+        assert client.farewell.retry == client.retries[1]
+        assert client.ended, f"client {n}: A's stream ended without its last chunk"
     assert b.metrics().value("sse_replays_total", outcome="recovered") == len(clients)
     shutdown_retries = {c.retries[1] for c in clients}
     assert len(shutdown_retries) > 1, "every client was told the same retry delay (no jitter)"

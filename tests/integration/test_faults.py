@@ -7,14 +7,34 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.asserts import assert_error, assert_retry_after
-from support.procs import GatewayFactory, RedisServer, free_port, publish, wait_for
+from support.asserts import assert_close_answer, assert_error, assert_retry_after
+from support.procs import GatewayFactory, Metrics, RedisServer, free_port, publish, wait_for
 from support.sse import SSEClient, request
 
 
 def readyz(port: int) -> tuple[int, dict[str, object]]:
     response = request(port, "GET", "/readyz", timeout=5)
     return response.status, response.json()
+
+
+def rejected(port: int, reason: str) -> float:
+    response = request(port, "GET", "/metrics", timeout=5)
+    return Metrics.parse(response.body.decode()).value(
+        "sse_connections_rejected_total", reason=reason
+    )
+
+
+def assert_broker_unavailable_refusals(port: int, token: str) -> None:
+    """A stream request while the broker is down, without and with `Accept:
+    text/event-stream`: 503 JSON, then the 200 close answer; both counted as refusals."""
+    before = rejected(port, "broker_unavailable")
+    auth = {"Authorization": f"Bearer {token}"}
+    response = request(port, "GET", "/v1/sse", auth)
+    assert_error(response, 503, "broker_unavailable")
+    assert_retry_after(response)
+    answer = request(port, "GET", "/v1/sse", {**auth, "Accept": "text/event-stream"})
+    assert_close_answer(answer, "broker_unavailable", 3000)
+    assert rejected(port, "broker_unavailable") == before + 2
 
 
 @pytest.mark.timeout(150)
@@ -42,12 +62,9 @@ def test_redis_killed_and_restarted_while_streaming(
         client.drain_available(0.05)
         for _ in range(3):
             assert client.next_event(timeout=10).event == "heartbeat"
-        # New streams are refused while the broker is down (they could not get events).
-        refused = request(
-            gw.port, "GET", "/v1/sse", {"Authorization": f"Bearer {gw.token('fb', 'other')}"}
-        )
-        assert_error(refused, 503, "broker_unavailable")
-        assert_retry_after(refused)
+        # New streams are refused while the broker is down (they could not get events): an
+        # EventSource with a 200 `event: close` it survives, any other client with a 503.
+        assert_broker_unavailable_refusals(gw.port, gw.token("fb", "other"))
         assert gw.get("/healthz").status == 200
 
         fresh_redis.start()
@@ -89,11 +106,7 @@ def test_redis_unreachable_at_start(
     assert gw.get("/healthz").json() == {"status": "ok"}
     status, body = readyz(gw.port)
     assert (status, body) == (503, {"status": "not_ready", "reason": "broker_disconnected"})
-    response = request(
-        gw.port, "GET", "/v1/sse", {"Authorization": f"Bearer {gw.token('ub', 'up')}"}
-    )
-    assert_error(response, 503, "broker_unavailable")
-    assert_retry_after(response)
+    assert_broker_unavailable_refusals(gw.port, gw.token("ub", "up"))
     assert gw.running()
     # When Redis shows up on that port later, the gateway connects on its own.
     server = RedisServer(tmp_path_factory.mktemp("late-redis"), port=port).start()
@@ -135,8 +148,10 @@ def test_slow_consumer_is_disconnected_not_buffered(
                 r.publish(f"SSE::{brand}::{slow_player}", payload)
             sent += 50
         assert slow.wait_closed(timeout=60), "the slow stream was not closed"
-        # Everything the slow client did get was whole events, then EOF.
+        # Everything the slow client did get was whole events, then a cut: a reset, so no
+        # last chunk (a client must not take it for a graceful end) and no `event: close`.
         assert all(f.event in ("connected", "big", "heartbeat") for f in slow.frames if f.has_data)
+        assert not slow.ended
         # The healthy connection and the gateway are fine.
         publish(r, brand, ok_player, {"type": "fine", "data": 1})
         assert healthy.wait_event("fine").json() == 1

@@ -11,7 +11,12 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from support.asserts import assert_error, assert_retry_after, assert_www_authenticate
+from support.asserts import (
+    assert_close_answer,
+    assert_error,
+    assert_retry_after,
+    assert_www_authenticate,
+)
 from support.procs import (
     DEFAULT_SECRET,
     Gateway,
@@ -67,6 +72,22 @@ def test_missing_token(gw: Gateway) -> None:
     response = request(gw.port, "GET", "/v1/sse")
     assert_error(response, 401, "missing_token")
     assert_www_authenticate(response, error=None)
+
+
+def test_refusals_that_are_not_transient_stay_errors_for_event_stream_clients(
+    gw: Gateway,
+) -> None:
+    """Only a transient refusal (draining, connection_limit, broker_unavailable) is the 200
+    close an EventSource survives: one that retrying cannot fix stays an error, which ends
+    an EventSource for good."""
+    accept = {"Accept": "text/event-stream"}
+    response = request(gw.port, "GET", "/v1/sse", accept)
+    assert_error(response, 401, "missing_token")
+    response = request(gw.port, "GET", "/v1/sse", {**accept, "Authorization": "Bearer junk"})
+    assert_error(response, 401, "invalid_token")
+    token = gw.token("eb", "ep")
+    bad_id = {**accept, "Authorization": f"Bearer {token}", "Last-Event-ID": "a b"}
+    assert_error(request(gw.port, "GET", "/v1/sse", bad_id), 400, "invalid_last_event_id")
 
 
 def test_token_in_query_string_is_accepted(gw: Gateway) -> None:
@@ -358,7 +379,15 @@ def test_connection_limit(
         third = request(gateway.port, "GET", "/v1/sse", third_auth)
         assert_error(third, 503, "connection_limit")
         assert_retry_after(third)
-        assert gateway.metrics().value("sse_connection_limit") == 2
+        # An EventSource gets a 200 it survives: one `event: close`, then it comes back.
+        answer = request(
+            gateway.port, "GET", "/v1/sse", {**third_auth, "Accept": "text/event-stream"}
+        )
+        assert_close_answer(answer, "connection_limit", 3000)
+        metrics = gateway.metrics()
+        assert metrics.value("sse_connection_limit") == 2
+        assert metrics.value("sse_connections_rejected_total", reason="connection_limit") == 2
+        assert metrics.value("sse_connections") == 2
         first.close()
         # The slot comes back once the gateway has seen the close: poll for it.
         deadline = time.monotonic() + 20

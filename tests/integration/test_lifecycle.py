@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 
 import pytest
-from support.asserts import assert_error, assert_retry_after
+from support.asserts import (
+    assert_close_answer,
+    assert_error,
+    assert_farewell,
+    assert_retry_after,
+)
 from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_for
-from support.sse import request
+from support.sse import SSEClient, build_request, parse_head, request
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -178,7 +184,9 @@ def test_signal_drains_and_exits_zero(
             assert_error(late, 503, "draining")
             assert_retry_after(late)
         for stream in streams:
-            assert stream.wait_closed(timeout=15), "an open stream was not closed by the drain"
+            # Closed by the drain with `event: close` (shutdown) and a spread `retry:`, the
+            # chunked body ended with its last chunk.
+            assert_farewell(stream, "shutdown", 3000, timeout=15)
         rc = gw.wait(timeout=2 + 15)
         elapsed = time.monotonic() - started
         assert rc == 0, f"exit status {rc}\n{gw.logs()}"
@@ -196,3 +204,78 @@ def test_sigterm_with_no_clients_exits_zero_quickly(
     gw = gateway_factory("--drain-seconds", "2", redis=redis_server)
     gw.terminate()
     assert gw.wait(timeout=15) == 0, gw.logs()
+
+
+def read_response(sock: socket.socket, timeout: float = 15.0) -> tuple[bytes, bytes]:
+    """One whole response with a Content-Length body: (head, body)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        assert got, f"closed before a response: {data!r}"
+        data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(parse_head(head).header("Content-Length") or 0)
+    while len(body) < length:
+        got = sock.recv(65536)
+        assert got, f"body cut short: {body!r}"
+        body += got
+    return head, body
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("accept", [True, False], ids=["event-stream", "no-accept"])
+def test_a_stream_request_during_the_drain_is_refused_draining(
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    ids: Callable[..., str],
+    accept: bool,
+) -> None:
+    """An EventSource (`Accept: text/event-stream`) gets the 200 `event: close` it survives
+    and comes back from; any other client 503 JSON. Both with `Retry-After`."""
+    gw = gateway_factory("--drain-seconds", "6", redis=redis_server)
+    brand = ids("b")
+    # A stream whose client stops reading: its socket cannot flush, so the drain waits for it
+    # (up to its deadline) and the gateway is still there to read a late request.
+    stalled = SSEClient.connect(
+        gw.port, headers={"Authorization": f"Bearer {gw.token(brand, 'stalled')}"}, rcvbuf=4096
+    )
+    idle = socket.create_connection(("127.0.0.1", gw.port), timeout=15)
+    try:
+        stalled.wait_connected()
+        r = redis_server.client()
+        for _ in range(30):
+            publish(r, brand, "stalled", {"type": "big", "data": "x" * 16_000})
+        r.close()
+        # A keep-alive socket, idle when the drain begins (it is not closed by it).
+        idle.sendall(build_request("GET", "/healthz"))
+        head, _ = read_response(idle)
+        assert b"keep-alive" in head.lower(), head
+        time.sleep(0.5)  # the stalled stream's buffers are full
+        gw.terminate()
+        wait_for(lambda: not gw.running() or _not_ready(gw), timeout=10, what="the drain")
+        assert gw.running(), "the gateway exited without waiting for the stalled stream"
+        headers = {"Authorization": f"Bearer {gw.token(brand, 'late')}"}
+        if accept:
+            headers["Accept"] = "text/event-stream"
+        idle.sendall(build_request("GET", "/v1/sse", headers))
+        head, body = read_response(idle)
+        response = parse_head(head)
+        response.body = body
+        if accept:
+            assert_close_answer(response, "draining", 3000)
+        else:
+            assert_error(response, 503, "draining")
+            assert_retry_after(response)
+        assert (response.header("Connection") or "").lower() == "close"
+        assert gw.wait(timeout=20) == 0, gw.logs()[-2000:]
+    finally:
+        idle.close()
+        stalled.close()
+
+
+def _not_ready(gw: Gateway) -> bool:
+    try:
+        return gw.get("/readyz", timeout=2).status == 503
+    except (OSError, EOFError):
+        return True  # the listener is closed: draining

@@ -109,7 +109,9 @@ def test_line_breaks_in_data_cannot_forge_frames(
     assert [e.event for e in events] == ["notification", "after"], events
     assert events[0].json() == value
     assert events[0].id == "f-1"
-    assert len(client.parser.retries) == 1, f"a forged retry: was parsed: {client.parser.retries}"
+    # The one `retry:` of the stream is the configured one, inside `connected`.
+    assert client.retries == [3000], f"a forged retry: was parsed: {client.retries}"
+    assert client.frames[0].event == "connected" and client.frames[0].retry == 3000
 
 
 def test_multi_tab_each_connection_gets_every_event(

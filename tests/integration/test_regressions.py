@@ -34,6 +34,7 @@ from support.procs import (
 from support.sse import (
     Response,
     SSEClient,
+    assert_position_id,
     build_request,
     parse_head,
     read_events,
@@ -117,9 +118,9 @@ def connected_payload(client: SSEClient, timeout: float = 15.0) -> dict[str, Any
 def assert_only_sse(client: SSEClient, quiet: float = 0.5) -> None:
     """Nothing but SSE in the stream's body: no HTTP response written into it."""
     with contextlib.suppress(EOFError):
-        client.drain_available(quiet)
-    body = bytes(client.raw)
-    assert b"HTTP/1." not in body, f"a pipelined request was answered inside the stream: {body!r}"
+        client.drain_available(quiet)  # a response in the chunked body raises ChunkError too
+    wire = bytes(client.wire)
+    assert b"HTTP/1." not in wire, f"a pipelined request was answered inside the stream: {wire!r}"
 
 
 def assert_stream_released(gateway: Gateway, r: redis.Redis, channel: str) -> None:
@@ -387,9 +388,13 @@ def test_last_event_id_beyond_64_bits_does_not_spoil_other_replays(
         victim_client, attacker_client = clients
         assert attacker_client.status == 200
         assert attacker_client.wait_connected()["recovered"] is False
+        assert attacker_client.connected is not None
+        assert_position_id(attacker_client.connected.id)  # the end of its (empty) history
         assert victim_client.status == 200
         connected = victim_client.wait_connected()
         assert connected["recovered"] is True, f"victim's replay spoiled: {connected}"
+        assert victim_client.connected is not None
+        assert victim_client.connected.id == published[1]  # resumes from its own id
         replayed = read_events(victim_client, 3)
         assert [f.id for f in replayed] == published[2:]
         assert [f.json() for f in replayed] == [2, 3, 4]

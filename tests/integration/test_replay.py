@@ -13,7 +13,14 @@ import pytest
 import redis
 from support.asserts import assert_error
 from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_for
-from support.sse import SSEEvent, assert_quiet, read_events, read_through
+from support.sse import (
+    SSEClient,
+    SSEEvent,
+    assert_position_id,
+    assert_quiet,
+    read_events,
+    read_through,
+)
 
 from sse_gateway.publish import Event, SyncPublisher
 
@@ -23,6 +30,12 @@ API_KEY = "replay-test-publish-key-0123456789abcdef"
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def resume_id(client: SSEClient) -> str | None:
+    """The `id:` of the stream's `connected` frame: where a reconnect would resume from."""
+    assert client.connected is not None, "no `connected` read yet"
+    return client.connected.id
 
 
 def stream_id(value: str | None) -> tuple[int, int]:
@@ -93,6 +106,7 @@ def test_missed_events_replayed_in_order_then_live(
     brand, player = ids("b"), ids("p")
     client, connected = gateway.player_stream(brand, player)
     assert "recovered" not in connected
+    assert_position_id(resume_id(client))  # a new player: empty history
     first = publisher.publish(brand, player, "notification", {"n": -1})
     [event] = read_events(client, 1)
     assert event.id == first
@@ -106,6 +120,7 @@ def test_missed_events_replayed_in_order_then_live(
     client, connected = gateway.player_stream(brand, player, event.id, query=via == "query")
     with client:
         assert connected["recovered"] is True
+        assert resume_id(client) == event.id  # the client's own id
         replayed = read_events(client, 100)
         assert [e.id for e in replayed] == list(missed)
         assert [e.event for e in replayed] == ["notification"] * 100
@@ -229,11 +244,13 @@ def test_history_smaller_than_gap_is_not_recovered(
         with client:
             last = publisher.publish(brand, player, "n", -1)
             read_through(client, last)
+
         publisher.publish_many([Event(brand, player, "n", n) for n in range(20)])
 
         client, connected = gateway.player_stream(brand, player, last)
         with client:
             assert connected["recovered"] is False
+            assert_position_id(resume_id(client))  # live from now: a position of Redis' clock
             assert_quiet(client)  # no partial replay of the 5 that are left
             live = publisher.publish(brand, player, "live", 1)
             assert [e.id for e in read_events(client, 1)] == [live]
@@ -257,6 +274,7 @@ def test_unknown_ids_are_not_recovered(
         client, connected = gateway.player_stream(brand, player, last_id)
         with client:
             assert connected["recovered"] is False, last_id
+            assert_position_id(resume_id(client))
             assert_quiet(client, 0.2)
     # the real one still works
     client, connected = gateway.player_stream(brand, player, sent[0])
@@ -283,6 +301,7 @@ def test_expired_history_is_not_recovered(
     client, connected = gateway.player_stream(brand, player, sent[0])
     with client:
         assert connected["recovered"] is False
+        assert_position_id(resume_id(client))  # the history is gone: a position of now
         assert_quiet(client, 0.2)
 
 
@@ -294,6 +313,7 @@ def test_without_last_event_id_there_is_no_replay(
     client, connected = gateway.player_stream(brand, player)
     with client:
         assert "recovered" not in connected
+        assert_position_id(resume_id(client))  # a reconnect from here misses nothing
         assert_quiet(client)
         live = publisher.publish(brand, player, "n", 5)
         assert [e.id for e in read_events(client, 1)] == [live]
@@ -383,6 +403,7 @@ def test_embedded_broker_keeps_history(
     client, connected = gateway.player_stream(brand, player, live["id"])
     with client:
         assert connected["recovered"] is False
+        assert_position_id(resume_id(client))  # the new history is empty
         assert_quiet(client, 0.2)
 
 

@@ -1,4 +1,5 @@
-"""A successful stream: response headers, `retry:` first, `connected`, heartbeats."""
+"""A successful stream: response headers, `connected` first (with `id:` and `retry:`),
+heartbeats; an HTTP/1.1 body chunked, every write whole chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from support.procs import GatewayFactory, RedisServer
-from support.sse import SSEEvent
+from support.sse import SSEEvent, assert_position_id, parse_stream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,25 +30,36 @@ def test_success_headers_and_no_compression(
         assert (response.header("Connection") or "").lower() == "close"
         assert response.header("Content-Encoding") is None, response.headers
         assert response.header("Content-Length") is None, response.headers
+        assert response.header_values("Transfer-Encoding") == ["chunked"], response.headers
         # The body is plain text from the first byte: not gzip (1f 8b), not a zlib header.
         client.wait_connected()
         assert not bytes(client.raw).startswith(b"\x1f\x8b")
         assert bytes(client.raw).lstrip(b"\xef\xbb\xbf")[:1] in (b"r", b":", b"e", b"d", b"i")
+        # ... in chunks: the first one is exactly the `connected` frame.
+        size, _, rest = bytes(client.wire).partition(b"\r\n")
+        assert client.connected is not None and client.connected.id is not None
+        first = f"id: {client.connected.id}\nevent: connected\n".encode()
+        assert int(size, 16) > 0 and rest.startswith(first), rest[:80]
 
 
-def test_frame_order_retry_connected_heartbeats(
+def test_frame_order_connected_then_heartbeats(
     gateway_factory: GatewayFactory, redis_server: RedisServer, ids: Callable[..., str]
 ) -> None:
     gw = gateway_factory("--retry-ms", "1234", "--keepalive-period", "200ms", redis=redis_server)
     brand, player = ids("b"), ids("p")
     with gw.stream(brand, player, wait_connected=False) as client:
         first = client.next_frame(timeout=15)
-        assert first.is_retry_only, f"first frame must be `retry:` alone, got {first!r}"
-        assert first.retry == 1234
-        second = client.next_frame(timeout=15)
-        assert second.event == "connected", second
-        connected = second.json()
+        # One frame: the resume id (an empty history: a position of Redis' clock),
+        # `connected` and the retry, so no client sees a `retry:`-only block as an empty
+        # message.
+        assert first.event == "connected" and first.has_data, first
+        assert first.retry == 1234, first
+        assert_position_id(first.id)
+        prefix = f"id: {first.id}\nevent: connected\nretry: 1234\ndata: ".encode()
+        assert bytes(client.raw).startswith(prefix), bytes(client.raw[:100])
+        connected = first.json()
         assert set(connected) >= {"connection_id", "brand_id", "player_id", "heartbeat_interval"}
+        assert "recovered" not in connected  # no Last-Event-ID
         assert connected["brand_id"] == brand
         assert connected["player_id"] == player
         assert isinstance(connected["connection_id"], str)
@@ -56,7 +68,13 @@ def test_frame_order_retry_connected_heartbeats(
         while len(heartbeats) < 5:
             frame = client.next_frame(timeout=15)
             assert frame.event == "heartbeat", f"unexpected frame between heartbeats: {frame!r}"
+            assert frame.id is None and frame.retry is None, frame
             heartbeats.append(frame)
+        # Each chunk holds exactly one frame, as the gateway wrote them.
+        chunks = client.chunks()
+        assert len(chunks) >= 1 + len(heartbeats) and not client.ended
+        assert [len(parse_stream(data)) for data in chunks] == [1] * len(chunks), chunks
+        assert chunks[0].startswith(prefix) and chunks[0].endswith(b"\n\n")
     stamps = []
     for beat in heartbeats:
         data = beat.json()
@@ -66,7 +84,8 @@ def test_frame_order_retry_connected_heartbeats(
     now_ms = time.time() * 1000
     assert all(abs(now_ms - ts) < 120_000 for ts in stamps), (stamps, now_ms)
     assert stamps == sorted(stamps), stamps
-    assert client.parser.retries == [1234]
+    assert client.retries == [1234]
+    assert not [f for f in client.frames if f.is_retry_only]
 
 
 def test_default_retry_and_heartbeat_interval(
@@ -74,9 +93,9 @@ def test_default_retry_and_heartbeat_interval(
 ) -> None:
     gw = gateway_factory(redis=redis_server)
     with gw.stream(ids("b"), ids("p"), wait_connected=False) as client:
-        assert client.next_frame().retry == 3000
         connected = client.next_frame()
         assert connected.event == "connected"
+        assert connected.retry == 3000
         assert connected.json()["heartbeat_interval"] == pytest.approx(15.0)
 
 
@@ -90,8 +109,9 @@ def test_settings_from_env_and_flag_wins(
         env={"SSE_RETRY_MS": "5555", "SSE_KEEPALIVE_PERIOD": "250ms"},
     )
     with gw.stream(ids("b"), ids("p"), wait_connected=False) as client:
-        assert client.next_frame().retry == 777
-        assert client.next_frame().json()["heartbeat_interval"] == pytest.approx(0.25)
+        connected = client.next_frame()
+        assert (connected.event, connected.retry) == ("connected", 777)
+        assert connected.json()["heartbeat_interval"] == pytest.approx(0.25)
         assert client.next_event().event == "heartbeat"
 
 

@@ -175,29 +175,47 @@ class Response:
         return json.loads(self.body)
 
 
+class ChunkError(ValueError):
+    """A `Transfer-Encoding: chunked` body that breaks RFC 9112 §7.1."""
+
+
 class _ChunkedDecoder:
-    """Decodes a `Transfer-Encoding: chunked` body incrementally."""
+    """Decodes a `Transfer-Encoding: chunked` body incrementally, strictly (RFC 9112 §7.1).
+
+    A size line that is not hex, a chunk not followed by CRLF, or anything after the last
+    chunk's end raises ChunkError: a stream that garbles its framing fails the test at once.
+    `done`: the last chunk (`0`) and the blank line after it were read; `sizes` lists every
+    chunk's size in order (the last one, 0, included).
+    """
 
     def __init__(self) -> None:
         self._buf = b""
         self._state = "size"
         self._remaining = 0
         self.done = False
+        self.sizes: list[int] = []
 
-    def feed(self, chunk: bytes) -> bytes:
-        self._buf += chunk
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            if data:
+                raise ChunkError(f"bytes after the last chunk: {data[:100]!r}")
+            return b""
+        self._buf += data
         out = bytearray()
         while not self.done:
             if self._state == "size":
                 nl = self._buf.find(b"\r\n")
                 if nl < 0:
+                    if len(self._buf) > 1024:
+                        raise ChunkError(f"no chunk size line: {self._buf[:100]!r}")
                     break
                 size_text = self._buf[:nl].split(b";", 1)[0].strip()
+                if not size_text or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
+                    raise ChunkError(f"bad chunk size line: {self._buf[:nl][:100]!r}")
                 self._buf = self._buf[nl + 2 :]
                 self._remaining = int(size_text, 16)
-                self._state = "data"
-                if self._remaining == 0:
-                    self.done = True
+                self.sizes.append(self._remaining)
+                self._state = "data" if self._remaining else "trailer"
             elif self._state == "data":
                 if not self._buf:
                     break
@@ -207,12 +225,29 @@ class _ChunkedDecoder:
                 self._remaining -= take
                 if self._remaining == 0:
                     self._state = "crlf"
-            else:
+            elif self._state == "crlf":
                 if len(self._buf) < 2:
                     break
+                if self._buf[:2] != b"\r\n":
+                    raise ChunkError(f"chunk data not followed by CRLF: {self._buf[:100]!r}")
                 self._buf = self._buf[2:]
                 self._state = "size"
+            else:  # "trailer": the blank line that ends the body (no trailer fields expected)
+                if len(self._buf) < 2:
+                    break
+                if self._buf[:2] != b"\r\n":
+                    raise ChunkError(f"unexpected trailer after the last chunk: {self._buf!r}")
+                rest, self._buf = self._buf[2:], b""
+                self.done = True
+                if rest:
+                    raise ChunkError(f"bytes after the last chunk: {rest[:100]!r}")
         return bytes(out)
+
+
+def dechunk(data: bytes) -> tuple[bytes, bool]:
+    """A chunked body decoded at once: (the bytes, whether its last chunk was there)."""
+    decoder = _ChunkedDecoder()
+    return decoder.feed(data), decoder.done
 
 
 def build_request(
@@ -235,7 +270,13 @@ def build_request(
 
 
 class SSEClient:
-    """A synchronous HTTP/1.1 client on a raw socket that reads an SSE response incrementally."""
+    """A synchronous HTTP/1.1 client on a raw socket that reads an SSE response incrementally.
+
+    A `Transfer-Encoding: chunked` body is decoded strictly (ChunkError on broken framing);
+    `wire` keeps the body's bytes as they came, `raw` the decoded ones the SSE parser read.
+    The body is over (`eof`) at its last chunk, or when the socket closes; `ended` tells a
+    chunked body that ended properly from one cut off (a reset, a crash).
+    """
 
     def __init__(self, sock: socket.socket, response: Response, leftover: bytes) -> None:
         self.sock = sock
@@ -243,12 +284,43 @@ class SSEClient:
         self.parser = SSEParser()
         self.frames: list[SSEEvent] = []  # every block read so far, in order
         self.raw = bytearray()  # the decoded body bytes read so far
-        self.eof = False
+        self.wire = bytearray()  # the body bytes as they came off the socket (chunk framing)
+        self.eof = False  # the body is over: its last chunk was read, or the socket closed
+        self.socket_closed = False  # the peer closed (or reset) the connection
+        self.connected: SSEEvent | None = None  # the `connected` frame, once wait_connected saw it
         self._pending: list[SSEEvent] = []
         te = (response.header("Transfer-Encoding") or "").lower()
         self._chunked: _ChunkedDecoder | None = _ChunkedDecoder() if "chunked" in te else None
         if leftover:
             self._absorb(leftover)
+
+    @property
+    def chunked(self) -> bool:
+        """The response announced `Transfer-Encoding: chunked`."""
+        return self._chunked is not None
+
+    @property
+    def ended(self) -> bool:
+        """A chunked body whose last chunk (`0`, blank line) was read: a graceful end. False for
+        a chunked body cut off, and for a close-delimited one (nothing tells its end apart)."""
+        return self._chunked is not None and self._chunked.done
+
+    def chunks(self) -> list[bytes]:
+        """The contents of every whole chunk read so far (a chunked body), in order."""
+        assert self._chunked is not None, "not a chunked body"
+        out: list[bytes] = []
+        start = 0
+        for size in self._chunked.sizes:
+            if size == 0 or start + size > len(self.raw):
+                break
+            out.append(bytes(self.raw[start : start + size]))
+            start += size
+        return out
+
+    @property
+    def retries(self) -> list[int]:
+        """Every `retry:` value read so far, in order (whatever block it came in)."""
+        return self.parser.retries
 
     @property
     def status(self) -> int:
@@ -294,17 +366,30 @@ class SSEClient:
             raise
         return cls(sock, response, rest)
 
-    def _absorb(self, chunk: bytes) -> None:
+    def _absorb(self, data: bytes) -> None:
+        self.wire += data
         if self._chunked is not None:
-            chunk = self._chunked.feed(chunk)
-        self.raw += chunk
-        events = self.parser.feed(chunk)
+            data = self._chunked.feed(data)
+        self.raw += data
+        events = self.parser.feed(data)
+        self.frames += events
+        self._pending += events
+        if self._chunked is not None and self._chunked.done:
+            self._end_body()
+
+    def _end_body(self) -> None:
+        """The body is over: an incomplete last block is dropped, as the spec says."""
+        if self.eof:
+            return
+        self.eof = True
+        events = self.parser.feed_eof()
         self.frames += events
         self._pending += events
 
     def _read_some(self, deadline: float) -> bool:
-        """Reads what is available before the deadline; False on timeout."""
-        if self.eof:
+        """Reads what is available before the deadline; False on timeout. EOFError once the
+        socket is closed."""
+        if self.socket_closed:
             raise EOFError("stream closed")
         remaining = max(0.0, deadline - time.monotonic())
         poller = select.poll()  # not select(): the tests hold more than 1024 sockets
@@ -312,26 +397,25 @@ class SSEClient:
         if not poller.poll(remaining * 1000):
             return False
         try:
-            chunk = self.sock.recv(262144)
+            data = self.sock.recv(262144)
         except BlockingIOError:
             return True
         except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            events = self.parser.feed_eof()
-            self.frames += events
-            self._pending += events
-            if not self._pending:
-                raise EOFError("stream closed")
+            data = b""
+        if not data:
+            self.socket_closed = True
+            self._end_body()
             return True
-        self._absorb(chunk)
+        self._absorb(data)
         return True
 
     def next_frame(self, timeout: float = 10.0) -> SSEEvent:
-        """The next block, including `retry:`-only blocks. TimeoutError / EOFError."""
+        """The next block, including `retry:`-only blocks. TimeoutError; EOFError when the
+        body is over and every block was taken."""
         deadline = time.monotonic() + timeout
         while not self._pending:
+            if self.eof:
+                raise EOFError("stream closed")
             if not self._read_some(deadline) and time.monotonic() >= deadline:
                 raise TimeoutError(f"no SSE frame within {timeout}s")
         return self._pending.pop(0)
@@ -361,7 +445,10 @@ class SSEClient:
         return self.read_until(lambda f: f.event == event_type and f.has_data, timeout)[-1]
 
     def wait_connected(self, timeout: float = 15.0) -> dict[str, Any]:
-        data: dict[str, Any] = self.wait_event("connected", timeout).json()
+        """The `connected` payload; the frame itself (its `id:`, `retry:`) is kept as
+        `connected`."""
+        self.connected = self.wait_event("connected", timeout)
+        data: dict[str, Any] = self.connected.json()
         return data
 
     def drain_available(self, quiet: float = 0.2) -> list[SSEEvent]:
@@ -374,7 +461,8 @@ class SSEClient:
                 return out
 
     def wait_closed(self, timeout: float = 10.0) -> bool:
-        """Reads (and keeps) frames until EOF; False if the stream is still open at the deadline."""
+        """Reads (and keeps) frames until the socket closes; False if it is still open at the
+        deadline."""
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -386,11 +474,17 @@ class SSEClient:
             return True
 
     def read_body(self, timeout: float = 5.0) -> bytes:
-        """The rest of a bounded (error) response body: by Content-Length, else until EOF."""
+        """The rest of a bounded (error) response body, decoded: to the last chunk of a chunked
+        one, by Content-Length, else until EOF."""
         length = self.response.header("Content-Length")
         deadline = time.monotonic() + timeout
         try:
-            while length is None or len(self.raw) < int(length):
+            while True:
+                if self._chunked is not None:
+                    if self._chunked.done:
+                        break
+                elif length is not None and len(self.raw) >= int(length):
+                    break
                 if not self._read_some(deadline) and time.monotonic() >= deadline:
                     break
         except EOFError:
@@ -408,9 +502,38 @@ class SSEClient:
         self.close()
 
 
+#: The sequence number of a position id (`wire.ids.position_id`): the resume id of a stream
+#: whose player's history was empty, the end of one millisecond of Redis' clock; no entry has it.
+POSITION_SEQ = 2**64 - 1
+
+
+def position_ms(value: str | None) -> int | None:
+    """The millisecond of a position id `<ms>-18446744073709551615`; None for any other id."""
+    if value is None:
+        return None
+    ms, sep, seq = value.partition("-")
+    if not sep or not ms.isdigit() or seq != str(POSITION_SEQ):
+        return None
+    return int(ms)
+
+
+def assert_position_id(value: str | None, slack_ms: int = 60_000) -> int:
+    """`value` is a position id of about now (Redis' clock, a second back): the resume id of
+    a stream that began on an empty history. Returns its millisecond."""
+    ms = position_ms(value)
+    assert ms is not None, f"not a position id (<ms>-{POSITION_SEQ}): {value!r}"
+    now_ms = int(time.time() * 1000)
+    assert now_ms - slack_ms <= ms <= now_ms, f"position {value} is not of about now ({now_ms})"
+    return ms
+
+
+#: Event types of the gateway's own frames; a published event cannot have them.
+GATEWAY_EVENTS = ("connected", "heartbeat", "close", "error")
+
+
 def is_event(frame: SSEEvent) -> bool:
-    """A published event (not `connected`, not a heartbeat, not a retry-only block)."""
-    return frame.has_data and frame.event not in ("connected", "heartbeat")
+    """A published event (not `connected`, a heartbeat or `close`; not a retry-only block)."""
+    return frame.has_data and frame.event not in GATEWAY_EVENTS
 
 
 def read_events(client: SSEClient, count: int, timeout: float = 30.0) -> list[SSEEvent]:
@@ -511,11 +634,14 @@ def request(
         if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
             return response
         content_type = (response.header("Content-Type") or "").lower()
-        if content_type.startswith("text/event-stream"):
-            response.body = bytes(reader.buf)  # an endless stream: keep what came with the head
-            return response
         te = (response.header("Transfer-Encoding") or "").lower()
         length = response.header("Content-Length")
+        if content_type.startswith("text/event-stream") and length is None:
+            # An endless stream: keep what came with the head (decoded, when chunked). A
+            # bounded one (a refusal's single `event: close`) is read whole below.
+            came = bytes(reader.buf)
+            response.body = _ChunkedDecoder().feed(came) if "chunked" in te else came
+            return response
         if "chunked" in te:
             decoder = _ChunkedDecoder()
             out = bytearray(decoder.feed(bytes(reader.buf)))

@@ -160,6 +160,46 @@ def run_in_loop(
     return wrapper
 
 
+# --- HTTP/1.1 chunked bodies, written here independently of `wire.frames` -----------------
+
+END_CHUNK = b"0\r\n\r\n"
+
+
+def http_chunk(frame: bytes) -> bytes:
+    """`frame` as one chunk (RFC 9112 §7.1): its size in hex, CRLF, the bytes, CRLF."""
+    assert frame, "an empty chunk is the last chunk"
+    return f"{len(frame):x}\r\n".encode("ascii") + frame + b"\r\n"
+
+
+def split_chunks(data: bytes) -> tuple[list[bytes], bool]:
+    """The chunks `data` is made of: (their contents, whether it ends with the last chunk).
+
+    Strict: `data` must be whole chunks, in full, and nothing may follow the last chunk, so a
+    write that is not "whole chunks" fails the test that decodes it.
+    """
+    chunks: list[bytes] = []
+    rest = data
+    while rest:
+        line, sep, rest = rest.partition(b"\r\n")
+        assert sep, f"no CRLF after a chunk size: {line[:50]!r}"
+        hex_digits = b"0123456789abcdefABCDEF"
+        assert line and all(c in hex_digits for c in line), f"bad chunk size {line!r}"
+        size = int(line, 16)
+        if size == 0:
+            assert rest == b"\r\n", f"the last chunk must end the body: {rest[:50]!r}"
+            return chunks, True
+        assert len(rest) >= size + 2, f"chunk of {size} bytes cut short: {rest[:50]!r}"
+        assert rest[size : size + 2] == b"\r\n", f"chunk not followed by CRLF: {rest[:50]!r}"
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+    return chunks, False
+
+
+def dechunk(data: bytes) -> bytes:
+    """The body bytes carried by `data` (whole chunks, see `split_chunks`)."""
+    return b"".join(split_chunks(data)[0])
+
+
 def parse_response(data: bytes, *, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
     """(status, headers with lower-cased names, body) of one complete HTTP/1.1 response."""
     head, sep, body = data.partition(b"\r\n\r\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fakes import http_chunk
 from hypothesis import given
 from hypothesis import strategies as st
 from sse_spec_parser import Event, parse_sse
@@ -28,12 +29,18 @@ def reason_of(payload: bytes, max_bytes: int = MAX) -> str:
     with pytest.raises(EnvelopeError) as fast:
         event_frame(payload, max_bytes)
     assert fast.value.reason == info.value.reason
+    with pytest.raises(EnvelopeError) as chunked:
+        event_frame(payload, max_bytes, True)
+    assert chunked.value.reason == info.value.reason
     return info.value.reason
 
 
 def assert_fast_path_agrees(payload: bytes, max_bytes: int = MAX) -> None:
+    """The Pub/Sub fast path gives the envelope's frame; chunked (as streams take it), that
+    frame as one HTTP/1.1 chunk, built in the same step."""
     envelope = parse_envelope(payload, max_bytes)
     assert event_frame(payload, max_bytes) == (envelope.encode(), envelope.id)
+    assert event_frame(payload, max_bytes, True) == (http_chunk(envelope.encode()), envelope.id)
 
 
 # --- every documented reason -----------------------------------------------------------------
@@ -341,3 +348,28 @@ def test_fast_path_caches_a_type_only_once_it_is_valid() -> None:
     assert_fast_path_agrees(b'{"type":"cached.type","data":1}')
     assert_fast_path_agrees(b'{"type":"cached.type","data":2,"id":"7"}')
     assert reason_of(b'{"type":"cached.type","id":"7"}') == "missing_data"
+
+
+@pytest.mark.parametrize(
+    "data_len",
+    [0, 1, 4000, 4060, 4070, 4080, 4090, 4100, 70_000],
+)
+@pytest.mark.parametrize("event_id", [None, "1700000000000-1"])
+def test_chunked_fast_path_around_the_cached_size_lines(
+    data_len: int, event_id: str | None
+) -> None:
+    # Chunk size lines up to 4 KiB are made once; longer frames format their own.
+    payload = encode_envelope("t", "x" * data_len, event_id)
+    assert_fast_path_agrees(payload, len(payload))
+    frame, _ = event_frame(payload, len(payload), True)
+    size_line, _, rest = frame.partition(b"\r\n")
+    assert int(size_line, 16) == len(rest) - 2 and rest.endswith(b"\n\n\r\n")
+
+
+def test_chunked_fast_path_of_integers_beyond_64_bits() -> None:
+    # orjson refuses them: the general path, chunked as well.
+    payload = b'{"type":"t","data":18446744073709551616,"id":"5-0"}'
+    assert_fast_path_agrees(payload)
+    frame, event_id = event_frame(payload, MAX, True)
+    assert event_id == "5-0"
+    assert frame == http_chunk(b"id: 5-0\nevent: t\ndata: 18446744073709551616\n\n")

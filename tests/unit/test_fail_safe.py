@@ -2,15 +2,18 @@
 
 The whole gateway in-process over the embedded broker, with fake transports; a failure is
 injected where a bug or an unforeseen entry would raise. The stream or channel hit must end
-with a `retry:` (its clients come back and replay from history); every other one goes on.
+with `event: close` and its `retry:` (its clients come back and replay from history), as the
+chunked body's last chunk; every other one goes on.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, NoReturn
 
 import pytest
-from fakes import FakeTransport, run_in_loop, turns
+from fakes import FakeTransport, run_in_loop, split_chunks, turns
+from sse_spec_parser import parse_sse
 
 from sse_gateway.app import Gateway
 from sse_gateway.broker.memory import MemoryBroker
@@ -18,7 +21,7 @@ from sse_gateway.publish.events import PreparedEvent
 from sse_gateway.settings import Settings
 from sse_gateway.streams.history import HistoryReader
 from sse_gateway.streams.lifecycle import StreamLifecycle
-from sse_gateway.streams.stream import Stream, StreamState
+from sse_gateway.streams.stream import RETRY_SPREAD_MS, Stream, StreamState
 from sse_gateway.wire.naming import Identity, channel_name
 
 PLAYER = Identity("b1", "p1")
@@ -49,8 +52,21 @@ def open_stream(gateway: Gateway, who: Identity, last: str | None = None) -> tup
     return stream, transport
 
 
-def ended_with_retry(transport: Any) -> bool:
-    return bool(transport.closed) and b"retry: " in transport.output
+def ended_with_retry(transport: Any, reason: str) -> bool:
+    """Closed after a last frame `event: close` (`reason`, SSE_RETRY_MS plus spread) and the
+    chunked body's last chunk."""
+    assert transport.closed and not transport.aborted
+    output = transport.output
+    assert output.startswith(HEAD)
+    chunks, ended = split_chunks(output[len(HEAD) :])
+    assert ended, f"no last chunk: {output[-80:]!r}"
+    parsed = parse_sse(chunks[-1])
+    [close] = parsed.events
+    assert close.type == "close", close
+    assert json.loads(close.data)["reason"] == reason, close
+    retry_ms = Settings(jwt_secret="s" * 32).retry_ms
+    assert parsed.retry is not None and retry_ms <= parsed.retry < retry_ms + RETRY_SPREAD_MS
+    return True
 
 
 @run_in_loop
@@ -66,7 +82,7 @@ async def test_a_replay_that_raises_closes_its_stream_with_a_retry(
     replaying, out = open_stream(gateway, PLAYER, first)
     await turns(5)
     assert replaying.state is StreamState.CLOSED
-    assert ended_with_retry(out) and b"event: connected" not in out.output
+    assert ended_with_retry(out, "replay_failed") and b"event: connected" not in out.output
     assert gateway.metrics.replays["failed"] == 1
     assert gateway.metrics.closed["replay_failed"] == 1
     live = await publish(gateway, PLAYER, "3")
@@ -83,7 +99,7 @@ async def test_a_start_that_raises_closes_its_stream_with_a_retry(
     stream, out = open_stream(gateway, PLAYER)
     await turns(3)
     assert stream.state is StreamState.CLOSED
-    assert ended_with_retry(out)
+    assert ended_with_retry(out, "error")
     assert gateway.metrics.closed["error"] == 1
     assert gateway.lifecycle.open_streams == 0
 
@@ -103,8 +119,8 @@ async def test_a_refill_that_raises_does_not_stall_the_channel(
     await turns(5)
     channel = gateway.hub.get(channel_name(PLAYER.brand_id, PLAYER.player_id))
     assert channel is None or channel.held is None  # not held for ever
-    assert stream.state is StreamState.CLOSED and ended_with_retry(out)
-    assert other.state is StreamState.CLOSED and ended_with_retry(other_out)
+    assert stream.state is StreamState.CLOSED and ended_with_retry(out, "error")
+    assert other.state is StreamState.CLOSED and ended_with_retry(other_out, "error")
     monkeypatch.undo()
     # The player comes back, and the channel delivers again.
     again, again_out = open_stream(gateway, PLAYER)

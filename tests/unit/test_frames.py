@@ -6,17 +6,24 @@ import json
 import re
 
 import pytest
+from fakes import http_chunk, split_chunks
 from hypothesis import given
 from hypothesis import strategies as st
 from sse_spec_parser import Event, parse_sse
 
 from sse_gateway.wire.frames import (
+    LAST_CHUNK,
     FrameError,
+    chunk,
+    chunk_size_line,
     dump_json,
+    encode_close,
     encode_comment,
+    encode_connected,
     encode_event,
     encode_json_event,
     encode_retry,
+    unchunk,
 )
 
 
@@ -138,6 +145,94 @@ def test_retry_frame_then_event() -> None:
     assert parsed.events == [Event(type="connected", data="{}", id="")]
 
 
+# --- connected and close: `retry:` inside an event, never a block of its own ----------------
+
+
+def test_connected_exact_bytes() -> None:
+    frame = encode_connected(b'{"connection_id":"0a","recovered":true}', "1700000000000-3", 3000)
+    assert frame == (
+        b"id: 1700000000000-3\nevent: connected\nretry: 3000\n"
+        b'data: {"connection_id":"0a","recovered":true}\n\n'
+    )
+
+
+def test_connected_parses_as_one_event_with_its_id_and_retry() -> None:
+    parsed = parse_sse(encode_connected(b"{}", "0-0", 1234))
+    assert parsed.events == [Event(type="connected", data="{}", id="0-0")]
+    assert parsed.last_event_id == "0-0"  # an EventSource resumes from it
+    assert parsed.retry == 1234
+
+
+def test_close_exact_bytes() -> None:
+    assert encode_close("shutdown", "the gateway is shutting down", 3517) == (
+        b"event: close\nretry: 3517\n"
+        b'data: {"reason":"shutdown","message":"the gateway is shutting down"}\n\n'
+    )
+
+
+def test_close_data_is_one_json_line_whatever_the_message() -> None:
+    message = 'line 1\nline 2\r\n"quoted" é ✓'
+    frame = encode_close("error", message, 10)
+    assert frame.count(b"\n") == 4  # event, retry, data, blank: nothing else breaks a line
+    assert "é ✓".encode() in frame  # UTF-8, not escaped
+    parsed = parse_sse(frame)
+    [event] = parsed.events
+    assert (event.type, event.id) == ("close", "")
+    assert json.loads(event.data) == {"reason": "error", "message": message}
+    assert parsed.retry == 10
+
+
+@pytest.mark.parametrize("retry", [0, 1, 3000, 13_000])
+def test_retry_values_are_plain_decimal(retry: int) -> None:
+    assert parse_sse(encode_close("r", "m", retry)).retry == retry
+    assert parse_sse(encode_connected(b"{}", "1-0", retry)).retry == retry
+
+
+# --- chunks: each frame one HTTP/1.1 chunk (RFC 9112 §7.1) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (b"data: x\n\n", b"9\r\ndata: x\n\n\r\n"),
+        (b"x" * 15, b"f\r\n" + b"x" * 15 + b"\r\n"),
+        (b"x" * 16, b"10\r\n" + b"x" * 16 + b"\r\n"),
+        (b"x" * 255, b"ff\r\n" + b"x" * 255 + b"\r\n"),
+        (b"x" * 4096, b"1000\r\n" + b"x" * 4096 + b"\r\n"),
+        ("é\n\n".encode(), b"4\r\n" + "é\n\n".encode() + b"\r\n"),  # bytes, not characters
+    ],
+    ids=["small", "15", "16", "255", "4096", "utf8"],
+)
+def test_chunk_exact_bytes(frame: bytes, expected: bytes) -> None:
+    assert chunk(frame) == expected
+    assert chunk(frame) == http_chunk(frame)
+    assert unchunk(expected) == frame
+
+
+@pytest.mark.parametrize("size", [1, 9, 10, 15, 16, 255, 4095, 4096, 4097, 65_535, 1 << 20])
+def test_chunk_size_line(size: int) -> None:
+    assert chunk_size_line(size) == f"{size:x}\r\n".encode()
+    assert chunk(b"x" * size) == http_chunk(b"x" * size)
+
+
+def test_last_chunk() -> None:
+    assert LAST_CHUNK == b"0\r\n\r\n"
+    assert split_chunks(chunk(b"data: a\n\n") + LAST_CHUNK) == ([b"data: a\n\n"], True)
+
+
+def test_chunk_of_a_frame_with_crlf_inside_round_trips() -> None:
+    frame = b"data: a\r\n\r\ndata: 0\r\n\r\n"
+    assert unchunk(chunk(frame)) == frame
+    assert split_chunks(chunk(frame)) == ([frame], False)
+
+
+@given(frame=st.binary(min_size=1, max_size=70_000))
+def test_chunk_unchunk_round_trip(frame: bytes) -> None:
+    data = chunk(frame)
+    assert unchunk(data) == frame
+    assert split_chunks(data) == ([frame], False)  # exactly one whole chunk, not the last
+
+
 def test_comment_frame_dispatches_no_event_even_with_line_breaks() -> None:
     frame = encode_comment("keep\nalive\r\nplease")
     parsed = parse_sse(frame)
@@ -216,3 +311,12 @@ def test_concatenated_frames_parse_as_as_many_events(frames: list[tuple[str, str
     assert [(e.type, e.data) for e in parsed.events] == [
         (event, normalize_breaks(data)) for event, data in frames
     ]
+
+
+@given(frames=st.lists(st.tuples(event_types, st.text()), min_size=1, max_size=5))
+def test_chunked_frames_decode_to_the_same_events(frames: list[tuple[str, str]]) -> None:
+    encoded = [encode_event(event, data) for event, data in frames]
+    body = b"".join(chunk(frame) for frame in encoded) + LAST_CHUNK
+    chunks, ended = split_chunks(body)
+    assert ended and chunks == encoded
+    assert parse_sse(b"".join(chunks)).events == parse_sse(b"".join(encoded)).events

@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 import pytest
+from fakes import split_chunks
 from sse_spec_parser import parse_sse
 
 from sse_gateway.streams.heartbeat import HeartbeatScheduler, heartbeat_frame
@@ -42,8 +43,14 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), 60))
 
 
-def test_heartbeat_frame_is_a_heartbeat_event() -> None:
-    events = parse_sse(heartbeat_frame(1764302400000)).events
+def test_heartbeat_frame_is_one_chunk_of_a_heartbeat_event() -> None:
+    # Streams take every frame as an HTTP/1.1 chunk (a PlainStream unchunks it).
+    frame = heartbeat_frame(1764302400000)
+    event = b'event: heartbeat\ndata: {"ts":1764302400000}\n\n'
+    assert frame == b"2d\r\n" + event + b"\r\n"  # 45 bytes
+    chunks, ended = split_chunks(frame)
+    assert chunks == [event] and not ended
+    events = parse_sse(chunks[0]).events
     assert len(events) == 1
     assert events[0].type == "heartbeat"
     assert json.loads(events[0].data) == {"ts": 1764302400000}
@@ -72,7 +79,8 @@ def test_every_stream_receives_heartbeats_with_the_clock_time() -> None:
             scheduler.stop()
         for stream in streams:
             for frame in stream.frames:
-                events = parse_sse(frame).events
+                [body], _ = split_chunks(frame)
+                events = parse_sse(body).events
                 assert [e.type for e in events] == ["heartbeat"]
                 assert json.loads(events[0].data) == {"ts": 1764302400123}
 

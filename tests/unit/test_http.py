@@ -170,8 +170,13 @@ def test_each_header_appears_once() -> None:
     assert len(names) == len(set(names))
 
 
-def test_stream_head() -> None:
-    raw = stream_head([("Access-Control-Allow-Origin", "https://a.example")])
+@pytest.mark.parametrize(
+    ("kwargs", "transfer_encoding"),
+    [({}, ["chunked"]), ({"chunked": True}, ["chunked"]), ({"chunked": False}, [])],
+    ids=["default-http11", "http11", "http10"],
+)
+def test_stream_head(kwargs: dict[str, bool], transfer_encoding: list[str]) -> None:
+    raw = stream_head([("Access-Control-Allow-Origin", "https://a.example")], **kwargs)
     status, headers, body = split_response(raw)
     assert status == "HTTP/1.1 200 OK"
     assert body == b""
@@ -180,7 +185,9 @@ def test_stream_head() -> None:
     assert header_values(headers, "X-Accel-Buffering") == ["no"]
     assert header_values(headers, "Connection") == ["close"]
     assert header_values(headers, "Content-Length") == []
-    assert header_values(headers, "Transfer-Encoding") == []
+    # HTTP/1.1: a chunked body (clients on urllib3 read each frame as it comes); HTTP/1.0 has
+    # no chunked coding, its body runs until the connection closes.
+    assert header_values(headers, "Transfer-Encoding") == transfer_encoding
     assert header_values(headers, "Content-Encoding") == []
     assert header_values(headers, "Access-Control-Allow-Origin") == ["https://a.example"]
 

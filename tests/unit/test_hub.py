@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from sse_spec_parser import Event, parse_sse
@@ -13,6 +14,7 @@ from sse_gateway.publish import PreparedEvent
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.stream import Stream
 from sse_gateway.wire.envelope import parse_envelope
+from sse_gateway.wire.frames import chunk, encode_event, unchunk
 from sse_gateway.wire.ids import parse_stream_id
 from sse_gateway.wire.naming import channel_name
 
@@ -53,8 +55,14 @@ class Owner:
         pass
 
 
+CONNECTED = encode_event("connected", "{}")
+
+
 class FakeStream(Stream):
-    """A real Stream (LIVE, or JOINING with `active=False`) on a recording transport."""
+    """A real Stream (LIVE, or JOINING with `active=False`) on a recording transport.
+
+    `frames` are the writes after `go_live`'s (the head and `connected`): what the hub sent.
+    """
 
     def __init__(self, channel: bytes, *, active: bool = True, copy: bool = True) -> None:
         transport = RecordingTransport()
@@ -65,7 +73,12 @@ class FakeStream(Stream):
         self.on_send: Callable[[FakeStream], None] | None = None
         transport.stream = self
         if active:
-            self.go_live(b"", [], None)
+            self.go_live(CONNECTED, [], None)
+
+    def go_live(self, connected: bytes, replayed: list[Any], last: tuple[int, int] | None) -> int:
+        written = super().go_live(connected, replayed, last)
+        self.recorded.writes.clear()  # the head and `connected`: not the hub's
+        return written
 
     @property
     def frames(self) -> list[bytes]:
@@ -86,7 +99,7 @@ class RecordingBroker(MemoryBroker):
     def _deliver(self, channel: bytes, payload: bytes) -> None:
         assert self.hub is not None
         envelope = parse_envelope(payload, 65_536)
-        self.hub.deliver(channel, envelope.encode(), envelope.id)
+        self.hub.deliver(channel, chunk(envelope.encode()), envelope.id)  # as `Fanout` does
 
     def subscribe(self, channel: bytes) -> None:
         self.calls.append(("subscribe", channel))
@@ -227,7 +240,7 @@ def test_streams_lists_every_joined_stream() -> None:
 
 # --- delivery ----------------------------------------------------------------------------------
 
-FRAME = b"event: t\ndata: 1\n\n"
+FRAME = chunk(b"event: t\ndata: 1\n\n")  # frames reach the hub as chunks
 
 
 def test_deliver_returns_the_number_of_active_streams_written() -> None:
@@ -263,7 +276,7 @@ def test_inactive_stream_starts_receiving_once_active() -> None:
     stream = FakeStream(CH, active=False)
     hub.join(stream, noop)
     assert hub.deliver(CH, b"first", None) == 0
-    stream.go_live(b"", [], None)
+    stream.go_live(CONNECTED, [], None)
     assert hub.deliver(CH, b"second", None) == 1
     assert stream.frames == [b"second"]
 
@@ -349,8 +362,8 @@ def test_published_events_reach_active_streams_through_the_memory_broker() -> No
                 break
             await asyncio.sleep(0)
         expected = Event(type="note", data='{"x":1}', id=str(published))
-        assert parse_sse(b"".join(a.frames)).events == [expected]
-        assert parse_sse(b"".join(b.frames)).events == [expected]
+        assert [parse_sse(unchunk(f)).events for f in a.frames] == [[expected]]
+        assert [parse_sse(unchunk(f)).events for f in b.frames] == [[expected]]
         assert waiting.frames == []
         assert hub.get(CH) is not None
         assert hub.get(CH).last == parse_stream_id(published)  # type: ignore[union-attr]
@@ -365,7 +378,7 @@ def test_late_copies_below_the_channel_and_stream_floors_are_skipped() -> None:
     for stream in (replayed, plain):
         hub.join(stream, lambda: None)
     replayed.begin_replay()
-    replayed.go_live(b"", [], (7, 0))  # this stream was sent up to 7-0 from history
+    replayed.go_live(CONNECTED, [], (7, 0))  # this stream was sent up to 7-0 from history
     assert replayed.floor == (7, 0)
     assert hub.deliver(CH, b"f5", "5-0") == 1  # only the stream without a floor
     assert hub.deliver(CH, b"f5", "5-0") == 0  # at or below the channel's last id: a copy

@@ -4,20 +4,24 @@ control: the order of outages, confirmations and read results that a fast channe
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
-from fakes import FakeOwner, FakeTransport, run_in_loop, turns
+from fakes import FakeOwner, FakeTransport, dechunk, http_chunk, run_in_loop, split_chunks, turns
+from sse_spec_parser import parse_sse
 
 from sse_gateway.broker.base import HistoryEntry
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.history import HistoryReader
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.recovery import OutageRecovery
-from sse_gateway.streams.stream import Stream
+from sse_gateway.streams.stream import RETRY_SPREAD_MS, Stream
+from sse_gateway.wire.frames import encode_event
 from sse_gateway.wire.ids import parse_stream_id
 
 CHANNEL = b"SSE::b1::p1"
 HISTORY_SIZE = 5
+CONNECTED = encode_event("connected", "{}")
 
 
 class ControlledBroker:
@@ -63,11 +67,14 @@ def entry(n: int) -> HistoryEntry:
 
 
 def live(hub: ConnectionHub, n: int) -> None:
-    hub.deliver(CHANNEL, f"id: {n}-0\nevent: n\ndata: {n}\n\n".encode(), f"{n}-0")
+    """A live event, as `Fanout` hands it to the hub: one chunk."""
+    hub.deliver(CHANNEL, http_chunk(f"id: {n}-0\nevent: n\ndata: {n}\n\n".encode()), f"{n}-0")
 
 
 def received(transport: FakeTransport) -> list[int]:
-    ids = [line[4:] for line in transport.output.decode().splitlines() if line.startswith("id: ")]
+    """The ids of the events written, out of their chunks (every write is whole chunks)."""
+    body = dechunk(transport.output).decode()
+    ids = [line[4:] for line in body.splitlines() if line.startswith("id: ")]
     return [parsed[0] for parsed in map(parse_stream_id, ids) if parsed is not None]
 
 
@@ -88,7 +95,7 @@ async def test_a_refill_overtaken_by_a_second_outage_is_still_written() -> None:
     stream = Stream(transport, CHANNEL, 1, b"", owner)  # type: ignore[arg-type]
     hub.join(stream, lambda: None)
     broker.confirm()
-    stream.go_live(b"", [], None)
+    stream.go_live(CONNECTED, [], None)
     for n in range(1, 11):
         live(hub, n)
     # Outage 1: the channel holds; it is subscribed again and its refill reads from 10-0.
@@ -135,7 +142,7 @@ class Setup:
         stream = Stream(self.transport, CHANNEL, 1, b"", self.owner)  # type: ignore[arg-type]
         self.hub.join(stream, lambda: None)
         self.broker.confirm()
-        stream.go_live(b"", [], None)
+        stream.go_live(CONNECTED, [], None)
         for n in range(1, 11):
             live(self.hub, n)
 
@@ -216,3 +223,22 @@ async def test_a_stale_read_of_a_full_history_is_no_false_gap() -> None:
     await turns(2)
     assert s.owner.closed == []
     assert s.received() == list(range(1, 14))
+
+
+@run_in_loop
+async def test_a_history_gap_closes_the_streams_with_a_close_event_and_a_retry() -> None:
+    s = Setup(history_size=2)
+    s.outage()
+    read = s.resubscribed()
+    read.set_result(history(12, 14))  # trimmed (size + 1 entries) past 10, the last one sent
+    await turns(2)
+    assert [reason for _, reason in s.owner.closed] == ["history_gap"]
+    assert s.transport.closed and not s.transport.aborted
+    chunks, ended = split_chunks(s.transport.output)
+    assert ended  # a graceful end of the chunked body: the client comes back
+    parsed = parse_sse(chunks[-1])
+    [close] = parsed.events
+    assert close.type == "close"
+    assert json.loads(close.data)["reason"] == "history_gap"
+    assert parsed.retry is not None and 3000 <= parsed.retry < 3000 + RETRY_SPREAD_MS
+    assert s.received() == list(range(1, 11))  # nothing of the trimmed history was written

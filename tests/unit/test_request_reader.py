@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from fakes import FakeHandler, FakeTransport, advance, parse_response, run_in_loop, turns
+from sse_spec_parser import parse_sse
 
 from sse_gateway.edge import protocol
 from sse_gateway.edge.admission import (
@@ -18,6 +19,9 @@ from sse_gateway.edge.admission import (
     REQUESTS_PER_TICK,
     RETRY_AFTER_SECONDS,
     Admission,
+    accepts_event_stream,
+    unavailable,
+    unavailable_stream,
 )
 from sse_gateway.edge.protocol import (
     HEADER_TIMEOUT,
@@ -28,7 +32,8 @@ from sse_gateway.edge.protocol import (
     RequestReader,
 )
 from sse_gateway.metrics import Metrics
-from sse_gateway.wire.http import Request, Response, json_response
+from sse_gateway.streams.stream import RETRY_SPREAD_MS
+from sse_gateway.wire.http import Request, Response, encode_response, json_response
 
 GET = b"GET /v1/sse?player=p1&x=%20y HTTP/1.1\r\nHost: gw\r\nX-Token: Abc\r\n\r\n"
 
@@ -129,6 +134,22 @@ async def test_keep_alive_of_the_request(raw: bytes, keep_alive: bool) -> None:
     conn = Conn()
     conn.feed(raw)
     assert [r.keep_alive for r in conn.handler.requests] == [keep_alive]
+
+
+@pytest.mark.parametrize(
+    ("raw", "version"),
+    [
+        (b"GET /v1/sse HTTP/1.1\r\nHost: gw\r\n\r\n", "1.1"),
+        (b"GET /v1/sse HTTP/1.0\r\n\r\n", "1.0"),
+        (b"GET /v1/sse HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "1.0"),
+    ],
+)
+@run_in_loop
+async def test_http_version_of_the_request(raw: bytes, version: str) -> None:
+    # A stream to an HTTP/1.0 client cannot be chunked: its body runs until the close.
+    conn = Conn()
+    conn.feed(raw)
+    assert [r.http_version for r in conn.handler.requests] == [version]
 
 
 @run_in_loop
@@ -710,3 +731,61 @@ def test_response_type_is_the_one_encoded() -> None:
 
     data = encode_response(Response(204), keep_alive=True)
     assert parse_response(data)[0] == 204
+
+
+# --- transient stream refusals: 503 JSON, or a 200 close an EventSource survives ------------
+
+
+def sse_request(accept: bytes | None) -> Request:
+    headers = {b"host": b"gw"}
+    if accept is not None:
+        headers[b"accept"] = accept
+    return Request("GET", "/v1/sse", "", headers, keep_alive=True)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (b"text/event-stream", True),
+        (b"Text/Event-Stream", True),
+        (b"text/html, text/event-stream;q=0.9", True),
+        (None, False),
+        (b"*/*", False),
+        (b"application/json", False),
+        (b"text/event", False),
+    ],
+)
+def test_accepts_event_stream(accept: bytes | None, expected: bool) -> None:
+    assert accepts_event_stream(sse_request(accept)) is expected
+
+
+@pytest.mark.parametrize("code", ["draining", "connection_limit", "broker_unavailable"])
+def test_unavailable_stream_is_a_200_close_with_a_spread_retry(code: str) -> None:
+    response = unavailable_stream(code, 2000, [("Access-Control-Allow-Origin", "https://a")])
+    status, headers, body = parse_response(encode_response(response, keep_alive=False))
+    assert status == 200
+    assert headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert headers["cache-control"] == "no-cache"
+    assert headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    assert headers["content-length"] == str(len(body))
+    assert headers["access-control-allow-origin"] == "https://a"
+    assert "transfer-encoding" not in headers
+    # One frame: `event: close` with its `retry:` and the reason; no `retry:`-only block.
+    assert body.startswith(b"event: close\nretry: ") and body.count(b"\n\n") == 1
+    parsed = parse_sse(body)
+    [event] = parsed.events
+    assert event.type == "close" and event.id == ""
+    payload = json.loads(event.data)
+    assert payload["reason"] == code
+    assert payload == {"reason": code, "message": error_message(unavailable(code).body)}
+    assert parsed.retry is not None and 2000 <= parsed.retry < 2000 + RETRY_SPREAD_MS
+
+
+def test_unavailable_stream_retries_are_spread() -> None:
+    retries = {parse_sse(unavailable_stream("draining", 1000).body).retry for _ in range(100)}
+    assert len(retries) > 1
+
+
+def error_message(body: bytes) -> str:
+    message: str = json.loads(body)["message"]
+    return message

@@ -1,33 +1,51 @@
-"""Stream and its state machine, on a fake transport with a recording owner (no loop needed)."""
+"""Stream and its state machine, on a fake transport with a recording owner (no loop needed).
+
+Frames reach a stream as HTTP/1.1 chunks (`wire.frames.chunk`, once per message); a `Stream`
+writes them as they are and ends its body with the last chunk, a `PlainStream` (HTTP/1.0)
+takes each frame back out of its chunk. The expected bytes here are built with the tests' own
+`http_chunk`, not with the gateway's.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Callable
 
 import pytest
-from fakes import FakeOwner, FakeTransport
+from fakes import END_CHUNK, FakeOwner, FakeTransport, dechunk, http_chunk, split_chunks
 from sse_spec_parser import parse_sse
 
 from sse_gateway.streams.stream import (
+    CLOSE_MESSAGES,
     RETRY_SPREAD_MS,
     IllegalTransition,
+    PlainStream,
     Stream,
     StreamState,
-    closing_retry,
+    farewell,
+    spread_retry,
 )
-from sse_gateway.wire.frames import encode_comment, encode_event, encode_retry
+from sse_gateway.wire.frames import encode_close, encode_comment, encode_event
 from sse_gateway.wire.http import stream_head
 from sse_gateway.wire.ids import HistoryEvent, parse_stream_id
 
 HEAD = stream_head([("X-Test", "1")])
-CONNECTED = encode_event("connected", '{"ok":true}')
-HEARTBEAT = encode_comment("hb")
+PLAIN_HEAD = stream_head([("X-Test", "1")], chunked=False)
+CONNECTED = encode_event("connected", '{"ok":true}')  # `go_live` takes it plain
+HEARTBEAT = http_chunk(encode_comment("hb"))  # heartbeats come as chunks, like events
+FINAL = encode_close("shutdown", "bye", 1234)  # `close(final=)` takes it plain
+
+
+def plain(event_id: str | None, data: str | None = None) -> bytes:
+    """An event's frame as an HTTP/1.0 client reads it."""
+    return encode_event("e", data if data is not None else str(event_id), event_id)
 
 
 def frame(event_id: str | None, data: str | None = None) -> bytes:
-    return encode_event("e", data if data is not None else str(event_id), event_id)
+    """An event's frame as the channel hands it to a stream: one chunk."""
+    return http_chunk(plain(event_id, data))
 
 
 def make(owner: FakeOwner | None = None) -> tuple[Stream, FakeTransport, FakeOwner]:
@@ -49,9 +67,9 @@ def deliver(stream: Stream, event_id: str | None, data: str | None = None) -> in
 
 
 def body_of(output: bytes) -> bytes:
-    """The SSE part of what was written (after the HTTP head)."""
+    """The SSE part of what was written (after the HTTP head), out of its chunks."""
     assert output.startswith(HEAD)
-    return output[len(HEAD) :]
+    return dechunk(output[len(HEAD) :])
 
 
 # --- the state machine ----------------------------------------------------------------------
@@ -122,11 +140,11 @@ def test_transition(state: StreamState, transition: str) -> None:
 
 def test_close_twice_reports_once_and_closes_the_socket_once() -> None:
     stream, transport, owner = live()
-    stream.close("shutdown", final=b"retry: 1\n\n")
-    stream.close("other", final=b"retry: 2\n\n")
+    stream.close("shutdown", final=FINAL)
+    stream.close("other", final=encode_close("other", "again", 1))
     stream.close("third", abort=True)
     assert owner.closed == [(stream, "shutdown")]
-    assert transport.writes == [b"retry: 1\n\n"]
+    assert transport.writes == [http_chunk(FINAL) + END_CHUNK]
     assert transport.closed
     assert not transport.aborted
     assert stream.state is S.CLOSED
@@ -141,13 +159,13 @@ def test_go_live_writes_head_connected_and_events_in_one_write() -> None:
     assert transport.writes == []
     written = stream.go_live(CONNECTED, [HistoryEvent("1-1", frame("1-1"))], None)
     assert written == 1
-    assert transport.writes == [HEAD + CONNECTED + frame("1-1")]
+    assert transport.writes == [HEAD + http_chunk(CONNECTED) + frame("1-1")]
 
 
 def test_go_live_from_joining_writes_head_and_connected() -> None:
     stream, transport, _ = make()
     assert stream.go_live(CONNECTED, [], None) == 0
-    assert transport.writes == [HEAD + CONNECTED]
+    assert transport.writes == [HEAD + http_chunk(CONNECTED)]
     assert stream.floor is None
 
 
@@ -156,10 +174,10 @@ def test_head_is_written_once() -> None:
     stream.go_live(CONNECTED, [], None)
     deliver(stream, "1-1")
     stream.heartbeat(HEARTBEAT)
-    stream.close("shutdown", final=b"retry: 5\n\n")
+    stream.close("shutdown", final=FINAL)
     assert transport.output.count(HEAD) == 1
     assert transport.output.startswith(HEAD)
-    assert transport.writes[1:] == [frame("1-1"), HEARTBEAT, b"retry: 5\n\n"]
+    assert transport.writes[1:] == [frame("1-1"), HEARTBEAT, http_chunk(FINAL) + END_CHUNK]
 
 
 @pytest.mark.parametrize("replaying", [False, True])
@@ -167,22 +185,44 @@ def test_close_before_go_live_writes_head_and_final(replaying: bool) -> None:
     stream, transport, owner = make()
     if replaying:
         stream.begin_replay()
-    final = closing_retry(3000)
-    stream.close("broker_unavailable", final=final)
-    assert transport.writes == [HEAD + final]
+    final = farewell("replay_failed", 3000)
+    stream.close("replay_failed", final=final)
+    assert transport.writes == [HEAD + http_chunk(final) + END_CHUNK]
     assert transport.closed and not transport.aborted
-    assert owner.closed == [(stream, "broker_unavailable")]
+    assert owner.closed == [(stream, "replay_failed")]
     parsed = parse_sse(body_of(transport.output))
-    assert parsed.events == []
+    assert [(e.type, json.loads(e.data)["reason"]) for e in parsed.events] == [
+        ("close", "replay_failed")
+    ]
     assert parsed.retry is not None and parsed.retry >= 3000
+
+
+def test_close_without_final_still_ends_the_chunked_body() -> None:
+    stream, transport, _ = live()
+    stream.close("test")
+    assert transport.writes == [END_CHUNK]
+    assert transport.closed and not transport.aborted
+    joining, joining_out, _ = make()
+    joining.close("test")
+    assert joining_out.writes == [HEAD + END_CHUNK]
 
 
 def test_abort_writes_nothing() -> None:
     stream, transport, owner = make()
-    stream.close("slow_consumer", abort=True, final=b"retry: 1\n\n")
+    stream.close("slow_consumer", abort=True, final=FINAL)
     assert transport.writes == []
     assert transport.aborted and not transport.closed
     assert owner.closed == [(stream, "slow_consumer")]
+
+
+def test_abort_of_a_live_stream_writes_no_last_chunk() -> None:
+    # A reset, not a graceful end: the client must not take a cut stream for a complete one.
+    stream, transport, _ = live()
+    deliver(stream, "1-1")
+    stream.close("slow_consumer", abort=True, final=FINAL)
+    assert transport.writes == [frame("1-1")]
+    assert split_chunks(transport.output) == ([plain("1-1")], False)
+    assert transport.aborted and not transport.closed
 
 
 # --- deliver in each state ------------------------------------------------------------------
@@ -192,7 +232,7 @@ def test_deliver_while_joining_is_ignored() -> None:
     stream, transport, _ = make()
     assert deliver(stream, "1-1") == 0
     assert stream.go_live(CONNECTED, [], None) == 0
-    assert transport.writes == [HEAD + CONNECTED]  # the event was not for this stream yet
+    assert transport.writes == [HEAD + http_chunk(CONNECTED)]  # the event was not for it yet
 
 
 def test_deliver_while_replaying_is_held_in_order() -> None:
@@ -210,7 +250,7 @@ def test_deliver_while_replaying_is_held_in_order() -> None:
     ]
     assert stream.go_live(CONNECTED, [], None) == 3
     assert transport.writes == [
-        HEAD + CONNECTED + frame("1-2") + frame(None, "plain") + frame("1-3")
+        HEAD + http_chunk(CONNECTED) + frame("1-2") + frame(None, "plain") + frame("1-3")
     ]
     assert stream.held is None
 
@@ -226,7 +266,7 @@ def test_deliver_after_close_is_ignored() -> None:
     stream, transport, _ = live()
     stream.close("shutdown")
     assert deliver(stream, "1-1") == 0
-    assert transport.writes == []
+    assert transport.writes == [END_CHUNK]
     assert transport.late_writes == []
 
 
@@ -242,6 +282,9 @@ def test_go_live_merges_replay_with_held_live_events() -> None:
     replayed = [HistoryEvent(i, frame(i, f"history {i}")) for i in ("1-1", "1-2", "1-3")]
     written = stream.go_live(CONNECTED, replayed, parse_stream_id("1-0"))
     [data] = transport.writes
+    chunks, ended = split_chunks(data[len(HEAD) :])
+    assert not ended
+    assert len(chunks) == 7  # `connected`, then each event its own chunk, as it came
     events = parse_sse(body_of(data)).events
     assert [(e.type, e.data) for e in events] == [
         ("connected", '{"ok":true}'),
@@ -254,7 +297,7 @@ def test_go_live_merges_replay_with_held_live_events() -> None:
     ]
     assert written == 6
     # Each id once, stream ids ascending (the SSE parser's `id` persists, so read the lines).
-    assert re.findall(rb"^id: (.*)$", data, re.MULTILINE) == [
+    assert re.findall(rb"^id: (.*)$", body_of(data), re.MULTILINE) == [
         b"1-1",
         b"1-2",
         b"1-3",
@@ -269,7 +312,7 @@ def test_replayed_events_at_or_below_the_last_id_are_skipped() -> None:
     stream.begin_replay()
     replayed = [HistoryEvent(i, frame(i)) for i in ("1-1", "1-2", "1-3")]
     assert stream.go_live(CONNECTED, replayed, parse_stream_id("1-2")) == 1
-    assert transport.writes == [HEAD + CONNECTED + frame("1-3")]
+    assert transport.writes == [HEAD + http_chunk(CONNECTED) + frame("1-3")]
 
 
 def test_floor_skips_late_live_copies_and_is_cleared_by_a_newer_event() -> None:
@@ -392,7 +435,7 @@ def test_connection_lost_closes_then_reports_the_socket(
     # Nothing is written afterwards either.
     deliver(stream, "9-9")
     stream.heartbeat(HEARTBEAT)
-    stream.close("again", final=b"retry: 1\n\n")
+    stream.close("again", final=FINAL)
     stream.resume_writing()
     assert transport.writes == writes
     assert owner.calls == [f"stream_closed:{reason}", "socket_closed"]
@@ -400,10 +443,10 @@ def test_connection_lost_closes_then_reports_the_socket(
 
 def test_connection_lost_after_close_reports_the_socket_only() -> None:
     stream, transport, owner = live()
-    stream.close("shutdown", final=b"retry: 1\n\n")
+    stream.close("shutdown", final=FINAL)
     stream.connection_lost(None)
     assert owner.calls == ["stream_closed:shutdown", "socket_closed"]
-    assert transport.writes == [b"retry: 1\n\n"]
+    assert transport.writes == [http_chunk(FINAL) + END_CHUNK]
 
 
 def test_data_from_the_client_is_ignored() -> None:
@@ -414,26 +457,54 @@ def test_data_from_the_client_is_ignored() -> None:
     assert owner.calls == []
 
 
-# --- closing_retry --------------------------------------------------------------------------
+# --- farewell and spread_retry --------------------------------------------------------------
 
 
-def test_closing_retry_is_within_the_spread() -> None:
-    values = set()
-    for _ in range(300):
-        parsed = parse_sse(closing_retry(2000))
-        assert parsed.retry is not None
-        assert 2000 <= parsed.retry < 2000 + RETRY_SPREAD_MS
-        values.add(parsed.retry)
+def test_spread_retry_is_within_the_spread() -> None:
+    values = {spread_retry(2000) for _ in range(300)}
+    assert all(2000 <= v < 2000 + RETRY_SPREAD_MS for v in values)
     assert len(values) > 1  # spread, not one value for every client
 
 
 @pytest.mark.parametrize("pick", [lambda n: 0, lambda n: n - 1])
-def test_closing_retry_edges(monkeypatch: pytest.MonkeyPatch, pick: Callable[[int], int]) -> None:
+def test_spread_retry_edges(monkeypatch: pytest.MonkeyPatch, pick: Callable[[int], int]) -> None:
     monkeypatch.setattr(random, "randrange", pick)  # the module `stream` draws from
     expected = 1500 + pick(RETRY_SPREAD_MS)
-    assert closing_retry(1500) == encode_retry(expected)
+    assert spread_retry(1500) == expected
+    assert farewell("shutdown", 1500) == encode_close(
+        "shutdown", CLOSE_MESSAGES["shutdown"], expected
+    )
     assert 1500 <= expected < 1500 + RETRY_SPREAD_MS
     assert random.randrange is pick
+
+
+def test_farewell_exact_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random, "randrange", lambda n: 250)
+    assert farewell("shutdown", 3000) == (
+        b"event: close\nretry: 3250\n"
+        b'data: {"reason":"shutdown","message":"the gateway is shutting down"}\n\n'
+    )
+
+
+@pytest.mark.parametrize("reason", ["shutdown", "history_gap", "replay_failed", "error"])
+def test_farewell_is_one_close_event_with_its_reason_and_a_spread_retry(reason: str) -> None:
+    retries = set()
+    for _ in range(50):
+        parsed = parse_sse(farewell(reason, 2000))
+        [event] = parsed.events
+        assert event.type == "close" and event.id == ""
+        assert json.loads(event.data) == {"reason": reason, "message": CLOSE_MESSAGES[reason]}
+        assert parsed.retry is not None and 2000 <= parsed.retry < 2000 + RETRY_SPREAD_MS
+        retries.add(parsed.retry)
+    assert len(retries) > 1
+    assert CLOSE_MESSAGES[reason].strip()
+
+
+def test_farewell_message_override_and_unknown_reason() -> None:
+    [event] = parse_sse(farewell("shutdown", 10, "going away")).events
+    assert json.loads(event.data) == {"reason": "shutdown", "message": "going away"}
+    [event] = parse_sse(farewell("odd_reason", 10)).events
+    assert json.loads(event.data) == {"reason": "odd_reason", "message": "odd_reason"}
 
 
 def test_a_stream_on_a_socket_already_backed_up_queues_from_the_start() -> None:
@@ -451,3 +522,133 @@ def test_a_stream_on_a_socket_already_backed_up_queues_from_the_start() -> None:
     assert stream.state is StreamState.CLOSED
     assert transport.aborted
     assert [reason for _, reason in owner.closed] == ["slow_consumer"]
+
+
+# --- chunked (HTTP/1.1) and plain (HTTP/1.0) bodies -------------------------------------------
+
+
+def test_every_write_of_a_stream_is_whole_chunks_and_the_body_ends_with_the_last() -> None:
+    stream, transport, _ = make()
+    stream.begin_replay()
+    deliver(stream, "1-3")
+    stream.go_live(CONNECTED, [HistoryEvent("1-2", frame("1-2"))], parse_stream_id("1-1"))
+    deliver(stream, "1-4")
+    stream.heartbeat(HEARTBEAT)
+    stream.pause_writing()
+    deliver(stream, "1-5")
+    stream.resume_writing()
+    final = farewell("shutdown", 1000)
+    stream.close("shutdown", final=final)
+    assert transport.writes[0].startswith(HEAD)
+    writes = [transport.writes[0][len(HEAD) :], *transport.writes[1:]]
+    for data in writes[:-1]:
+        assert split_chunks(data)[1] is False  # whole chunks, no end yet
+    chunks, ended = split_chunks(b"".join(writes))
+    assert ended
+    assert chunks == [
+        CONNECTED,
+        plain("1-2"),
+        plain("1-3"),
+        plain("1-4"),
+        encode_comment("hb"),
+        plain("1-5"),
+        final,
+    ]
+
+
+def make_plain(
+    owner: FakeOwner | None = None, paused: bool = False
+) -> tuple[PlainStream, FakeTransport, FakeOwner]:
+    transport = FakeTransport()
+    owner = owner if owner is not None else FakeOwner()
+    stream = PlainStream(transport, b"ch", 7, PLAIN_HEAD, owner, paused)  # type: ignore[arg-type]
+    return stream, transport, owner
+
+
+def test_stream_kinds() -> None:
+    assert Stream.CHUNKED is True
+    assert PlainStream.CHUNKED is False
+    assert b"Transfer-Encoding: chunked\r\n" in HEAD
+    assert b"Transfer-Encoding" not in PLAIN_HEAD
+
+
+def test_plain_stream_writes_connected_and_live_events_unchunked() -> None:
+    stream, transport, _ = make_plain()
+    assert stream.go_live(CONNECTED, [], None) == 0
+    assert deliver(stream, "1-1") == 1
+    assert deliver(stream, None, "no id") == 1
+    assert transport.writes == [PLAIN_HEAD + CONNECTED, plain("1-1"), plain(None, "no id")]
+
+
+def test_plain_stream_merges_held_and_replayed_events_unchunked() -> None:
+    stream, transport, _ = make_plain()
+    stream.begin_replay()
+    for event_id in ("1-2", None, "1-3", "1-2"):
+        assert deliver(stream, event_id, f"live {event_id}") == 0
+    assert transport.writes == []
+    replayed = [HistoryEvent(i, frame(i, f"history {i}")) for i in ("1-1", "1-2")]
+    assert stream.go_live(CONNECTED, replayed, parse_stream_id("1-0")) == 4
+    assert transport.writes == [
+        PLAIN_HEAD
+        + CONNECTED
+        + plain("1-1", "history 1-1")
+        + plain("1-2", "history 1-2")
+        + plain(None, "live None")
+        + plain("1-3", "live 1-3")
+    ]
+    assert stream.floor == (1, 3)
+    assert deliver(stream, "1-3") == 0  # a late copy, below the floor
+    assert deliver(stream, "1-4") == 1
+    assert transport.writes[-1] == plain("1-4")
+
+
+def test_plain_stream_heartbeats_and_queue_are_unchunked() -> None:
+    stream, transport, _ = make_plain()
+    stream.go_live(CONNECTED, [], None)
+    transport.writes.clear()
+    stream.heartbeat(HEARTBEAT)
+    stream.pause_writing()
+    deliver(stream, "1-1")
+    deliver(stream, "1-2")
+    stream.heartbeat(HEARTBEAT)  # skipped while paused
+    assert transport.writes == [encode_comment("hb")]
+    stream.resume_writing()
+    assert transport.writes == [encode_comment("hb"), plain("1-1"), plain("1-2")]
+
+
+def test_plain_stream_close_writes_the_final_frame_and_no_last_chunk() -> None:
+    stream, transport, owner = make_plain()
+    stream.go_live(CONNECTED, [], None)
+    final = farewell("shutdown", 1000)
+    stream.close("shutdown", final=final)
+    assert transport.output == PLAIN_HEAD + CONNECTED + final
+    assert transport.closed and not transport.aborted
+    assert owner.closed == [(stream, "shutdown")]
+    # Without a final frame, nothing more than the head and `connected`: the close ends it.
+    bare, bare_out, _ = make_plain()
+    bare.go_live(CONNECTED, [], None)
+    bare.close("test")
+    assert bare_out.output == PLAIN_HEAD + CONNECTED
+    assert bare_out.closed
+
+
+@pytest.mark.parametrize("replaying", [False, True])
+def test_plain_stream_closed_before_go_live_writes_head_and_final(replaying: bool) -> None:
+    stream, transport, _ = make_plain()
+    if replaying:
+        stream.begin_replay()
+        deliver(stream, "1-1")  # held, then dropped with the stream
+    final = farewell("replay_failed", 1000)
+    stream.close("replay_failed", final=final)
+    assert transport.output == PLAIN_HEAD + final
+    assert transport.closed
+
+
+def test_plain_stream_abort_writes_nothing() -> None:
+    stream, transport, owner = make_plain(FakeOwner(event_buffer_size=1), paused=True)
+    stream.go_live(CONNECTED, [], None)
+    transport.writes.clear()
+    deliver(stream, "1-1")
+    deliver(stream, "1-2")  # one more than the queue holds
+    assert owner.closed == [(stream, "slow_consumer")]
+    assert transport.aborted and transport.writes == []
