@@ -34,6 +34,7 @@ import requests
 import sseclient
 from httpx_sse import connect_sse
 from support.asserts import assert_error, assert_retry_after
+from support.browser import chromium
 from support.procs import Gateway, GatewayFactory, RedisServer, free_port, wait_for
 from support.sse import (
     Response,
@@ -58,32 +59,14 @@ RECONNECT_S = (RETRY_MS + RETRY_SPREAD_MS) / 1000 + 5
 PUBLISH_KEY = "publish-key-for-tests-0123456789"
 EVENT_STREAM = "text/event-stream"
 
-# The same browser as tests/integration/test_clients.py.
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 # ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        instance = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
+    with chromium() as instance:
+        yield instance
 
 
 @pytest.fixture(scope="session")

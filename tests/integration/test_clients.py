@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,21 +14,12 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 from support.asserts import assert_error
+from support.browser import chromium
 from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_for
 from support.sse import assert_position_id, request
 
 pytestmark = pytest.mark.timeout(90)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PUBLISH_KEY = "publish-key-for-tests-0123456789"
 
 
@@ -283,22 +273,10 @@ def test_embedded_broker_multi_tab(gateway_factory: GatewayFactory) -> None:
 # ----------------------------------------------------------------------------- Chromium
 
 
-def _chromium_or_skip() -> None:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is absent (scripts/ensure-system-deps.sh installs it)")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    _chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        instance = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
+    with chromium() as instance:
+        yield instance
 
 
 EVENT_SOURCE_SCRIPT = """

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from support.browser import chromium
 from support.procs import REPO, Gateway, GatewayFactory, RedisServer, free_port, wait_for
 from support.sse import SSEClient, SSEEvent, SSEParser, parse_stream, request
 
@@ -47,7 +48,6 @@ FALLBACK_BODY = (
     b'data: {"reason":"gateway_unavailable","message":"the gateway is not reachable"}\n\n'
 )
 OUTAGE_SECONDS = 4.0
-CHROMIUM = "/usr/bin/chromium"
 
 
 # --------------------------------------------------------------------------- nginx
@@ -665,19 +665,9 @@ def other_origin() -> Iterator[str]:
 
 
 @pytest.fixture
-def chromium() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is absent (scripts/ensure-system-deps.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-quic"]
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
+def browser() -> Iterator[Any]:
+    with chromium() as instance:
+        yield instance
 
 
 LISTEN_SCRIPT = """
@@ -701,7 +691,7 @@ LISTEN_SCRIPT = """
 
 @pytest.mark.browser
 def test_chromium_event_source_survives_a_gateway_outage_behind_nginx(
-    chromium: Any,
+    browser: Any,
     other_origin: str,
     gateway_factory: GatewayFactory,
     nginx_factory: Callable[[int], Nginx],
@@ -723,8 +713,8 @@ def test_chromium_event_source_survives_a_gateway_outage_behind_nginx(
     )
     brand, player = ids("b"), ids("p")
     token = quote(gateway.token(brand, player))
-    same = chromium.new_page()
-    cross = chromium.new_page()
+    same = browser.new_page()
+    cross = browser.new_page()
     try:
         same.goto(f"http://127.0.0.1:{proxy.port}/healthz")
         same.evaluate(LISTEN_SCRIPT, [f"/v1/sse?token={token}", False])
