@@ -84,3 +84,8 @@ class Broker(Protocol):
         written by `publish.lua` (no `t`/`d` fields) is left out. BrokerUnavailable when the
         broker cannot be reached.
         """
+
+    async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
+        """For each channel the id of the newest entry of its history (None when it is empty
+        or gone), and the broker's clock (milliseconds) read before them: every entry added
+        after the heads were read has a later id. BrokerUnavailable as `read_history`."""

@@ -119,6 +119,18 @@ class MemoryBroker:
             out.append(entries[:limit])
         return out
 
+    async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
+        now_ms = self._last_id[0]  # ids never go back: later entries are above it
+        now = time.monotonic()
+        heads: list[str | None] = []
+        for channel in channels:
+            history = self._history.get(channel)
+            if history is None or history.expires_at <= now or not history.entries:
+                heads.append(None)
+            else:
+                heads.append(history.entries[-1][1].id)
+        return heads, max(now_ms, int(time.time() * 1000))
+
     def _sweep(self) -> None:
         now = time.monotonic()
         for channel in [c for c, h in self._history.items() if h.expires_at <= now]:

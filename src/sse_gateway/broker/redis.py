@@ -5,8 +5,9 @@ backoff. What to subscribe, in which batches and when, is decided by its `Subscr
 (see `subscriptions.py`); the broker writes the commands the book returns and runs the callbacks
 it returns. The socket itself is a `PubSubProtocol` (see `pubsub.py`).
 
-Publishing and history reads go through redis-py on a small blocking pool (at most
-`COMMAND_CONNECTIONS` sockets), with reads batched by the caller into pipelines.
+Publishing goes through redis-py on a small blocking pool (at most `COMMAND_CONNECTIONS`
+sockets); history reads, batched by the caller into pipelines, have a hiredis-read connection
+of their own (`reads.py`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry, MessageHandler, StateHandler
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
+from sse_gateway.broker.reads import HistoryReads
 from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent, PublishUnavailable
 from sse_gateway.publish.publisher import Publisher, async_no_retry, client_kwargs
@@ -39,12 +39,6 @@ PING_TIMEOUT = 15.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
-HISTORY_PIPELINE = 1000
-# One more than the pool's connections: after a Redis restart every pooled one may be dead
-# (a failed command disconnects its connection, which reconnects when next used).
-READ_ATTEMPTS = COMMAND_CONNECTIONS + 1
-
-_Item = TypeVar("_Item")
 
 # `message` replies never get here: PubSubProtocol hands them to `_on_message` directly.
 _PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong"})
@@ -89,6 +83,8 @@ class RedisBroker:
             **kwargs,
         )
         self._commands = aioredis.Redis(connection_pool=pool)
+        # History reads have a connection of their own (broker/reads.py: the per-stream path).
+        self._reads = HistoryReads(address)
         self._publisher = Publisher(
             self._commands,
             history_size=history_size,
@@ -133,6 +129,7 @@ class RedisBroker:
         protocol = self._last_protocol
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
+        self._reads.close()
         await self._commands.aclose()
 
     async def _run(self) -> None:
@@ -327,41 +324,10 @@ class RedisBroker:
     async def read_history(
         self, requests: list[tuple[bytes, str]], limit: int
     ) -> list[list[HistoryEntry]]:
-        def add(pipe: Any, request: tuple[bytes, str]) -> None:
-            pipe.xrange(request[0], min=request[1], max="+", count=limit)
+        return await self._reads.read_history(requests, limit)
 
-        results: list[list[HistoryEntry]] = []
-        for reply in await self._read(add, requests):
-            if isinstance(reply, Exception):
-                log.warning("history read refused by redis: %s", reply)
-                reply = []
-            results.append(_entries(reply))
-        return results
-
-    async def _read(self, add: Callable[[Any, _Item], None], items: Sequence[_Item]) -> list[Any]:
-        """Read-only commands, `add`ed per item to pipelines of HISTORY_PIPELINE, each sent
-        up to READ_ATTEMPTS times when its connection turns out closed: a pooled connection
-        that Redis dropped (a restart) fails at once, and reads are safe to repeat (publishes
-        never are). A timeout is not retried: a Redis that does not answer would only hold
-        the reads longer. One refused command (say a key that is not a stream) is an
-        exception among the replies, not a failed batch. BrokerUnavailable when Redis cannot
-        be reached."""
-        replies: list[Any] = []
-        for start in range(0, len(items), HISTORY_PIPELINE):
-            batch = items[start : start + HISTORY_PIPELINE]
-            for attempt in range(1, READ_ATTEMPTS + 1):
-                try:
-                    async with self._commands.pipeline(transaction=False) as pipe:
-                        for item in batch:
-                            add(pipe, item)
-                        replies.extend(await pipe.execute(raise_on_error=False))
-                    break
-                except (redis.exceptions.ConnectionError, ConnectionError) as exc:
-                    if attempt == READ_ATTEMPTS:
-                        raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
-                except (redis.exceptions.TimeoutError, OSError) as exc:
-                    raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
-        return replies
+    async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
+        return await self._reads.read_heads(channels)
 
 
 def _not_started(*_: object) -> None:
@@ -370,19 +336,3 @@ def _not_started(*_: object) -> None:
 
 class RedisHandshakeError(Exception):
     pass
-
-
-def _entries(reply: list[tuple[bytes, dict[bytes, bytes]]]) -> list[HistoryEntry]:
-    entries: list[HistoryEntry] = []
-    for entry_id, fields in reply:
-        event_type, data = fields.get(b"t"), fields.get(b"d")
-        if event_type is None or data is None:
-            continue  # not written by publish.lua; nothing to replay
-        entries.append(
-            HistoryEntry(
-                entry_id.decode("ascii"),
-                event_type.decode("utf-8", "replace"),
-                data.decode("utf-8", "replace"),
-            )
-        )
-    return entries

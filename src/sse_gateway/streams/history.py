@@ -32,12 +32,10 @@ gateway_log = logging.getLogger("sse_gateway")
 BATCH = 1000
 
 _Pending = tuple[bytes, str, "asyncio.Future[list[HistoryEntry]]"]
+_PendingHead = tuple[bytes, "asyncio.Future[str]"]
 
 # The start of every history: a read from it returns every entry.
 START = "0-0"
-# How far back of (the estimate of) Redis' clock a stream's starting position lies: every
-# entry added after the stream subscribed has a later id, even with the estimate off by this.
-POSITION_MARGIN_MS = 1000
 
 
 class HistoryReader:
@@ -56,8 +54,7 @@ class HistoryReader:
         # that returns `limit` entries was cut short.
         self.limit = history_size + 2
         self._pending: list[_Pending] = []
-        self._position_ms = -1
-        self._position = ""
+        self._pending_heads: list[_PendingHead] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -75,25 +72,45 @@ class HistoryReader:
             loop.call_soon(self._flush)
         return future
 
-    def position(self) -> str:
-        """Where a stream that starts now begins in every history: a `position_id` of Redis'
-        clock `POSITION_MARGIN_MS` back. Every event published after the stream's
-        subscription has a later id; the few published in the margin before it have one too
-        (a reconnect from it replays them: events the client never had, not duplicates)."""
-        ms = self._broker.redis_time_ms() - POSITION_MARGIN_MS
-        if ms != self._position_ms:  # a connect storm asks many times per millisecond
-            self._position_ms = ms
-            self._position = position_id(max(0, ms))
-        return self._position
+    def head(self, channel: bytes) -> asyncio.Future[str]:
+        """Where `channel`'s history ends: the id of its newest entry, or, when it is empty, a
+        `position_id` just before the broker's clock at the read (every entry added later has
+        a larger id). Batched like `read`; fails as `read` does."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self._pending_heads.append((channel, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
 
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
+        heads, self._pending_heads = self._pending_heads, []
         loop = asyncio.get_running_loop()
         for start in range(0, len(pending), BATCH):
-            task = loop.create_task(self._run(pending[start : start + BATCH]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(loop.create_task(self._run(pending[start : start + BATCH])))
+        for start in range(0, len(heads), BATCH):
+            self._spawn(loop.create_task(self._run_heads(heads[start : start + BATCH])))
+
+    def _spawn(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_heads(self, batch: list[_PendingHead]) -> None:
+        try:
+            heads, now_ms = await self._broker.read_heads([channel for channel, _ in batch])
+            empty = position_id(max(0, now_ms - 1))
+        except Exception as exc:
+            log.warning("history head read of %d channels failed: %s", len(batch), exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), head in zip(batch, heads, strict=True):
+            if not future.done():
+                future.set_result(empty if head is None else head)
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
@@ -115,8 +132,8 @@ class HistoryReader:
     def replay_covers(self, last: StreamId, entries: list[HistoryEntry]) -> bool:
         """A client's replay: the history must still hold its last id, and all that follows.
 
-        A `position_id` (the resume id of a stream that began without a recovered replay) is in
-        no history: the read holds every entry after it. Nothing after it was trimmed as long as
+        A `position_id` (the resume id of a stream that began on an empty history) is in no
+        history: the read holds every entry after it. Nothing after it was trimmed as long as
         the stream is not full (publish.lua keeps history_size + 1 entries once it trims), and
         nothing expired as long as the first entry after it (or now, when there is none) comes
         less than the history TTL after it: the history expires only a TTL after its last

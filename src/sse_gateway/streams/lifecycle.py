@@ -1,18 +1,20 @@
 """StreamLifecycle: a stream from hand-over to close: join -> replay -> live -> close.
 
 open()            JOINING: the stream joins its channel; the hub subscribes it if new
-_ready()          the subscription is active: replay what was missed (REPLAYING), or, with
-                  no usable id, go live at once from the current position
-_replayed()       history read: decide `recovered`, merge replay with held live events
+_ready()          the subscription is active: REPLAYING; read the history after the
+                  client's last id, or (no usable id) only where the history ends
+_replayed()       history read: decide `recovered`; not recovered: read where it ends
+_positioned()     the resume id is known (the history's newest entry id, or a position)
 _go_live()        LIVE: `connected` with its `id:` (+ replayed events) written, heartbeats begin
 stream_closed()   CLOSED, whoever closed it: hub, heartbeats, counters, log line
 socket_closed()   the socket is gone: the drain and the socket budget stop counting it
 
 Every `connected` carries an `id:`, the resume id, so that an EventSource has a last event
 id to reconnect with from its first frame on: the client's own id when its replay was
-recovered, else the position of Redis' clock a second before the stream went live
-(`HistoryReader.position`), before every event published after the subscription. A
-reconnect with it replays exactly the events after it; no read is needed to make it.
+recovered, else where the player's history ended once the stream was subscribed (its newest
+entry id, or a `position_id` of Redis' clock when empty; `HistoryReader.head`). Live events
+at or below it were published before that point and are not sent; a reconnect with it
+replays exactly the events after it.
 """
 
 from __future__ import annotations
@@ -121,23 +123,26 @@ class StreamLifecycle:
         return stream
 
     def _ready(self, stream: Stream, identity: Identity, last_event_id: str | None) -> None:
-        """The channel is subscribed: replay what was missed, or go live at once."""
+        """The channel is subscribed: replay what was missed, or find where the history ends."""
         if stream.state is CLOSED:
             return
         try:
-            if last_event_id is None:
-                self._go_live(stream, identity, None, self._history.position(), [], None)
-                return
-            last = parse_stream_id(last_event_id)
-            if last is None:  # not a history id: it cannot be recovered
-                self._go_live(stream, identity, False, self._history.position(), [], None)
-                return
             stream.begin_replay()
+            last = parse_stream_id(last_event_id)
+            if last is None:
+                # No id, or one that is not a history id (it cannot be recovered).
+                recovered = None if last_event_id is None else False
+                self._read_position(stream, identity, recovered)
+                return
             future = self._history.read(stream.channel, format_stream_id(last))
             future.add_done_callback(partial(self._replayed, stream, identity, last))
         except Exception:
             # A bug must not leave the stream open and silent: the client comes back instead.
             self._failed(stream, "error", "starting")
+
+    def _read_position(self, stream: Stream, identity: Identity, recovered: bool | None) -> None:
+        future = self._history.head(stream.channel)
+        future.add_done_callback(partial(self._positioned, stream, identity, recovered))
 
     def _replayed(
         self,
@@ -157,22 +162,45 @@ class StreamLifecycle:
             history = self._history
             # Recovered only when the history still holds the client's last id and the read
             # was not cut short: then nothing between it and the events we send can be missing.
-            if history.replay_covers(last, entries):
-                first = 0 if is_position(last) else 1  # a position is no entry; an id is first
-                replayed = history.events(stream.channel, entries[first:])
-                resume_id = format_stream_id(last)
-                self._go_live(stream, identity, True, resume_id, replayed, last)
-                self._metrics.replays["recovered"] += 1
-                self._metrics.replayed_events += len(replayed)
-            else:
+            if not history.replay_covers(last, entries):
                 # The client's id is no floor (it may come from a Redis that restarted empty,
-                # with higher ids than any the new one gives): it starts from now, told so, and
-                # gets the live events held meanwhile (all published after its subscription).
-                self._go_live(stream, identity, False, history.position(), [], None)
+                # with higher ids than any the new one gives): it starts from where the history
+                # ends now, and is told so.
                 self._metrics.replays["not_recovered"] += 1
+                self._read_position(stream, identity, False)
+                return
+            first = 0 if is_position(last) else 1  # a position is no entry; an id is first
+            replayed = history.events(stream.channel, entries[first:])
+            resume_id = format_stream_id(last)
+            self._go_live(stream, identity, True, resume_id, replayed, last)
+            self._metrics.replays["recovered"] += 1
+            self._metrics.replayed_events += len(replayed)
         except Exception:
             self._metrics.replays["failed"] += 1
             self._failed(stream, "replay_failed", "the replay")
+
+    def _positioned(
+        self,
+        stream: Stream,
+        identity: Identity,
+        recovered: bool | None,
+        future: asyncio.Future[str],
+    ) -> None:
+        if stream.state is CLOSED:
+            return
+        if future.cancelled() or future.exception() is not None:
+            self._history_failed(stream)
+            return
+        try:
+            resume_id = future.result()
+            # Live events at or below an entry id were published before it: left out. Nothing
+            # the history adds later is at or below a position, so that floor is not needed
+            # (and would drop a plain PUBLISH whose custom id looks like a lower stream id).
+            last = parse_stream_id(resume_id)
+            floor = None if last is None or is_position(last) else last
+            self._go_live(stream, identity, recovered, resume_id, [], floor)
+        except Exception:
+            self._failed(stream, "error", "going live")
 
     def _history_failed(self, stream: Stream) -> None:
         # Not "recovered: false" (that tells the client to refetch its state): the history

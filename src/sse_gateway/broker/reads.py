@@ -1,0 +1,249 @@
+"""The history read connection: pipelined read-only commands, replies read with hiredis.
+
+Every stream reads the history once before `connected` (where it ends, or what a client
+missed), so this is on the per-stream path. redis-py's pipeline costs ~130k CPU instructions
+per command there (packing, a response callback, an async timeout per reply); this protocol
+writes the commands of a batch in one RESP buffer and resolves one future per reply, in order.
+Commands that change data (publishes) never go here: a reply lost with a dropped connection
+makes a read safe to send again, never a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from typing import cast
+
+import hiredis
+
+from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry
+from sse_gateway.broker.pubsub import encode_command
+from sse_gateway.settings import RedisAddress
+
+log = logging.getLogger("sse_gateway.broker")
+
+
+class ReadConnectionLost(ConnectionError):
+    """The connection closed before the reply came: the read may be sent again."""
+
+
+class ReadProtocol(asyncio.Protocol):
+    """One Redis connection for reads. `send` writes commands; each future gets its reply (an
+    exception object for an error reply, as hiredis gives it)."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.waiters: deque[asyncio.Future[object]] = deque()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, commands: bytes, count: int) -> list[asyncio.Future[object]]:
+        """Writes `commands` (RESP, `count` of them) and returns their replies' futures."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[object]] = [loop.create_future() for _ in range(count)]
+        if self.closed or self.transport is None:
+            for future in futures:
+                future.set_exception(ReadConnectionLost("redis read connection closed"))
+            return futures
+        self.waiters.extend(futures)
+        self.transport.write(commands)
+        return futures
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiters = self.waiters
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError:
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            if reply is False:
+                return
+            if not waiters:
+                continue  # a reply for nobody: a waiter was failed by a timeout
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ReadConnectionLost("redis read connection lost"))
+
+    def abort(self) -> None:
+        """Drops the connection (e.g. after a timeout: replies would no longer match)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def xrange_entries(reply: object) -> list[HistoryEntry]:
+    """An XRANGE reply as hiredis parses it (`[[id, [field, value, …]], …]`) as entries; an
+    entry without the `t`/`d` fields publish.lua writes is left out (nothing to replay)."""
+    entries: list[HistoryEntry] = []
+    for entry_id, fields in cast(list[list[object]], reply):
+        values = cast(list[bytes], fields)
+        event_type = data = None
+        for i in range(0, len(values) - 1, 2):
+            name = values[i]
+            if name == b"t":
+                event_type = values[i + 1]
+            elif name == b"d":
+                data = values[i + 1]
+        if event_type is None or data is None:
+            continue
+        entries.append(
+            HistoryEntry(
+                cast(bytes, entry_id).decode("ascii"),
+                event_type.decode("utf-8", "replace"),
+                data.decode("utf-8", "replace"),
+            )
+        )
+    return entries
+
+
+class HistoryReads:
+    """History reads of one process on one Redis connection of their own, opened on first
+    use and again after it drops. Batches of `PIPELINE` commands, each sent up to `ATTEMPTS`
+    times when the connection turns out closed (a Redis restart), never again after a
+    timeout (a Redis that does not answer would only hold the reads longer)."""
+
+    PIPELINE = 1000
+    ATTEMPTS = 3
+    TIMEOUT = 5.0
+
+    def __init__(self, address: RedisAddress) -> None:
+        self._address = address
+        self._protocol: ReadProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def read_history(
+        self, requests: list[tuple[bytes, str]], limit: int
+    ) -> list[list[HistoryEntry]]:
+        """See `Broker.read_history`: XRANGE <channel> <start> + COUNT <limit> for each."""
+        count = str(limit).encode()
+        commands = [
+            encode_command(b"XRANGE", channel, start.encode(), b"+", b"COUNT", count)
+            for channel, start in requests
+        ]
+        results: list[list[HistoryEntry]] = []
+        for reply in await self._run(commands):
+            if isinstance(reply, Exception):
+                # One refused XRANGE (a key that is not a stream, say) fails only its read.
+                log.warning("history read refused by redis: %s", reply)
+                reply = []
+            results.append(xrange_entries(reply))
+        return results
+
+    async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
+        """See `Broker.read_heads`: TIME, then XREVRANGE <channel> + - COUNT 1 for each, in
+        one pipeline (per batch): every entry added after a head was read is later than the
+        TIME, which Redis answered first on the same connection."""
+        heads: list[str | None] = []
+        now_ms = 0
+        for start in range(0, len(channels), self.PIPELINE - 1):
+            batch = channels[start : start + self.PIPELINE - 1]
+            commands = [_TIME] + [
+                encode_command(b"XREVRANGE", channel, b"+", b"-", b"COUNT", b"1")
+                for channel in batch
+            ]
+            replies = await self._run(commands)
+            if not now_ms:
+                seconds, micros = cast(list[bytes], replies[0])
+                now_ms = int(seconds) * 1000 + int(micros) // 1000
+            for reply in replies[1:]:
+                if isinstance(reply, Exception):
+                    log.warning("history head read refused by redis: %s", reply)
+                    reply = []
+                entries = cast(list[list[bytes]], reply)
+                heads.append(entries[0][0].decode("ascii") if entries else None)
+        return heads, now_ms
+
+    async def _run(self, commands: list[bytes]) -> list[object]:
+        replies: list[object] = []
+        for start in range(0, len(commands), self.PIPELINE):
+            batch = commands[start : start + self.PIPELINE]
+            for attempt in range(1, self.ATTEMPTS + 1):
+                protocol = await self._connection()
+                futures = protocol.send(b"".join(batch), len(batch))
+                try:
+                    replies.extend(await asyncio.wait_for(asyncio.gather(*futures), self.TIMEOUT))
+                    break
+                except ReadConnectionLost as exc:
+                    if attempt == self.ATTEMPTS:
+                        raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+                except TimeoutError as exc:
+                    protocol.abort()  # later replies would answer the wrong futures
+                    raise BrokerUnavailable("redis did not answer a history read") from exc
+        return replies
+
+    async def _connection(self) -> ReadProtocol:
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed:
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # one connect for the reads of a whole storm
+            protocol = self._protocol
+            if protocol is not None and not protocol.closed:
+                return protocol
+            self._protocol = protocol = await self._connect()
+            return protocol
+
+    async def _connect(self) -> ReadProtocol:
+        address = self._address
+        loop = asyncio.get_running_loop()
+        ssl_context = ssl.create_default_context() if address.tls else None
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    ReadProtocol,
+                    address.host,
+                    address.port,
+                    ssl=ssl_context,
+                    server_hostname=address.host if ssl_context else None,
+                ),
+                self.TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
+        handshake: list[bytes] = []
+        if address.password is not None:
+            auth = [b"AUTH"]
+            if address.username:
+                auth.append(address.username.encode())
+            auth.append(address.password.encode())
+            handshake.append(encode_command(*auth))
+        if address.db:
+            handshake.append(encode_command(b"SELECT", str(address.db).encode()))
+        if handshake:
+            futures = protocol.send(b"".join(handshake), len(handshake))
+            try:
+                replies = await asyncio.wait_for(asyncio.gather(*futures), self.TIMEOUT)
+            except (ConnectionError, TimeoutError) as exc:
+                protocol.abort()
+                raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    protocol.abort()
+                    raise BrokerUnavailable(f"redis refused the read connection: {reply}")
+        return protocol
+
+    def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.abort()
+            self._protocol = None
+
+
+_TIME = encode_command(b"TIME")
