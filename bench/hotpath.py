@@ -132,10 +132,25 @@ def connect_requests(streams: int) -> list[bytes]:
     ]
 
 
+class EmptyHistory(NullTransport):
+    """The Redis side of the history read connection: every player's history is empty."""
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        times = data.count(b"$4\r\nTIME\r\n")
+        heads = data.count(b"$9\r\nXREVRANGE\r\n")
+        reply = b"*2\r\n$10\r\n1700000000\r\n$6\r\n000000\r\n" * times + b"*0\r\n" * heads
+        asyncio.get_running_loop().call_soon(self.protocol.data_received, reply)
+
+
 async def run_connect(requests: list[bytes]) -> tuple[float, int]:
     """Stream setup in-process: accept, HTTP request, JWT, hub join, SUBSCRIBE, `connected`."""
     from sse_gateway.app import Gateway, broker_from_settings
     from sse_gateway.broker.pubsub import PubSubProtocol
+    from sse_gateway.broker.reads import ReadProtocol
     from sse_gateway.edge.protocol import RequestReader
     from sse_gateway.settings import Settings, parse_redis_address
 
@@ -148,6 +163,11 @@ async def run_connect(requests: list[bytes]) -> tuple[float, int]:
     protocol.connection_made(redis_side)  # type: ignore[arg-type]
     broker._protocol = protocol  # type: ignore[union-attr]
     broker._connected = True  # type: ignore[union-attr]
+    # Where history reads go: answered at once, as an empty history would be (TIME, then one
+    # empty XREVRANGE per stream), through the real command encoding and hiredis parsing.
+    reads = ReadProtocol()
+    reads.connection_made(EmptyHistory(reads))  # type: ignore[arg-type]
+    broker._reads._protocol = reads  # type: ignore[attr-defined]
     confirmations = [
         b"*3\r\n$9\r\nsubscribe\r\n$%d\r\nSSE::bench::p%d\r\n:%d\r\n"
         % (len(f"SSE::bench::p{i}"), i, i + 1)

@@ -29,57 +29,68 @@ class ReadConnectionLost(ConnectionError):
     """The connection closed before the reply came: the read may be sent again."""
 
 
+class _Batch:
+    """Commands sent together: their replies, in order, fill one future."""
+
+    __slots__ = ("count", "future", "replies")
+
+    def __init__(self, count: int, future: asyncio.Future[list[object]]) -> None:
+        self.count = count
+        self.future = future
+        self.replies: list[object] = []
+
+
 class ReadProtocol(asyncio.Protocol):
-    """One Redis connection for reads. `send` writes commands; each future gets its reply (an
-    exception object for an error reply, as hiredis gives it)."""
+    """One Redis connection for reads. `send` writes a batch of commands; its future gets
+    their replies in order (an exception object for an error reply, as hiredis gives it)."""
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
-        self.waiters: deque[asyncio.Future[object]] = deque()
+        self.batches: deque[_Batch] = deque()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
-    def send(self, commands: bytes, count: int) -> list[asyncio.Future[object]]:
-        """Writes `commands` (RESP, `count` of them) and returns their replies' futures."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[object]] = [loop.create_future() for _ in range(count)]
+    def send(self, commands: bytes, count: int) -> asyncio.Future[list[object]]:
+        """Writes `commands` (RESP, `count` of them); the future gets their `count` replies,
+        or ReadConnectionLost."""
+        future: asyncio.Future[list[object]] = asyncio.get_running_loop().create_future()
         if self.closed or self.transport is None:
-            for future in futures:
-                future.set_exception(ReadConnectionLost("redis read connection closed"))
-            return futures
-        self.waiters.extend(futures)
+            future.set_exception(ReadConnectionLost("redis read connection closed"))
+            return future
+        self.batches.append(_Batch(count, future))
         self.transport.write(commands)
-        return futures
+        return future
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
         reader.feed(data)
-        waiters = self.waiters
-        while True:
+        batches = self.batches
+        while batches:
+            batch = batches[0]
+            replies = batch.replies
             try:
-                reply = reader.gets()
+                while len(replies) < batch.count:
+                    reply = reader.gets()
+                    if reply is False:
+                        return
+                    replies.append(reply)
             except hiredis.ProtocolError:
-                if self.transport is not None:
-                    self.transport.abort()
+                self.abort()
                 return
-            if reply is False:
-                return
-            if not waiters:
-                continue  # a reply for nobody: a waiter was failed by a timeout
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(reply)
+            batches.popleft()
+            if not batch.future.done():
+                batch.future.set_result(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(ReadConnectionLost("redis read connection lost"))
+        while self.batches:
+            future = self.batches.popleft().future
+            if not future.done():
+                future.set_exception(ReadConnectionLost("redis read connection lost"))
 
     def abort(self) -> None:
         """Drops the connection (e.g. after a timeout: replies would no longer match)."""
@@ -132,9 +143,10 @@ class HistoryReads:
         self, requests: list[tuple[bytes, str]], limit: int
     ) -> list[list[HistoryEntry]]:
         """See `Broker.read_history`: XRANGE <channel> <start> + COUNT <limit> for each."""
-        count = str(limit).encode()
+        tail = b"$1\r\n+\r\n$5\r\nCOUNT\r\n" + encode_command(str(limit).encode())[4:]
         commands = [
-            encode_command(b"XRANGE", channel, start.encode(), b"+", b"COUNT", count)
+            b"*6\r\n$6\r\nXRANGE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b"
+            % (len(channel), channel, len(start), start.encode(), tail)
             for channel, start in requests
         ]
         results: list[list[HistoryEntry]] = []
@@ -154,10 +166,8 @@ class HistoryReads:
         now_ms = 0
         for start in range(0, len(channels), self.PIPELINE - 1):
             batch = channels[start : start + self.PIPELINE - 1]
-            commands = [_TIME] + [
-                encode_command(b"XREVRANGE", channel, b"+", b"-", b"COUNT", b"1")
-                for channel in batch
-            ]
+            commands = [_TIME]
+            commands += [_XREVRANGE_HEAD % (len(channel), channel) for channel in batch]
             replies = await self._run(commands)
             if not now_ms:
                 seconds, micros = cast(list[bytes], replies[0])
@@ -176,9 +186,9 @@ class HistoryReads:
             batch = commands[start : start + self.PIPELINE]
             for attempt in range(1, self.ATTEMPTS + 1):
                 protocol = await self._connection()
-                futures = protocol.send(b"".join(batch), len(batch))
+                future = protocol.send(b"".join(batch), len(batch))
                 try:
-                    replies.extend(await asyncio.wait_for(asyncio.gather(*futures), self.TIMEOUT))
+                    replies.extend(await asyncio.wait_for(future, self.TIMEOUT))
                     break
                 except ReadConnectionLost as exc:
                     if attempt == self.ATTEMPTS:
@@ -228,9 +238,9 @@ class HistoryReads:
         if address.db:
             handshake.append(encode_command(b"SELECT", str(address.db).encode()))
         if handshake:
-            futures = protocol.send(b"".join(handshake), len(handshake))
+            future = protocol.send(b"".join(handshake), len(handshake))
             try:
-                replies = await asyncio.wait_for(asyncio.gather(*futures), self.TIMEOUT)
+                replies = await asyncio.wait_for(future, self.TIMEOUT)
             except (ConnectionError, TimeoutError) as exc:
                 protocol.abort()
                 raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
@@ -247,3 +257,7 @@ class HistoryReads:
 
 
 _TIME = encode_command(b"TIME")
+# XREVRANGE <channel> + - COUNT 1, with the channel's length and name to fill in.
+_XREVRANGE_HEAD = (
+    b"*6\r\n$9\r\nXREVRANGE\r\n$%d\r\n%b\r\n$1\r\n+\r\n$1\r\n-\r\n$5\r\nCOUNT\r\n$1\r\n1\r\n"
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from sse_gateway.broker.base import Broker, HistoryEntry
 from sse_gateway.metrics import Metrics
@@ -32,7 +33,9 @@ gateway_log = logging.getLogger("sse_gateway")
 BATCH = 1000
 
 _Pending = tuple[bytes, str, "asyncio.Future[list[HistoryEntry]]"]
-_PendingHead = tuple[bytes, "asyncio.Future[str]"]
+# Called once with where a history ends, or with the exception that kept it from being read.
+HeadCallback = Callable[[str | None, BaseException | None], None]
+_PendingHead = tuple[bytes, HeadCallback]
 
 # The start of every history: a read from it returns every entry.
 START = "0-0"
@@ -72,17 +75,15 @@ class HistoryReader:
             loop.call_soon(self._flush)
         return future
 
-    def head(self, channel: bytes) -> asyncio.Future[str]:
-        """Where `channel`'s history ends: the id of its newest entry, or, when it is empty, a
-        `position_id` just before the broker's clock at the read (every entry added later has
-        a larger id). Batched like `read`; fails as `read` does."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
-        self._pending_heads.append((channel, future))
+    def head(self, channel: bytes, callback: HeadCallback) -> None:
+        """Where `channel`'s history ends: `callback(id, None)` with the id of its newest
+        entry, or, when it is empty, a `position_id` just before the broker's clock at the read
+        (every entry added later has a larger id); `callback(None, exc)` when the read fails.
+        Batched like `read`. (A callback, not a future: this is on every stream's way in.)"""
+        self._pending_heads.append((channel, callback))
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
-        return future
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -104,13 +105,18 @@ class HistoryReader:
             empty = position_id(max(0, now_ms - 1))
         except Exception as exc:
             log.warning("history head read of %d channels failed: %s", len(batch), exc)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for _, callback in batch:
+                self._call(callback, None, exc)
             return
-        for (_, future), head in zip(batch, heads, strict=True):
-            if not future.done():
-                future.set_result(empty if head is None else head)
+        for (_, callback), head in zip(batch, heads, strict=True):
+            self._call(callback, empty if head is None else head, None)
+
+    @staticmethod
+    def _call(callback: HeadCallback, head: str | None, exc: BaseException | None) -> None:
+        try:
+            callback(head, exc)
+        except Exception:  # one stream's failure must not keep the batch's others waiting
+            log.exception("history head callback failed")
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:

@@ -40,6 +40,7 @@ from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.stream import CLOSED, PlainStream, Stream, bound_send_buffer, farewell
 from sse_gateway.wire.frames import encode_connected
 from sse_gateway.wire.ids import (
+    POSITION_SEQ,
     HistoryEvent,
     StreamId,
     format_stream_id,
@@ -141,8 +142,7 @@ class StreamLifecycle:
             self._failed(stream, "error", "starting")
 
     def _read_position(self, stream: Stream, identity: Identity, recovered: bool | None) -> None:
-        future = self._history.head(stream.channel)
-        future.add_done_callback(partial(self._positioned, stream, identity, recovered))
+        self._history.head(stream.channel, partial(self._positioned, stream, identity, recovered))
 
     def _replayed(
         self,
@@ -184,20 +184,19 @@ class StreamLifecycle:
         stream: Stream,
         identity: Identity,
         recovered: bool | None,
-        future: asyncio.Future[str],
+        resume_id: str | None,
+        failure: BaseException | None,
     ) -> None:
         if stream.state is CLOSED:
             return
-        if future.cancelled() or future.exception() is not None:
+        if resume_id is None:  # the read failed (`failure`, logged by the reader)
             self._history_failed(stream)
             return
         try:
-            resume_id = future.result()
             # Live events at or below an entry id were published before it: left out. Nothing
             # the history adds later is at or below a position, so that floor is not needed
             # (and would drop a plain PUBLISH whose custom id looks like a lower stream id).
-            last = parse_stream_id(resume_id)
-            floor = None if last is None or is_position(last) else last
+            floor = None if resume_id.endswith(POSITION_SEQ) else parse_stream_id(resume_id)
             self._go_live(stream, identity, recovered, resume_id, [], floor)
         except Exception:
             self._failed(stream, "error", "going live")

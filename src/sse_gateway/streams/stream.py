@@ -207,7 +207,9 @@ class Stream(asyncio.Protocol):
         written = 0
         held = self.held
         self.held = None
-        if held is not None:
+        if not held and not replayed:
+            self.floor = last  # nothing to merge (the usual first connect)
+        elif held is not None:
             merge = ReplayMerge(last)
             events = merge.merge(replayed, held)
             if chunked:

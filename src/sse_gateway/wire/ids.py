@@ -36,11 +36,15 @@ def format_stream_id(stream_id: StreamId) -> str:
     return f"{stream_id[0]}-{stream_id[1]}"
 
 
+# The sequence part of every `position_id`, as it ends the id.
+POSITION_SEQ = f"-{_U64_MAX}"
+
+
 def position_id(ms: int) -> str:
     """A position in a history that is not an entry: the end of millisecond `ms`, after every
     entry of that millisecond (no entry has the largest sequence number: that would take
     2**64 entries in one millisecond). The resume id of a stream whose history was empty."""
-    return f"{ms}-{_U64_MAX}"
+    return f"{ms}{POSITION_SEQ}"
 
 
 def is_position(stream_id: StreamId) -> bool:
