@@ -52,3 +52,11 @@ clean:
 # Writes docs/comparison.md and docs/img/comparison-*.png. BENCH_ARGS=--quick for a smoke run.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/compare.py --wait-quiet 60 $(BENCH_ARGS)
+
+.PHONY: soak
+# Soak under faults (~2.5 min; not part of `make test`, which runs a short one): EventSource-like
+# clients, two gateways, Redis with appendfsync always, random gateway/Redis/Pub/Sub faults and
+# a per-player ledger; exits non-zero on any loss, refusal, duplicate or reordering. Options:
+# SOAK_ARGS="--seed 7 --duration 600" (`.venv/bin/python bench/soak.py --help`).
+soak: deps
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
