@@ -188,14 +188,22 @@ class HistoryReads:
                 protocol = await self._connection()
                 future = protocol.send(b"".join(batch), len(batch))
                 try:
-                    replies.extend(await asyncio.wait_for(future, self.TIMEOUT))
-                    break
+                    answered = await asyncio.wait_for(future, self.TIMEOUT)
                 except ReadConnectionLost as exc:
                     if attempt == self.ATTEMPTS:
                         raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+                    continue
                 except TimeoutError as exc:
                     protocol.abort()  # later replies would answer the wrong futures
                     raise BrokerUnavailable("redis did not answer a history read") from exc
+                for reply in answered:
+                    # Redis answers, but not yet for data (loading its AOF after a restart, a
+                    # replica without its primary): the reads fail, they do not come back
+                    # empty; an empty history would read as one that restarted or was trimmed.
+                    if isinstance(reply, Exception) and str(reply).startswith(_NOT_READY):
+                        raise BrokerUnavailable(f"redis is not ready: {reply}")
+                replies.extend(answered)
+                break
         return replies
 
     async def _connection(self) -> ReadProtocol:
@@ -257,6 +265,8 @@ class HistoryReads:
 
 
 _TIME = encode_command(b"TIME")
+# Error replies that say Redis cannot answer for its data now, not that the command is wrong.
+_NOT_READY = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "NOAUTH")
 # XREVRANGE <channel> + - COUNT 1, with the channel's length and name to fill in.
 _XREVRANGE_HEAD = (
     b"*6\r\n$9\r\nXREVRANGE\r\n$%d\r\n%b\r\n$1\r\n+\r\n$1\r\n-\r\n$5\r\nCOUNT\r\n$1\r\n1\r\n"
