@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 from support.procs import Gateway, GatewayFactory, RedisServer, cli, wait_for
-from support.sse import assert_position_id, assert_quiet, read_events
+from support.sse import assert_quiet, read_events
 
 from sse_gateway.publish import PUBLISH_SCRIPT, PUBLISH_SCRIPT_SHA, Event, SyncPublisher
 
@@ -25,14 +25,15 @@ def test_an_empty_last_event_id_starts_a_stream_without_replay(
     gateway: Gateway, publisher: SyncPublisher, ids: Callable[..., str], query: bool
 ) -> None:
     brand, player = ids("b"), ids("p")
-    publisher.publish(brand, player, "n", "before")
+    before = publisher.publish(brand, player, "n", "before")
     # An EventSource that saw `id:` with an empty value sends it back empty; a non-200 answer
     # would end it for good.
     client, connected = gateway.player_stream(brand, player, "", query=query)
     with client:
         assert "recovered" not in connected  # no id: no replay, as without the header
         assert client.connected is not None
-        assert_position_id(client.connected.id)  # as without the header
+        # As without the header: the resume id is where the history ends, `before` (not sent).
+        assert client.connected.id == before
         assert_quiet(client, 0.3)
         live = publisher.publish(brand, player, "n", "live")
         assert [e.id for e in read_events(client, 1)] == [live]
@@ -234,13 +235,13 @@ def test_a_last_event_id_newer_than_the_history_still_gets_live_events(
     # A client from before a Redis restart without persistence: its id is higher than any the
     # new Redis gives. It cannot be recovered, and from then on it must get every event.
     brand, player = ids("b"), ids("p")
-    publisher.publish(brand, player, "n", 0)
+    newest = publisher.publish(brand, player, "n", 0)
     client, connected = gateway.player_stream(brand, player, last_id)
     with client:
         assert connected["recovered"] is False
-        # Not the client's id: a position of now, so a reconnect resumes from there.
+        # Not the client's id: where the history ends now, so a reconnect resumes from there.
         assert client.connected is not None
-        assert_position_id(client.connected.id)
+        assert client.connected.id == newest
         sent = [publisher.publish(brand, player, "n", n) for n in range(1, 4)]
         assert [e.id for e in read_events(client, 3)] == sent
 

@@ -518,8 +518,9 @@ def position_ms(value: str | None) -> int | None:
 
 
 def assert_position_id(value: str | None, slack_ms: int = 60_000) -> int:
-    """`value` is a position id of about now (Redis' clock, a second back): the resume id of
-    a stream that began on an empty history. Returns its millisecond."""
+    """`value` is a position id of about now (Redis' clock a millisecond before the read of
+    where the history ends): the resume id of a stream that began on an empty history.
+    Returns its millisecond."""
     ms = position_ms(value)
     assert ms is not None, f"not a position id (<ms>-{POSITION_SEQ}): {value!r}"
     now_ms = int(time.time() * 1000)

@@ -1,14 +1,17 @@
-"""HistoryReader: where a stream starts (`position`), what a read proves (`replay_covers`), and
-the frames of entries."""
+"""HistoryReader: where a stream starts (`head`: the newest entry id of the player's history,
+or a position just before the broker's clock when it is empty), what a read proves
+(`replay_covers`), and the frames of entries."""
 
 from __future__ import annotations
 
-import pytest
-from fakes import http_chunk
+import asyncio
 
-from sse_gateway.broker.base import HistoryEntry
+import pytest
+from fakes import http_chunk, run_in_loop, turns
+
+from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry
 from sse_gateway.metrics import Metrics
-from sse_gateway.streams.history import POSITION_MARGIN_MS, START, HistoryReader
+from sse_gateway.streams.history import BATCH, START, HistoryReader
 from sse_gateway.wire.ids import is_position, parse_stream_id, position_id
 
 SIZE = 5
@@ -26,6 +29,31 @@ class Clock:
 
     def redis_time_ms(self) -> int:
         return self.now_ms
+
+
+class HeadsBroker(Clock):
+    """A broker whose histories end where `heads` says (a channel not in it is empty); it
+    records every `read_heads` call, answers on a later loop turn, and fails with `error`."""
+
+    def __init__(self, heads: dict[bytes, str] | None = None, now_ms: int = NOW_MS) -> None:
+        super().__init__(now_ms)
+        self.heads = heads or {}
+        self.calls: list[list[bytes]] = []
+        self.history_calls: list[list[tuple[bytes, str]]] = []
+        self.error: Exception | None = None
+
+    async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
+        self.calls.append(list(channels))
+        await asyncio.sleep(0)
+        if self.error is not None:
+            raise self.error
+        return [self.heads.get(channel) for channel in channels], self.now_ms
+
+    async def read_history(
+        self, requests: list[tuple[bytes, str]], limit: int
+    ) -> list[list[HistoryEntry]]:
+        self.history_calls.append(list(requests))
+        return [[] for _ in requests]
 
 
 def entries(first: int, last: int, ms: int = NOW_MS) -> list[HistoryEntry]:
@@ -52,14 +80,105 @@ def test_a_position_is_the_end_of_a_millisecond_and_no_entry() -> None:
     assert (1234, 7) < position < (1235, 0)  # after every entry of its millisecond
 
 
-def test_a_stream_starts_at_a_position_of_redis_clock_a_margin_back() -> None:
-    clock = Clock()
-    history = reader(clock)
-    assert history.position() == position_id(NOW_MS - POSITION_MARGIN_MS)
-    clock.now_ms += 1
-    assert history.position() == position_id(NOW_MS + 1 - POSITION_MARGIN_MS)  # not stale
-    clock.now_ms = POSITION_MARGIN_MS - 1  # a clock that cannot go a margin back
-    assert history.position() == position_id(0)
+# --- head: where a history ends ---------------------------------------------------------------
+
+HeadCall = tuple[str | None, BaseException | None]
+
+
+class Heads:
+    """Asks `HistoryReader.head` for channels and records each callback's calls."""
+
+    def __init__(self, history: HistoryReader) -> None:
+        self.history = history
+        self.calls: dict[int, list[HeadCall]] = {}
+
+    def ask(self, channel: bytes) -> int:
+        n = len(self.calls)
+        self.calls[n] = []
+        self.history.head(channel, lambda head, exc: self.calls[n].append((head, exc)))
+        return n
+
+    async def answered(self, *asked: int) -> list[HeadCall]:
+        """The one call each callback got (after a few loop turns)."""
+        await turns(5)
+        for n in asked:
+            assert len(self.calls[n]) == 1, (n, self.calls[n])  # exactly once
+        return [self.calls[n][0] for n in asked]
+
+
+@run_in_loop
+async def test_the_head_of_a_history_is_its_newest_entry_id() -> None:
+    broker = HeadsBroker({CH: f"{NOW_MS - 5}-3"})
+    heads = Heads(reader(broker))
+    asked = heads.ask(CH)
+    assert heads.calls[asked] == [] and broker.calls == []  # read on a later turn
+    assert await heads.answered(asked) == [(f"{NOW_MS - 5}-3", None)]
+    assert broker.calls == [[CH]]
+
+
+@run_in_loop
+async def test_the_head_of_an_empty_history_is_a_position_just_before_the_brokers_clock() -> None:
+    # Every entry added after the read has an id of the broker's clock at the read or later:
+    # above the end of the millisecond before it.
+    broker = HeadsBroker(now_ms=NOW_MS)
+    heads = Heads(reader(broker))
+    [(head, exc)] = await heads.answered(heads.ask(CH))
+    assert (head, exc) == (position_id(NOW_MS - 1), None)
+    parsed = parse_stream_id(head)
+    assert parsed is not None and is_position(parsed) and parsed < (NOW_MS, 0)
+    broker.now_ms = 0  # a clock at its very start: no negative millisecond
+    assert await heads.answered(heads.ask(CH)) == [(position_id(0), None)]
+
+
+@run_in_loop
+async def test_heads_asked_in_one_turn_are_read_together_in_batches() -> None:
+    channels = [f"SSE::b1::p{n}".encode() for n in range(2 * BATCH + 5)]
+    ends = {channel: f"{n + 1}-0" for n, channel in enumerate(channels) if n % 2}
+    broker = HeadsBroker(ends)
+    history = reader(broker)
+    heads = Heads(history)
+    asked = [heads.ask(channel) for channel in channels]
+    results = await heads.answered(*asked)
+    assert [len(call) for call in broker.calls] == [BATCH, BATCH, 5]
+    assert [channel for call in broker.calls for channel in call] == channels
+    empty = position_id(NOW_MS - 1)
+    assert results == [(ends.get(channel, empty), None) for channel in channels]
+    # A head asked on a later turn is a read of its own.
+    assert await heads.answered(heads.ask(channels[1])) == [("2-0", None)]
+    assert broker.calls[-1] == [channels[1]]
+    # History reads of the same turn go to read_history, heads to read_heads.
+    other = b"SSE::b2::p0"
+    read = history.read(other, START)
+    asked_head = heads.ask(other)
+    assert await read == []
+    assert await heads.answered(asked_head) == [(empty, None)]
+    assert broker.history_calls == [[(other, START)]] and broker.calls[-1] == [other]
+
+
+@run_in_loop
+async def test_a_failed_head_read_fails_every_head_of_its_batch() -> None:
+    broker = HeadsBroker({CH: "5-0"})
+    broker.error = BrokerUnavailable("redis unavailable: down")
+    heads = Heads(reader(broker))
+    results = await heads.answered(heads.ask(CH), heads.ask(b"SSE::b1::p2"))
+    assert results == [(None, broker.error), (None, broker.error)]
+    broker.error = None  # the next read is a new attempt
+    assert await heads.answered(heads.ask(CH)) == [("5-0", None)]
+
+
+@run_in_loop
+async def test_a_head_callback_that_raises_does_not_keep_the_others_waiting() -> None:
+    broker = HeadsBroker({CH: "5-0"})
+    history = reader(broker)
+    heads = Heads(history)
+
+    def broken(head: str | None, exc: BaseException | None) -> None:
+        raise RuntimeError("a stream's bug")
+
+    first = heads.ask(CH)
+    history.head(CH, broken)
+    last = heads.ask(CH)
+    assert await heads.answered(first, last) == [("5-0", None), ("5-0", None)]
 
 
 # --- replay_covers ---------------------------------------------------------------------------

@@ -2,31 +2,33 @@
 
 The whole gateway in-process over the embedded broker, with fake transports and a loop whose
 clock stands still (no heartbeat interferes). Every stream's first frame is `connected` with
-`id:` (the resume id) and `retry:`: the client's own id after a recovered replay; otherwise a
-position of Redis' clock a second before the stream went live (`<ms>-<2**64-1>`, an id no
-entry has), before every event published after the subscription. A reconnect with it replays
-what came after it.
+`id:` (the resume id) and `retry:`: the client's own id after a recovered replay; otherwise
+where the player's history ends once the stream is subscribed (`HistoryReader.head`): the id
+of its newest entry, or, when it is empty, a position just before the broker's clock
+(`<ms>-<2**64-1>`, an id no entry has). Live events at or below an entry resume id are not
+sent; a reconnect with the resume id replays what came after it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fakes import END_CHUNK, FakeTransport, http_chunk, run_in_loop, split_chunks, turns
 from sse_spec_parser import parse_sse
 
+import sse_gateway.broker.memory
 from sse_gateway.app import Gateway
-from sse_gateway.broker.base import BrokerUnavailable
+from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry
 from sse_gateway.broker.memory import MemoryBroker
 from sse_gateway.publish.events import PreparedEvent
 from sse_gateway.settings import Settings
-from sse_gateway.streams.history import POSITION_MARGIN_MS
 from sse_gateway.streams.stream import RETRY_SPREAD_MS, PlainStream, Stream, StreamState
 from sse_gateway.wire.frames import encode_event
-from sse_gateway.wire.ids import is_position, parse_stream_id
+from sse_gateway.wire.ids import format_stream_id, is_position, parse_stream_id, position_id
 from sse_gateway.wire.naming import Identity, channel_name
 
 PLAYER = Identity("b1", "p1")
@@ -34,8 +36,29 @@ CHANNEL = channel_name(PLAYER.brand_id, PLAYER.player_id)
 HEAD = b"HTTP/1.1 200 OK\r\n\r\n"
 RETRY_MS = 1500
 SIZE = 3
+NOW_MS = 1_700_000_000_000
 
 Frame = tuple[str, str, str, int | None]  # (event type, id, data, retry)
+
+
+class WallClock:
+    """The embedded broker's `time` module with a wall clock the test sets (its ids, its
+    clock for the head read and for `replay_covers`); `monotonic` (history expiry) is real."""
+
+    monotonic = staticmethod(time.monotonic)
+
+    def __init__(self, now_ms: int = NOW_MS) -> None:
+        self.now_ms = now_ms
+
+    def time(self) -> float:
+        return (self.now_ms + 0.5) / 1000  # int(time() * 1000) == now_ms, whatever rounding
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[WallClock]:
+    wall = WallClock()
+    monkeypatch.setattr(sse_gateway.broker.memory, "time", wall)
+    yield wall
 
 
 async def started(history_size: int = SIZE, history_ttl: float = 86_400.0) -> Gateway:
@@ -54,9 +77,8 @@ async def publish(gateway: Gateway, count: int = 1) -> list[str]:
     return [str(p) for p in published]
 
 
-async def open_stream(
-    gateway: Gateway, last: str | None = None, *, chunked: bool = True
-) -> tuple[Stream, FakeTransport]:
+def open_now(gateway: Gateway, last: str | None = None, *, chunked: bool = True) -> Any:
+    """Opens a stream and returns (stream, transport) before any history read ran."""
     transport = FakeTransport()
     stream = gateway.lifecycle.open(
         transport,  # type: ignore[arg-type]
@@ -65,6 +87,13 @@ async def open_stream(
         HEAD,
         chunked=chunked,
     )
+    return stream, transport
+
+
+async def open_stream(
+    gateway: Gateway, last: str | None = None, *, chunked: bool = True
+) -> tuple[Stream, FakeTransport]:
+    stream, transport = open_now(gateway, last, chunked=chunked)
     await turns(10)  # a history read, then (not recovered) a read of where it ends
     return stream, transport
 
@@ -90,12 +119,16 @@ def connected_of(transport: FakeTransport) -> tuple[str, dict[str, Any]]:
     return event_id, payload
 
 
-def assert_position_of_now(event_id: str) -> None:
-    """A position id (the resume id of an empty history): Redis' clock, a margin back."""
+def assert_position_of_now(event_id: str, before_ms: int, after_ms: int) -> None:
+    """A position id (the resume id of an empty history): the millisecond before the broker's
+    clock at the read, which came between `before_ms` and `after_ms` (wall clock)."""
     parsed = parse_stream_id(event_id)
     assert parsed is not None and is_position(parsed), event_id
-    now_ms = int(time.time() * 1000)
-    assert now_ms - POSITION_MARGIN_MS - 5_000 <= parsed[0] <= now_ms - POSITION_MARGIN_MS
+    assert before_ms - 1 <= parsed[0] <= after_ms - 1, (event_id, before_ms, after_ms)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def event_ids(transport: FakeTransport) -> list[str]:
@@ -103,19 +136,40 @@ def event_ids(transport: FakeTransport) -> list[str]:
     return [event_id for kind, event_id, _, _ in found[1:] if kind == "n"]
 
 
-# --- no Last-Event-ID --------------------------------------------------------------------------
+def live_data(transport: FakeTransport) -> list[str]:
+    """The data of every frame after `connected`."""
+    found, _ = frames(transport)
+    return [data for _, _, data, _ in found[1:]]
+
+
+def deliver(gateway: Gateway, *event_ids: str | None) -> None:
+    """Live events of the channel, as Pub/Sub hands them over, data `live <id>`."""
+    for event_id in event_ids:
+        frame = encode_event("n", f"live {event_id}", event_id)
+        gateway.hub.deliver(CHANNEL, http_chunk(frame), event_id)
+
+
+def next_id(event_id: str) -> str:
+    parsed = parse_stream_id(event_id)
+    assert parsed is not None
+    return format_stream_id((parsed[0], parsed[1] + 1))
+
+
+# --- no Last-Event-ID: an empty history ---------------------------------------------------------
 
 
 @run_in_loop
-async def test_a_stream_starts_at_a_position_of_now() -> None:
+async def test_a_stream_on_an_empty_history_starts_at_a_position_just_before_now() -> None:
     gateway = await started()
+    before = now_ms()
     stream, transport = await open_stream(gateway)
+    after = now_ms()
     assert stream.state is StreamState.LIVE
     assert type(stream) is Stream
     [chunk], ended = split_chunks(transport.output[len(HEAD) :])
     assert not ended
     [event] = parse_sse(chunk).events
-    assert_position_of_now(event.id)
+    assert_position_of_now(event.id, before, after)
     payload = json.loads(event.data)
     assert "recovered" not in payload
     # The exact frame: `id:`, `event:`, `retry:`, `data:` in one block, no `retry:` of its own.
@@ -131,40 +185,132 @@ async def test_a_stream_starts_at_a_position_of_now() -> None:
 
 
 @run_in_loop
-async def test_a_stream_without_an_id_replays_nothing_and_reads_no_history(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_the_position_of_an_empty_history_is_the_millisecond_before_the_brokers_clock(
+    clock: WallClock,
 ) -> None:
     gateway = await started()
-    old = await publish(gateway, 3)
-    reads: list[object] = []
-    monkeypatch.setattr(MemoryBroker, "read_history", lambda *args: reads.append(args))
-    transport = FakeTransport()
-    stream = gateway.lifecycle.open(transport, PLAYER, None, HEAD)  # type: ignore[arg-type]
-    assert stream.state is StreamState.LIVE  # at once: no read is needed to know where
-    event_id, payload = connected_of(transport)
-    assert_position_of_now(event_id)
-    assert "recovered" not in payload
-    assert event_ids(transport) == []  # not even those published within the margin: `old`
-    assert old and reads == []
-    [new] = await publish(gateway)
-    assert event_ids(transport) == [new]
-    assert stream.floor is None
-    assert gateway.metrics.replays["recovered"] == gateway.metrics.replays["not_recovered"] == 0
+    _, transport = await open_stream(gateway)
+    event_id, _ = connected_of(transport)
+    assert event_id == position_id(NOW_MS - 1)
+    # An event published in the same millisecond as the read is after it: sent.
+    [live] = await publish(gateway)
+    assert live == f"{NOW_MS}-0"
+    assert event_ids(transport) == [live]
 
 
 @run_in_loop
-async def test_a_plain_publish_after_connected_arrives_whatever_its_custom_id() -> None:
+async def test_the_position_is_after_every_id_given_even_if_the_wall_clock_went_back(
+    clock: WallClock,
+) -> None:
+    gateway = await started()
+    other = PreparedEvent(channel_name("b1", "other"), "n", "0")
+    [given] = await gateway.broker.publish_events([other])  # another player's history
+    clock.now_ms -= 5_000  # the wall clock steps back; the broker's ids do not
+    _, transport = await open_stream(gateway)
+    event_id, _ = connected_of(transport)
+    assert event_id == position_id(NOW_MS - 1)
+    assert parse_stream_id(event_id) < parse_stream_id(given)  # type: ignore[operator]
+    [live] = await publish(gateway)
+    assert parse_stream_id(live) > parse_stream_id(event_id)  # type: ignore[operator]
+    assert event_ids(transport) == [live]
+
+
+@run_in_loop
+async def test_a_position_is_no_floor_for_plain_publishes_whatever_their_custom_id(
+    clock: WallClock,
+) -> None:
     # docs/api.md: "an event published after a client has read `connected` always arrives".
     # A plain PUBLISH may carry any custom id, also one shaped like `<ms>-<seq>` and below
     # the position.
     gateway = await started()
-    _, transport = await open_stream(gateway)
-    assert_position_of_now(connected_of(transport)[0])
-    for event_id in ("9-1", "custom-1", None):
-        frame = encode_event("n", f"live {event_id}", event_id)
-        gateway.hub.deliver(CHANNEL, http_chunk(frame), event_id)
-    found, _ = frames(transport)
-    assert [data for _, _, data, _ in found[1:]] == ["live 9-1", "live custom-1", "live None"]
+    stream, transport = await open_stream(gateway)
+    assert connected_of(transport)[0] == position_id(NOW_MS - 1)
+    assert stream.floor is None
+    deliver(gateway, "9-1", "custom-1", None)
+    assert live_data(transport) == ["live 9-1", "live custom-1", "live None"]
+
+
+@run_in_loop
+async def test_plain_publishes_held_during_the_read_of_an_empty_history_are_sent(
+    clock: WallClock,
+) -> None:
+    gateway = await started()
+    stream, transport = open_now(gateway)
+    assert stream.state is StreamState.REPLAYING  # until the head read answers
+    deliver(gateway, "9-1", "custom-1", None)
+    await turns(10)
+    assert stream.state is StreamState.LIVE
+    assert connected_of(transport)[0] == position_id(NOW_MS - 1)
+    assert live_data(transport) == ["live 9-1", "live custom-1", "live None"]
+
+
+# --- no Last-Event-ID: a history with entries ---------------------------------------------------
+
+
+@run_in_loop
+async def test_a_stream_on_a_history_starts_at_its_newest_entry_and_does_not_get_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway = await started()
+    sent = await publish(gateway, 3)
+    history_reads: list[object] = []
+    head_reads: list[list[bytes]] = []
+    read_heads = MemoryBroker.read_heads
+
+    async def recorded(self: MemoryBroker, channels: list[bytes]) -> Any:
+        head_reads.append(list(channels))
+        return await read_heads(self, channels)
+
+    monkeypatch.setattr(MemoryBroker, "read_history", lambda *args: history_reads.append(args))
+    monkeypatch.setattr(MemoryBroker, "read_heads", recorded)
+    stream, transport = open_now(gateway)
+    assert stream.state is StreamState.REPLAYING  # not live before it knows where it starts
+    assert transport.writes == []
+    await turns(10)
+    assert stream.state is StreamState.LIVE
+    event_id, payload = connected_of(transport)
+    assert event_id == sent[-1]
+    assert "recovered" not in payload
+    assert event_ids(transport) == []  # none of the history: the client has it "up to here"
+    assert head_reads == [[CHANNEL]] and history_reads == []
+    # A late live copy of the newest entry (published before the read, handed over after it)
+    # is not sent again; what is published next is.
+    deliver(gateway, sent[-1])
+    assert event_ids(transport) == []
+    [new] = await publish(gateway)
+    assert event_ids(transport) == [new]
+    assert gateway.metrics.replays["recovered"] == gateway.metrics.replays["not_recovered"] == 0
+
+
+@run_in_loop
+async def test_live_events_held_during_the_head_read_at_or_below_the_newest_entry_are_left_out(
+    clock: WallClock,
+) -> None:
+    gateway = await started()
+    older, newest = await publish(gateway, 2)
+    newer = next_id(newest)  # published after the read, handed over before its answer
+    stream, transport = open_now(gateway)
+    assert stream.state is StreamState.REPLAYING
+    deliver(gateway, older, None, newest, "custom", newer, newest)
+    await turns(10)
+    assert stream.state is StreamState.LIVE
+    assert connected_of(transport)[0] == newest
+    assert live_data(transport) == ["live None", "live custom", f"live {newer}"]
+
+
+@run_in_loop
+async def test_a_reconnect_with_the_newest_entry_replays_exactly_what_came_after() -> None:
+    gateway = await started(history_size=10)
+    first = await publish(gateway, 2)
+    stream, transport = await open_stream(gateway)
+    resume = connected_of(transport)[0]
+    assert resume == first[-1]
+    stream.connection_lost(None)
+    missed = await publish(gateway, 3)
+    _, transport = await open_stream(gateway, resume)
+    event_id, payload = connected_of(transport)
+    assert (event_id, payload["recovered"]) == (resume, True)
+    assert event_ids(transport) == missed
 
 
 # --- Last-Event-ID -----------------------------------------------------------------------------
@@ -187,7 +333,8 @@ async def position_of_an_empty_history(gateway: Gateway) -> str:
     """The resume id a stream gets on the player's empty history (the stream then goes)."""
     stream, transport = await open_stream(gateway)
     position, _ = connected_of(transport)
-    assert_position_of_now(position)
+    parsed = parse_stream_id(position)
+    assert parsed is not None and is_position(parsed), position
     stream.connection_lost(None)
     return position
 
@@ -220,38 +367,53 @@ async def test_a_position_with_nothing_after_it_is_recovered_with_nothing_to_rep
 async def test_a_position_on_a_trimmed_history_is_not_recovered_and_starts_at_its_end() -> None:
     gateway = await started()
     position = await position_of_an_empty_history(gateway)
-    await publish(gateway, SIZE + 2)  # the history keeps SIZE + 1: trimmed
+    sent = await publish(gateway, SIZE + 2)  # the history keeps SIZE + 1: trimmed
     _, transport = await open_stream(gateway, position)
     event_id, payload = connected_of(transport)
     assert payload["recovered"] is False
-    assert_position_of_now(event_id)  # from now: a reconnect from it misses nothing new
+    assert event_id == sent[-1]  # where the history ends: a reconnect from it misses nothing
     assert event_ids(transport) == []  # no partial replay
     assert gateway.metrics.replays["not_recovered"] == 1
+    [live] = await publish(gateway)
+    assert event_ids(transport) == [live]
 
 
 @run_in_loop
-async def test_a_position_older_than_the_history_ttl_is_not_recovered() -> None:
-    # The position is a second back; with a TTL shorter than that, events published after it
-    # may have expired unsent.
+async def test_a_position_older_than_the_history_ttl_is_not_recovered(clock: WallClock) -> None:
+    # Events published more than the TTL after a position may have expired unsent.
     gateway = await started(history_ttl=0.5)
     position = await position_of_an_empty_history(gateway)
-    await publish(gateway, 1)
+    assert position == position_id(NOW_MS - 1)
+    clock.now_ms += 600
+    [sent] = await publish(gateway, 1)
     _, transport = await open_stream(gateway, position)
     event_id, payload = connected_of(transport)
     assert payload["recovered"] is False
-    assert_position_of_now(event_id)
+    assert event_id == sent  # where the history ends
     assert event_ids(transport) == []
+
+
+@run_in_loop
+async def test_a_position_within_the_history_ttl_is_recovered(clock: WallClock) -> None:
+    gateway = await started(history_ttl=0.5)
+    position = await position_of_an_empty_history(gateway)
+    clock.now_ms += 400
+    [sent] = await publish(gateway, 1)
+    _, transport = await open_stream(gateway, position)
+    event_id, payload = connected_of(transport)
+    assert (event_id, payload["recovered"]) == (position, True)
+    assert event_ids(transport) == [sent]
 
 
 @pytest.mark.parametrize("last", ["1-0", "custom:id", "99999999999999-0"])
 @run_in_loop
-async def test_an_id_that_cannot_be_recovered_starts_at_a_position_of_now(last: str) -> None:
+async def test_an_id_that_cannot_be_recovered_starts_where_the_history_ends(last: str) -> None:
     gateway = await started()
-    await publish(gateway, 2)
+    sent = await publish(gateway, 2)
     _, transport = await open_stream(gateway, last)
     event_id, payload = connected_of(transport)
     assert payload["recovered"] is False
-    assert_position_of_now(event_id)
+    assert event_id == sent[-1]  # the head, not the client's id
     assert event_ids(transport) == []
     # The client's id is no floor (it may be from a Redis that restarted): live events below
     # it still reach it.
@@ -259,44 +421,66 @@ async def test_an_id_that_cannot_be_recovered_starts_at_a_position_of_now(last: 
     assert event_ids(transport) == [live]
 
 
+@pytest.mark.parametrize("last", ["1-0", "custom:id"])
 @run_in_loop
-async def test_a_position_later_than_now_is_not_recovered() -> None:
-    # A forged (or far future) position would otherwise hide every event until then.
+async def test_an_id_that_cannot_be_recovered_on_an_empty_history_starts_at_a_position(
+    clock: WallClock, last: str
+) -> None:
     gateway = await started()
-    future_ms = int(time.time() * 1000) + 3_600_000
-    _, transport = await open_stream(gateway, f"{future_ms}-{2**64 - 1}")
+    _, transport = await open_stream(gateway, last)
     event_id, payload = connected_of(transport)
     assert payload["recovered"] is False
-    assert_position_of_now(event_id)
+    assert event_id == position_id(NOW_MS - 1)
     [live] = await publish(gateway)
     assert event_ids(transport) == [live]
 
 
 @run_in_loop
-async def test_live_events_held_during_an_unrecovered_replay_are_all_sent() -> None:
-    # They came by Pub/Sub after the subscription: published after the position the stream
-    # is given, whatever their ids.
+async def test_a_position_later_than_now_is_not_recovered(clock: WallClock) -> None:
+    # A forged (or far future) position would otherwise hide every event until then.
+    gateway = await started()
+    _, transport = await open_stream(gateway, position_id(NOW_MS + 3_600_000))
+    event_id, payload = connected_of(transport)
+    assert payload["recovered"] is False
+    assert event_id == position_id(NOW_MS - 1)
+    [live] = await publish(gateway)
+    assert event_ids(transport) == [live]
+
+
+@run_in_loop
+async def test_live_events_held_during_an_unrecovered_replay_are_sent_after_the_head() -> None:
+    # Held through the replay read and the head read: those above where the history ends
+    # (and those without a history id) are sent, each once and in order; those at or below
+    # it were published before the head read.
     gateway = await started()
     older, newest = await publish(gateway, 2)
-    transport = FakeTransport()
-    stream = gateway.lifecycle.open(transport, PLAYER, "1-0", HEAD)  # type: ignore[arg-type]
+    newer = next_id(newest)
+    stream, transport = open_now(gateway, "1-0")
     assert stream.state is StreamState.REPLAYING
-    for event_id in (older, None, "custom", newest, older):
-        frame = encode_event("n", f"live {event_id}", event_id)
-        gateway.hub.deliver(CHANNEL, http_chunk(frame), event_id)
+    deliver(gateway, older, None, "custom", newest, newer, older, newer)
     await turns(10)
     assert stream.state is StreamState.LIVE
-    found, _ = frames(transport)
-    assert found[0][0] == "connected" and json.loads(found[0][2])["recovered"] is False
-    assert [data for _, _, data, _ in found[1:]] == [
-        f"live {older}",
-        "live None",
-        "live custom",
-        f"live {newest}",  # each stream id once, ascending: the second copy of `older` is not
-    ]
+    event_id, payload = connected_of(transport)
+    assert (event_id, payload["recovered"]) == (newest, False)
+    assert live_data(transport) == ["live None", "live custom", f"live {newer}"]
 
 
 # --- failures and races ------------------------------------------------------------------------
+
+
+async def down(self: MemoryBroker, *args: object) -> Any:
+    raise BrokerUnavailable("down")
+
+
+def assert_closed_replay_failed(gateway: Gateway, stream: Stream, transport: Any) -> None:
+    assert stream.state is StreamState.CLOSED
+    found, ended = frames(transport)
+    assert ended and transport.closed and not transport.aborted
+    [(kind, event_id, data, retry)] = found  # no `connected`: the client comes back
+    assert (kind, event_id, json.loads(data)["reason"]) == ("close", "", "replay_failed")
+    assert retry is not None and RETRY_MS <= retry < RETRY_MS + RETRY_SPREAD_MS
+    assert gateway.metrics.closed["replay_failed"] == 1
+    assert gateway.lifecycle.open_streams == 0
 
 
 @run_in_loop
@@ -305,29 +489,33 @@ async def test_a_failed_history_read_closes_with_a_close_event(
 ) -> None:
     gateway = await started()
     sent = await publish(gateway, 2)
-
-    async def down(self: MemoryBroker, *args: object) -> list[object]:
-        raise BrokerUnavailable("down")
-
     monkeypatch.setattr(MemoryBroker, "read_history", down)
     stream, transport = await open_stream(gateway, sent[0])
-    assert stream.state is StreamState.CLOSED
-    found, ended = frames(transport)
-    assert ended and transport.closed and not transport.aborted
-    [(kind, event_id, data, retry)] = found  # no `connected`: the client comes back
-    assert (kind, event_id, json.loads(data)["reason"]) == ("close", "", "replay_failed")
-    assert retry is not None and RETRY_MS <= retry < RETRY_MS + RETRY_SPREAD_MS
-    assert gateway.metrics.closed["replay_failed"] == 1
+    assert_closed_replay_failed(gateway, stream, transport)
     assert gateway.metrics.replays["failed"] == 1
-    assert gateway.lifecycle.open_streams == 0
 
 
+@pytest.mark.parametrize("last", [None, "custom:id", "1-0"])
 @run_in_loop
-async def test_a_stream_gone_while_its_history_is_read_writes_nothing() -> None:
+async def test_a_failed_head_read_closes_with_a_close_event(
+    monkeypatch: pytest.MonkeyPatch, last: str | None
+) -> None:
+    # Without an id, with one that is no history id, and after a replay that was not
+    # recovered: the stream cannot know where it starts, the client is asked to come back.
     gateway = await started()
-    sent = await publish(gateway, 2)
-    transport = FakeTransport()
-    stream = gateway.lifecycle.open(transport, PLAYER, sent[0], HEAD)  # type: ignore[arg-type]
+    await publish(gateway, 2)
+    monkeypatch.setattr(MemoryBroker, "read_heads", down)
+    stream, transport = await open_stream(gateway, last)
+    assert_closed_replay_failed(gateway, stream, transport)
+    assert gateway.metrics.replays["recovered"] == 0
+
+
+@pytest.mark.parametrize("last", [None, "1-0"])
+@run_in_loop
+async def test_a_stream_gone_while_its_history_is_read_writes_nothing(last: str | None) -> None:
+    gateway = await started()
+    await publish(gateway, 2)
+    stream, transport = open_now(gateway, last)
     assert stream.state is StreamState.REPLAYING
     stream.connection_lost(None)
     await turns(10)
@@ -335,6 +523,28 @@ async def test_a_stream_gone_while_its_history_is_read_writes_nothing() -> None:
     assert transport.writes == [] and transport.late_writes == []
     assert gateway.metrics.closed["client"] == 1
     assert gateway.lifecycle.open_streams == 0
+
+
+@run_in_loop
+async def test_heads_of_streams_opened_in_one_turn_are_read_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway = await started()
+    sent = await publish(gateway, 2)
+    head_reads: list[list[bytes]] = []
+    read_heads = MemoryBroker.read_heads
+
+    async def recorded(self: MemoryBroker, channels: list[bytes]) -> Any:
+        head_reads.append(list(channels))
+        return await read_heads(self, channels)
+
+    monkeypatch.setattr(MemoryBroker, "read_heads", recorded)
+    opened = [open_now(gateway) for _ in range(3)]
+    await turns(10)
+    assert head_reads == [[CHANNEL] * 3]
+    for stream, transport in opened:
+        assert stream.state is StreamState.LIVE
+        assert connected_of(transport)[0] == sent[-1]
 
 
 # --- HTTP/1.0 ------------------------------------------------------------------------------------
@@ -362,3 +572,33 @@ async def test_an_http10_stream_is_plain_from_connected_to_close() -> None:
     assert body.startswith(f"id: {sent[0]}\nevent: connected\nretry: {RETRY_MS}\n".encode())
     assert json.loads(parsed.events[-1].data)["reason"] == "shutdown"
     assert transport.closed
+
+
+@run_in_loop
+async def test_an_http10_stream_on_a_history_starts_at_its_newest_entry() -> None:
+    gateway = await started()
+    sent = await publish(gateway, 2)
+    stream, transport = await open_stream(gateway, chunked=False)
+    assert type(stream) is PlainStream
+    body = transport.output[len(HEAD) :]
+    assert body.startswith(f"id: {sent[-1]}\nevent: connected\nretry: {RETRY_MS}\n".encode())
+    assert [e.type for e in parse_sse(body).events] == ["connected"]
+
+
+# --- the embedded broker's heads ---------------------------------------------------------------
+
+
+@run_in_loop
+async def test_memory_broker_heads_are_newest_entries_and_its_clock(clock: WallClock) -> None:
+    broker = MemoryBroker(history_size=SIZE)
+    other = channel_name("b1", "other")
+    published = await broker.publish_events([PreparedEvent(CHANNEL, "n", str(n)) for n in range(2)])
+    heads, now = await broker.read_heads([CHANNEL, other, CHANNEL])
+    assert heads == [published[-1], None, published[-1]]
+    assert now == NOW_MS
+    clock.now_ms += 7
+    assert (await broker.read_heads([other]))[1] == NOW_MS + 7
+    # Entries: what read_history gives from the start, the newest last.
+    [entries] = await broker.read_history([(CHANNEL, "0-0")], 10)
+    assert [e.id for e in entries] == list(published)
+    assert entries[-1] == HistoryEntry(published[-1], "n", "1")

@@ -3,7 +3,8 @@
 Every stream reads the history once before `connected` (where it ends, or what a client
 missed), so this is on the per-stream path. redis-py's pipeline costs ~130k CPU instructions
 per command there (packing, a response callback, an async timeout per reply); this protocol
-writes the commands of a batch in one RESP buffer and resolves one future per reply, in order.
+writes the commands of a batch in one RESP buffer and resolves one future per batch with its
+replies, in order.
 Commands that change data (publishes) never go here: a reply lost with a dropped connection
 makes a read safe to send again, never a write.
 """
@@ -194,7 +195,7 @@ class HistoryReads:
                         raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
                     continue
                 except TimeoutError as exc:
-                    protocol.abort()  # later replies would answer the wrong futures
+                    protocol.abort()  # else its late replies would be taken for the next batch's
                     raise BrokerUnavailable("redis did not answer a history read") from exc
                 for reply in answered:
                     # Redis answers, but not yet for data (loading its AOF after a restart, a
