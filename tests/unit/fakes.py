@@ -141,6 +141,22 @@ async def advance(seconds: float) -> None:
     await turns(3)
 
 
+async def settle(n: int = 1) -> None:
+    """Lets `n` loop turns run after the head reads of new streams were sent: those wait
+    `HEAD_BATCH_SECONDS` to be gathered into one pipeline (on a FakeClockLoop, the clock is
+    moved that far first)."""
+    from sse_gateway.streams.history import HEAD_BATCH_SECONDS
+
+    loop = asyncio.get_running_loop()
+    for _ in range(3):  # a subscription, a history read, then (not recovered) a head read
+        await turns(n)
+        if isinstance(loop, FakeClockLoop):
+            await advance(HEAD_BATCH_SECONDS)
+        else:
+            await asyncio.sleep(HEAD_BATCH_SECONDS)
+    await turns(n)
+
+
 async def turns(n: int = 1) -> None:
     """Lets the loop run `n` more turns."""
     for _ in range(n):

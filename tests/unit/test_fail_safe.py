@@ -12,7 +12,7 @@ import json
 from typing import Any, NoReturn
 
 import pytest
-from fakes import FakeTransport, run_in_loop, split_chunks, turns
+from fakes import FakeTransport, run_in_loop, settle, split_chunks
 from sse_spec_parser import parse_sse
 
 from sse_gateway.app import Gateway
@@ -42,7 +42,7 @@ async def started() -> Gateway:
 async def publish(gateway: Gateway, who: Identity, data: str) -> str:
     channel = channel_name(who.brand_id, who.player_id)
     [event_id] = await gateway.broker.publish_events([PreparedEvent(channel, "n", data)])
-    await turns(2)  # the embedded broker hands the message over on a later turn
+    await settle(2)  # the embedded broker hands the message over on a later turn
     return str(event_id)
 
 
@@ -77,10 +77,10 @@ async def test_a_replay_that_raises_closes_its_stream_with_a_retry(
     first = await publish(gateway, PLAYER, "1")
     await publish(gateway, PLAYER, "2")
     bystander, bystander_out = open_stream(gateway, PLAYER)
-    await turns(3)
+    await settle(3)
     monkeypatch.setattr(HistoryReader, "events", boom)
     replaying, out = open_stream(gateway, PLAYER, first)
-    await turns(5)
+    await settle(5)
     assert replaying.state is StreamState.CLOSED
     assert ended_with_retry(out, "replay_failed") and b"event: connected" not in out.output
     assert gateway.metrics.replays["failed"] == 1
@@ -97,7 +97,7 @@ async def test_a_start_that_raises_closes_its_stream_with_a_retry(
     gateway = await started()
     monkeypatch.setattr(StreamLifecycle, "_go_live", boom)
     stream, out = open_stream(gateway, PLAYER)
-    await turns(3)
+    await settle(3)
     assert stream.state is StreamState.CLOSED
     assert ended_with_retry(out, "error")
     assert gateway.metrics.closed["error"] == 1
@@ -111,12 +111,12 @@ async def test_a_refill_that_raises_does_not_stall_the_channel(
     gateway = await started()
     stream, out = open_stream(gateway, PLAYER)
     other, other_out = open_stream(gateway, OTHER)
-    await turns(3)
+    await settle(3)
     monkeypatch.setattr(HistoryReader, "events", boom)
     # A Pub/Sub drop: every channel holds its live events and refills from history once
     # subscribed again (at once, for the embedded broker).
     gateway.recovery.on_broker_state(False)
-    await turns(5)
+    await settle(5)
     channel = gateway.hub.get(channel_name(PLAYER.brand_id, PLAYER.player_id))
     assert channel is None or channel.held is None  # not held for ever
     assert stream.state is StreamState.CLOSED and ended_with_retry(out, "error")
@@ -124,7 +124,7 @@ async def test_a_refill_that_raises_does_not_stall_the_channel(
     monkeypatch.undo()
     # The player comes back, and the channel delivers again.
     again, again_out = open_stream(gateway, PLAYER)
-    await turns(3)
+    await settle(3)
     live = await publish(gateway, PLAYER, "4")
     assert f"id: {live}".encode() in again_out.output
     assert again.state is StreamState.LIVE

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fakes import http_chunk, run_in_loop, turns
+from fakes import http_chunk, run_in_loop, settle
 
 from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry
 from sse_gateway.metrics import Metrics
@@ -100,7 +100,7 @@ class Heads:
 
     async def answered(self, *asked: int) -> list[HeadCall]:
         """The one call each callback got (after a few loop turns)."""
-        await turns(5)
+        await settle(5)
         for n in asked:
             assert len(self.calls[n]) == 1, (n, self.calls[n])  # exactly once
         return [self.calls[n][0] for n in asked]

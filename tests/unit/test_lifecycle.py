@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fakes import END_CHUNK, FakeTransport, http_chunk, run_in_loop, split_chunks, turns
+from fakes import END_CHUNK, FakeTransport, http_chunk, run_in_loop, settle, split_chunks
 from sse_spec_parser import parse_sse
 
 import sse_gateway.broker.memory
@@ -73,7 +73,7 @@ async def started(history_size: int = SIZE, history_ttl: float = 86_400.0) -> Ga
 async def publish(gateway: Gateway, count: int = 1) -> list[str]:
     events = [PreparedEvent(CHANNEL, "n", str(n)) for n in range(count)]
     published = await gateway.broker.publish_events(events)
-    await turns(2)  # the embedded broker hands the messages over on a later turn
+    await settle(2)  # the embedded broker hands the messages over on a later turn
     return [str(p) for p in published]
 
 
@@ -94,7 +94,7 @@ async def open_stream(
     gateway: Gateway, last: str | None = None, *, chunked: bool = True
 ) -> tuple[Stream, FakeTransport]:
     stream, transport = open_now(gateway, last, chunked=chunked)
-    await turns(10)  # a history read, then (not recovered) a read of where it ends
+    await settle(10)  # a history read, then (not recovered) a read of where it ends
     return stream, transport
 
 
@@ -238,7 +238,7 @@ async def test_plain_publishes_held_during_the_read_of_an_empty_history_are_sent
     stream, transport = open_now(gateway)
     assert stream.state is StreamState.REPLAYING  # until the head read answers
     deliver(gateway, "9-1", "custom-1", None)
-    await turns(10)
+    await settle(10)
     assert stream.state is StreamState.LIVE
     assert connected_of(transport)[0] == position_id(NOW_MS - 1)
     assert live_data(transport) == ["live 9-1", "live custom-1", "live None"]
@@ -266,7 +266,7 @@ async def test_a_stream_on_a_history_starts_at_its_newest_entry_and_does_not_get
     stream, transport = open_now(gateway)
     assert stream.state is StreamState.REPLAYING  # not live before it knows where it starts
     assert transport.writes == []
-    await turns(10)
+    await settle(10)
     assert stream.state is StreamState.LIVE
     event_id, payload = connected_of(transport)
     assert event_id == sent[-1]
@@ -292,7 +292,7 @@ async def test_live_events_held_during_the_head_read_at_or_below_the_newest_entr
     stream, transport = open_now(gateway)
     assert stream.state is StreamState.REPLAYING
     deliver(gateway, older, None, newest, "custom", newer, newest)
-    await turns(10)
+    await settle(10)
     assert stream.state is StreamState.LIVE
     assert connected_of(transport)[0] == newest
     assert live_data(transport) == ["live None", "live custom", f"live {newer}"]
@@ -458,7 +458,7 @@ async def test_live_events_held_during_an_unrecovered_replay_are_sent_after_the_
     stream, transport = open_now(gateway, "1-0")
     assert stream.state is StreamState.REPLAYING
     deliver(gateway, older, None, "custom", newest, newer, older, newer)
-    await turns(10)
+    await settle(10)
     assert stream.state is StreamState.LIVE
     event_id, payload = connected_of(transport)
     assert (event_id, payload["recovered"]) == (newest, False)
@@ -518,7 +518,7 @@ async def test_a_stream_gone_while_its_history_is_read_writes_nothing(last: str 
     stream, transport = open_now(gateway, last)
     assert stream.state is StreamState.REPLAYING
     stream.connection_lost(None)
-    await turns(10)
+    await settle(10)
     assert stream.state is StreamState.CLOSED
     assert transport.writes == [] and transport.late_writes == []
     assert gateway.metrics.closed["client"] == 1
@@ -540,7 +540,7 @@ async def test_heads_of_streams_opened_in_one_turn_are_read_together(
 
     monkeypatch.setattr(MemoryBroker, "read_heads", recorded)
     opened = [open_now(gateway) for _ in range(3)]
-    await turns(10)
+    await settle(10)
     assert head_reads == [[CHANNEL] * 3]
     for stream, transport in opened:
         assert stream.state is StreamState.LIVE

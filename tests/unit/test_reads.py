@@ -421,6 +421,10 @@ async def test_a_connection_lost_every_time_is_broker_unavailable_after_the_atte
         "BUSY Redis is busy running a script",
         "MASTERDOWN Link with MASTER is down",
         "NOAUTH Authentication required.",
+        # Not about readiness, but no more about the history: an empty read would pass for
+        # an empty or restarted one (a position replay would say recovered with events lost).
+        "NOPERM this user has no permissions to run the 'xrange' command",
+        "ERR max number of clients reached",
     ],
 )
 @run_in_loop
@@ -448,8 +452,8 @@ async def test_a_redis_that_does_not_answer_is_broker_unavailable_after_the_time
     monkeypatch.setattr(HistoryReads, "TIMEOUT", 0.05)
     loop: Any = asyncio.get_running_loop()
     task = asyncio.ensure_future(reads.read_heads([CH]))
-    await turns(3)
-    assert not task.done()
+    await turns(8)  # connected, and the read sent (its timeout runs from now)
+    assert not task.done() and len(redis.writes) == 1
     loop.now += 0.06  # the test loop's clock (fakes.FakeClockLoop)
     await turns(5)
     with pytest.raises(BrokerUnavailable):
@@ -459,3 +463,59 @@ async def test_a_redis_that_does_not_answer_is_broker_unavailable_after_the_time
     assert len(redis.writes) == 1
     [connection] = redis.connections
     assert connection.closed
+
+
+@run_in_loop
+async def test_reads_waiting_for_one_connect_share_its_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts: list[int] = []
+
+    async def failing_connect() -> ReadProtocol:
+        attempts.append(1)
+        await asyncio.sleep(0)
+        raise BrokerUnavailable("redis unavailable: refused")
+
+    reads = HistoryReads(RedisAddress("127.0.0.1", 1))
+    monkeypatch.setattr(reads, "_connect", failing_connect)
+    results = await asyncio.gather(
+        *(reads.read_heads([CH]) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, BrokerUnavailable) for r in results), results
+    assert len(attempts) == 1  # not one connect after another, each failing in its turn
+
+
+@run_in_loop
+async def test_after_close_reads_fail_and_no_connection_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    redis = ScriptedRedis(redis_of(STREAMS))
+    reads = reads_on(redis, monkeypatch)
+    await reads.read_heads([CH])
+    reads.close()
+    with pytest.raises(BrokerUnavailable):
+        await reads.read_heads([CH])
+    assert len(redis.connections) == 1
+
+
+@run_in_loop
+async def test_a_timeout_fails_the_other_reads_on_its_connection_without_sending_them_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    redis = ScriptedRedis(lambda command: None)
+    reads = reads_on(redis, monkeypatch)
+    monkeypatch.setattr(HistoryReads, "TIMEOUT", 0.05)
+    loop: Any = asyncio.get_running_loop()
+    first = asyncio.ensure_future(reads.read_heads([CH]))
+    await turns(8)
+    loop.now += 0.03
+    second = asyncio.ensure_future(reads.read_history([(CH, "0-0")], 5))
+    await turns(8)
+    assert len(redis.writes) == 2
+    loop.now += 0.03  # the first read times out; the second is on the same connection
+    await turns(8)
+    for task in (first, second):
+        assert task.done()
+        with pytest.raises(BrokerUnavailable):
+            task.result()
+    assert len(redis.writes) == 2  # the second read was not sent again

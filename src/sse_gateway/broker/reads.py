@@ -30,6 +30,11 @@ class ReadConnectionLost(ConnectionError):
     """The connection closed before the reply came: the read may be sent again."""
 
 
+class ReadConnectionAborted(ConnectionError):
+    """The gateway dropped the connection (a read timed out, a reply no batch asked for):
+    the reads on it fail, none is sent again."""
+
+
 class _Batch:
     """Commands sent together: their replies, in order, fill one future."""
 
@@ -50,6 +55,8 @@ class ReadProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.batches: deque[_Batch] = deque()
         self.closed = False
+        # Why the gateway aborted the connection, for the batches still waiting on it.
+        self.aborted: ConnectionError | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -59,7 +66,7 @@ class ReadProtocol(asyncio.Protocol):
         or ReadConnectionLost."""
         future: asyncio.Future[list[object]] = asyncio.get_running_loop().create_future()
         if self.closed or self.transport is None:
-            future.set_exception(ReadConnectionLost("redis read connection closed"))
+            future.set_exception(self.aborted or ReadConnectionLost("redis read connection closed"))
             return future
         self.batches.append(_Batch(count, future))
         self.transport.write(commands)
@@ -79,11 +86,20 @@ class ReadProtocol(asyncio.Protocol):
                         return
                     replies.append(reply)
             except hiredis.ProtocolError:
-                self.abort()
+                self.abort()  # out of step with Redis: the reads go again on a new connection
                 return
             batches.popleft()
             if not batch.future.done():
                 batch.future.set_result(replies)
+        try:
+            orphan = reader.gets()
+        except hiredis.ProtocolError:
+            orphan = True
+        if orphan is not False:
+            # A reply nobody asked for (Redis' "max number of clients" error on accept, say)
+            # would answer the next batch's first command.
+            log.warning("redis read connection: unexpected reply %r; reconnecting", orphan)
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -91,11 +107,16 @@ class ReadProtocol(asyncio.Protocol):
         while self.batches:
             future = self.batches.popleft().future
             if not future.done():
-                future.set_exception(ReadConnectionLost("redis read connection lost"))
+                future.set_exception(
+                    self.aborted or ReadConnectionLost("redis read connection lost")
+                )
 
-    def abort(self) -> None:
-        """Drops the connection (e.g. after a timeout: replies would no longer match)."""
+    def abort(self, error: ConnectionError | None = None) -> None:
+        """Drops the connection; the batches waiting on it fail with `error` (not sent again)
+        or, without one, with ReadConnectionLost."""
         self.closed = True
+        if error is not None and self.aborted is None:
+            self.aborted = error
         if self.transport is not None:
             self.transport.abort()
 
@@ -127,9 +148,12 @@ def xrange_entries(reply: object) -> list[HistoryEntry]:
 
 class HistoryReads:
     """History reads of one process on one Redis connection of their own, opened on first
-    use and again after it drops. Batches of `PIPELINE` commands, each sent up to `ATTEMPTS`
-    times when the connection turns out closed (a Redis restart), never again after a
-    timeout (a Redis that does not answer would only hold the reads longer)."""
+    use and again after it drops (all waiting reads share one connect, and its failure).
+    Batches of `PIPELINE` commands, each sent up to `ATTEMPTS` times when the connection turns
+    out closed (a Redis restart), never again after a timeout (a Redis that does not answer
+    would only hold the reads longer). Any error reply but WRONGTYPE (a key that holds no
+    stream) fails its batch: LOADING, NOPERM, "max number of clients"... say nothing of the
+    history, and an empty read would pass for a history restarted, trimmed or empty."""
 
     PIPELINE = 1000
     ATTEMPTS = 3
@@ -138,7 +162,8 @@ class HistoryReads:
     def __init__(self, address: RedisAddress) -> None:
         self._address = address
         self._protocol: ReadProtocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[ReadProtocol] | None = None
+        self._closed = False
 
     async def read_history(
         self, requests: list[tuple[bytes, str]], limit: int
@@ -153,7 +178,7 @@ class HistoryReads:
         results: list[list[HistoryEntry]] = []
         for reply in await self._run(commands):
             if isinstance(reply, Exception):
-                # One refused XRANGE (a key that is not a stream, say) fails only its read.
+                # A key that is not a stream (WRONGTYPE) fails only its own read.
                 log.warning("history read refused by redis: %s", reply)
                 reply = []
             results.append(xrange_entries(reply))
@@ -194,15 +219,16 @@ class HistoryReads:
                     if attempt == self.ATTEMPTS:
                         raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
                     continue
+                except ReadConnectionAborted as exc:
+                    raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
                 except TimeoutError as exc:
-                    protocol.abort()  # else its late replies would be taken for the next batch's
+                    # Its late replies would be taken for the next batch's; the other batches
+                    # on it fail too, without being sent again.
+                    protocol.abort(ReadConnectionAborted("a history read timed out"))
                     raise BrokerUnavailable("redis did not answer a history read") from exc
                 for reply in answered:
-                    # Redis answers, but not yet for data (loading its AOF after a restart, a
-                    # replica without its primary): the reads fail, they do not come back
-                    # empty; an empty history would read as one that restarted or was trimmed.
-                    if isinstance(reply, Exception) and str(reply).startswith(_NOT_READY):
-                        raise BrokerUnavailable(f"redis is not ready: {reply}")
+                    if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
+                        raise BrokerUnavailable(f"redis refused a history read: {reply}")
                 replies.extend(answered)
                 break
         return replies
@@ -211,14 +237,17 @@ class HistoryReads:
         protocol = self._protocol
         if protocol is not None and not protocol.closed:
             return protocol
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:  # one connect for the reads of a whole storm
-            protocol = self._protocol
-            if protocol is not None and not protocol.closed:
-                return protocol
-            self._protocol = protocol = await self._connect()
-            return protocol
+        if self._closed:
+            raise BrokerUnavailable("the history read connection is closed")
+        connecting = self._connecting
+        if connecting is None or connecting.done():
+            # One connect for the reads of a whole storm; its failure fails them all at once.
+            connecting = self._connecting = asyncio.ensure_future(self._connect())
+            connecting.add_done_callback(_retrieve)
+        protocol = await asyncio.shield(connecting)  # a waiter's timeout leaves it to others
+        if self._protocol is None or self._protocol.closed:
+            self._protocol = protocol
+        return protocol
 
     async def _connect(self) -> ReadProtocol:
         address = self._address
@@ -236,7 +265,7 @@ class HistoryReads:
                 self.TIMEOUT,
             )
         except (OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
+            raise BrokerUnavailable(f"redis unavailable: {_describe(exc)}") from exc
         handshake: list[bytes] = []
         if address.password is not None:
             auth = [b"AUTH"]
@@ -252,22 +281,35 @@ class HistoryReads:
                 replies = await asyncio.wait_for(future, self.TIMEOUT)
             except (ConnectionError, TimeoutError) as exc:
                 protocol.abort()
-                raise BrokerUnavailable(f"redis unavailable: {exc}") from exc
+                raise BrokerUnavailable(f"redis unavailable: {_describe(exc)}") from exc
             for reply in replies:
                 if isinstance(reply, Exception):
                     protocol.abort()
                     raise BrokerUnavailable(f"redis refused the read connection: {reply}")
+        if self._closed:  # closed while this connect ran
+            protocol.abort()
+            raise BrokerUnavailable("the history read connection is closed")
         return protocol
 
     def close(self) -> None:
+        """Drops the connection; reads from now on fail (BrokerUnavailable)."""
+        self._closed = True
         if self._protocol is not None:
-            self._protocol.abort()
+            self._protocol.abort(ReadConnectionAborted("the history read connection closed"))
             self._protocol = None
 
 
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _retrieve(future: asyncio.Future[ReadProtocol]) -> None:
+    # A connect whose waiters all went away must not log "exception never retrieved".
+    if not future.cancelled():
+        future.exception()
+
+
 _TIME = encode_command(b"TIME")
-# Error replies that say Redis cannot answer for its data now, not that the command is wrong.
-_NOT_READY = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "NOAUTH")
 # XREVRANGE <channel> + - COUNT 1, with the channel's length and name to fill in.
 _XREVRANGE_HEAD = (
     b"*6\r\n$9\r\nXREVRANGE\r\n$%d\r\n%b\r\n$1\r\n+\r\n$1\r\n-\r\n$5\r\nCOUNT\r\n$1\r\n1\r\n"

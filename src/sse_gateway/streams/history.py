@@ -37,6 +37,8 @@ _Pending = tuple[bytes, str, "asyncio.Future[list[HistoryEntry]]"]
 HeadCallback = Callable[[str | None, BaseException | None], None]
 _PendingHead = tuple[bytes, HeadCallback]
 
+# How long the head reads of arriving streams are gathered before they are sent together.
+HEAD_BATCH_SECONDS = 0.002
 # The start of every history: a read from it returns every entry.
 START = "0-0"
 
@@ -58,6 +60,7 @@ class HistoryReader:
         self.limit = history_size + 2
         self._pending: list[_Pending] = []
         self._pending_heads: list[_PendingHead] = []
+        self._heads_scheduled = False
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -81,17 +84,24 @@ class HistoryReader:
         (every entry added later has a larger id); `callback(None, exc)` when the read fails.
         Batched like `read`. (A callback, not a future: this is on every stream's way in.)"""
         self._pending_heads.append((channel, callback))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if not self._heads_scheduled:
+            # Streams arrive a few per loop turn: waiting a moment gathers them into one
+            # pipeline, whose fixed cost (a task, a timeout, two syscalls, a wake-up) would
+            # otherwise be paid per stream or two.
+            self._heads_scheduled = True
+            asyncio.get_running_loop().call_later(HEAD_BATCH_SECONDS, self._flush_heads)
 
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        heads, self._pending_heads = self._pending_heads, []
         loop = asyncio.get_running_loop()
         for start in range(0, len(pending), BATCH):
             self._spawn(loop.create_task(self._run(pending[start : start + BATCH])))
+
+    def _flush_heads(self) -> None:
+        self._heads_scheduled = False
+        heads, self._pending_heads = self._pending_heads, []
+        loop = asyncio.get_running_loop()
         for start in range(0, len(heads), BATCH):
             self._spawn(loop.create_task(self._run_heads(heads[start : start + BATCH])))
 
