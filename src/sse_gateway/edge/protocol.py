@@ -18,6 +18,8 @@ from sse_gateway.edge.admission import Admission, unavailable
 from sse_gateway.wire.http import Request, Response, encode_response, error_response
 
 MAX_HEADER_BYTES = 16 * 1024
+# The raw head may exceed what the callbacks count (line ends, "HTTP/1.1", spaces) by this much.
+HEAD_SLACK_BYTES = 1024
 HEADER_TIMEOUT = 10.0
 MAX_PIPELINED = 16
 # Above this many bytes in the transport's buffer, events wait in the stream's own queue.
@@ -48,6 +50,7 @@ class RequestReader(asyncio.Protocol):
         "closed",
         "deferred",
         "handler",
+        "head_raw",
         "header_bytes",
         "headers",
         "parser",
@@ -67,6 +70,10 @@ class RequestReader(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
+        # Raw bytes of the request head received so far, or -1 once its headers are complete:
+        # httptools keeps a header value until its line ends, so `on_header` alone would let an
+        # unterminated one grow without bound.
+        self.head_raw = 0
         self.body: list[bytes] | None = None
         self.body_limit = 0
         self.requests: deque[Request] | None = None
@@ -102,6 +109,14 @@ class RequestReader(asyncio.Protocol):
             self.deferred += data
             self.admission.wait_turn(self._resume)
             return
+        if self.head_raw >= 0:
+            end = data.find(b"\r\n\r\n")
+            self.head_raw += len(data) if end < 0 else end + 4
+            if self.head_raw > MAX_HEADER_BYTES + HEAD_SLACK_BYTES:
+                try:
+                    self._headers_too_large()
+                except httptools.HttpParserError:
+                    return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -166,6 +181,7 @@ class RequestReader(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             raise _HandedOver
+        self.head_raw = -1
         # Only a body the handler asks for is kept; any other is read and dropped. The header
         # timer keeps running until the whole message is in: a body that never ends cannot
         # hold the socket.
@@ -195,6 +211,7 @@ class RequestReader(asyncio.Protocol):
         parser = self.parser
         if parser is None or self.closed:
             raise _HandedOver
+        self.head_raw = 0  # the next request's head, on a keep-alive connection
         self._cancel_timer()
         url = httptools.parse_url(self.url)
         request = Request(
