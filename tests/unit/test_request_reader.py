@@ -302,9 +302,9 @@ async def test_reading_pauses_at_max_pipelined_and_resumes_when_all_are_served()
 
 def _with_header_bytes(total: int) -> bytes:
     """A request whose counted request line + header bytes are exactly `total`:
-    the URL "/" (1) and one header `X-Big` (5 + value + 4)."""
-    value = b"a" * (total - 1 - 5 - 4)
-    return b"GET / HTTP/1.1\r\nX-Big: " + value + b"\r\n\r\n"
+    the URL "/" (1), `Host: h` (4 + 1 + 4) and one header `X-Big` (5 + value + 4)."""
+    value = b"a" * (total - 1 - 9 - 5 - 4)
+    return b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + value + b"\r\n\r\n"
 
 
 @run_in_loop
@@ -470,7 +470,7 @@ async def test_header_timeout_also_applies_to_a_silent_socket() -> None:
 @run_in_loop
 async def test_header_timeout_covers_a_body_that_never_ends() -> None:
     conn = Conn(FakeHandler(body_limit=100))
-    conn.feed(b"POST /p HTTP/1.1\r\nContent-Length: 50\r\n\r\n0123")
+    conn.feed(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 50\r\n\r\n0123")
     await advance(HEADER_TIMEOUT + 0.1)
     assert [status for status, _, _ in conn.responses()] == [408]
     assert conn.handler.requests == []
@@ -813,3 +813,32 @@ async def test_a_large_body_sent_with_its_head_is_not_counted_as_head() -> None:
     conn.feed(b"POST /nowhere HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     await turns(2)
     assert 431 not in [status for status, _, _ in conn.responses()]
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"GET /healthz HTTP/1.1\r\n\r\n", "must have a Host"),
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
+        (
+            b"GET /v1/sse HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer x\r\n"
+            b"Authorization: Bearer y\r\n\r\n",
+            "more than one Authorization",
+        ),
+    ],
+)
+@run_in_loop
+async def test_heads_rfc_9112_refuses_are_400(head: bytes, why: str) -> None:
+    conn = Conn()
+    conn.feed(head)
+    [(status, headers, body)] = conn.responses()
+    assert status == 400 and why in json.loads(body)["message"]
+    assert headers["connection"] == "close" and conn.transport.closed
+    assert conn.handler.requests == []
+
+
+@run_in_loop
+async def test_an_http10_request_needs_no_host() -> None:
+    conn = Conn()
+    conn.feed(b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert len(conn.handler.requests) == 1

@@ -15,7 +15,13 @@ from typing import Protocol, cast
 import httptools
 
 from sse_gateway.edge.admission import Admission, unavailable
-from sse_gateway.wire.http import Request, Response, encode_response, error_response
+from sse_gateway.wire.http import (
+    Request,
+    Response,
+    ambiguous_head,
+    encode_response,
+    error_response,
+)
 
 MAX_HEADER_BYTES = 16 * 1024
 # The raw head may exceed what the callbacks count (line ends, "HTTP/1.1", spaces) by this much.
@@ -182,6 +188,10 @@ class RequestReader(asyncio.Protocol):
         if parser is None:
             raise _HandedOver
         self.head_raw = -1
+        refusal = ambiguous_head(self.headers, parser.get_http_version())
+        if refusal is not None:
+            self.respond(error_response(400, "bad_request", refusal), keep_alive=False)
+            raise httptools.HttpParserError(refusal)
         # Only a body the handler asks for is kept; any other is read and dropped. The header
         # timer keeps running until the whole message is in: a body that never ends cannot
         # hold the socket.

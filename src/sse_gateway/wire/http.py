@@ -37,6 +37,26 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
+def ambiguous_head(headers: list[tuple[bytes, bytes]], http_version: str) -> str | None:
+    """Why a request head must be refused (RFC 9112 §3.2: no Host on HTTP/1.1, or more than
+    one), or None. Two Authorization headers are refused too: a proxy that checks the first
+    and a server that uses the last would disagree about who the client is. `headers` are
+    (lower-case name, value) as they came."""
+    hosts = authorizations = 0
+    for name, _ in headers:
+        if name == b"host":
+            hosts += 1
+        elif name == b"authorization":
+            authorizations += 1
+    if hosts > 1:
+        return "more than one Host header"
+    if hosts == 0 and http_version == "1.1":
+        return "an HTTP/1.1 request must have a Host header"
+    if authorizations > 1:
+        return "more than one Authorization header"
+    return None
+
+
 class BadQuery(ValueError):
     pass
 
