@@ -514,3 +514,31 @@ def test_make_token_with_another_secret_is_invalid() -> None:
 def test_make_token_refuses_invalid_ids(brand: str, player: str) -> None:
     with pytest.raises(ValueError):
         make_token(SECRET, brand, player)
+
+
+# --- canonical base64url (issue 10 item 7) ----------------------------------------------
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@pytest.mark.parametrize(("part", "rest"), [(1, 2), (1, 3), (2, 3)])
+def test_only_the_canonical_spelling_of_each_token_part_verifies(part: int, rest: int) -> None:
+    """RFC 4648 §3.5: a last character whose unused bits are set spells the same bytes in
+    another string; such strings must not verify, or a denylist keyed on the string is
+    sidestepped. `rest`: the part's length modulo 4 (the HS256 signature has 43 characters;
+    the payload's length is varied with an extra claim)."""
+    for extra in range(8):
+        parts = hs({**claims("b1", "p1"), "x": "y" * extra}).split(".")
+        if len(parts[part]) % 4 == rest:
+            break
+    segment = parts[part]
+    assert len(segment) % 4 == rest
+    accepted = []
+    for char in _ALPHABET:
+        parts[part] = segment[:-1] + char
+        try:
+            secret_verifier.verify(".".join(parts))
+            accepted.append(char)
+        except AuthError:
+            pass
+    assert accepted == [segment[-1]]

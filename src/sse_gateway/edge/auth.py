@@ -66,8 +66,18 @@ class _Key:
         return bool(self.verifier.verify(signing_input, self.prepared, signature))
 
 
+# The characters that may end a canonical base64url segment (RFC 4648 §3.5: the bits a last
+# character carries beyond the data are zero), by the segment's length modulo 4.
+_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
+
+
 def _b64url(segment: str) -> bytes:
-    """base64url without padding; the caller has checked the alphabet (`_COMPACT_JWS`)."""
+    """base64url without padding, canonical only (ValueError otherwise): four strings that
+    differ in the last character's unused bits must not pass for one token, or a denylist or
+    replay cache keyed on the string is sidestepped. The caller has checked the alphabet."""
+    rest = len(segment) % 4
+    if rest == 1 or (rest and segment[-1] not in _CANONICAL_LAST[rest]):
+        raise ValueError("not canonical base64url")
     # bytes.translate is a table lookup; str.translate a dict lookup per character (6x slower).
     padded = (segment + "=" * (-len(segment) % 4)).encode("ascii")
     return binascii.a2b_base64(padded.translate(_URLSAFE_TO_STD))
