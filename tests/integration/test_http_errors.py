@@ -412,3 +412,26 @@ def test_connection_limit(
     finally:
         first.close()
         second.close()
+
+
+def _raw_answer(port: int, head: bytes) -> bytes:
+    """Everything the gateway sends back to `head` until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("path", ["/v1/sse", "/v1/publish", "/nowhere", "/healthz"])
+def test_an_answer_to_head_has_no_content_whatever_its_status(gw: Gateway, path: str) -> None:
+    """RFC 9110 §9.3.2 (issue 10 item 15): `HEAD /v1/sse` was a 405 with 79 bytes of JSON."""
+    raw = _raw_answer(
+        gw.port, b"HEAD %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path.encode()
+    )
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep and body == b"", raw
+    status = int(head.split(b" ", 2)[1])
+    assert status in (200, 404, 405), raw
+    assert b"content-length:" in head.lower()  # what a GET would carry, as RFC 9110 allows

@@ -58,6 +58,7 @@ class Router:
         """Answers one request; a 500 for anything a branch raises (the socket closes)."""
         path = request.path
         method = request.method
+        # RFC 9110 §9.3.2: never content in an answer to HEAD, whatever the status.
         head_only = method == "HEAD"
         try:
             if path == "/v1/sse":
@@ -66,11 +67,15 @@ class Router:
                 elif method == "OPTIONS":
                     reader.respond(self._cors.preflight(request), keep_alive=request.keep_alive)
                 else:
-                    reader.respond(_method_not_allowed("GET, OPTIONS"), keep_alive=False)
+                    reader.respond(
+                        _method_not_allowed("GET, OPTIONS"), keep_alive=False, head_only=head_only
+                    )
                 return
             if path == PUBLISH_PATH and self._publish is not None:
                 if method != "POST":
-                    reader.respond(_method_not_allowed("POST"), keep_alive=False)
+                    reader.respond(
+                        _method_not_allowed("POST"), keep_alive=False, head_only=head_only
+                    )
                     return
                 self._publish.handle(reader, request)
                 return
@@ -88,7 +93,9 @@ class Router:
         except Exception:
             log.exception("error handling %s %s", method, path)
             reader.respond(
-                error_response(500, "internal_error", "internal error"), keep_alive=False
+                error_response(500, "internal_error", "internal error"),
+                keep_alive=False,
+                head_only=head_only,
             )
 
     def plain(self, path: str) -> Response:
