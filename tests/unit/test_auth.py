@@ -181,8 +181,12 @@ def test_audience_checked_when_configured() -> None:
     assert_invalid(verifier, hs(claims()))
 
 
-def test_audience_not_checked_when_not_configured() -> None:
-    assert secret_verifier.verify(hs(claims(aud="anything"))) == Identity("b1", "p1")
+@pytest.mark.parametrize("aud", ["anything", ["a", "b"], []])
+def test_a_token_with_an_audience_is_refused_when_none_is_configured(aud: object) -> None:
+    # RFC 7519 §4.1.3 (issue 10 item 6): it was accepted; a token for another service with
+    # the same signing key opened streams.
+    assert_invalid(secret_verifier, hs(claims(aud=aud)))
+    assert secret_verifier.verify(hs(claims())) == Identity("b1", "p1")
 
 
 def test_issuer_checked_when_configured() -> None:

@@ -165,13 +165,17 @@ class TokenVerifier:
         iat = claims.get("iat")
         if iat is not None and not _number(iat):
             raise _invalid("token claim 'iat' is not a number")
+        aud = claims.get("aud")
         if self._audience is not None:
-            aud = claims.get("aud")
             if aud is None:
                 raise _invalid("token lacks the required claim 'aud'")
             audiences = [aud] if isinstance(aud, str) else aud
             if not isinstance(audiences, list) or self._audience not in audiences:
                 raise _invalid("token audience does not match")
+        elif aud is not None:
+            # RFC 7519 §4.1.3: a token meant for named audiences is refused by a verifier that
+            # is none of them (one minted for another service must not open streams here).
+            raise _invalid("token has an audience and SSE_JWT_AUDIENCE names none")
         if self._issuer is not None:
             iss = claims.get("iss")
             if iss is None:
