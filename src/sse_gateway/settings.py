@@ -291,8 +291,11 @@ def load_settings(
         if raw is None:
             raw = env.get(option.env)
             name = option.env
-            if raw is not None and raw == "" and option.attr != "jwt_secret":
-                continue  # an empty env var counts as unset, as in most deployment tools
+            if raw == "":
+                # An empty env var counts as unset, as in most deployment tools (a container
+                # spec writes `SSE_JWT_SECRET=` next to SSE_JWT_KEYS_FILE). An empty secret
+                # alone still fails the start: no key is configured.
+                continue
         if raw is None:
             continue
         try:

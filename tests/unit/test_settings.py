@@ -237,10 +237,15 @@ def test_empty_env_var_counts_as_unset() -> None:
     assert settings.redis is None
 
 
-def test_empty_jwt_secret_env_var_is_an_error_not_unset() -> None:
-    with pytest.raises(SettingsError) as info:
-        load_settings({"SSE_JWT_SECRET": ""}, {}, dev=False)
-    assert info.value.variable == "SSE_JWT_SECRET"
+def test_an_empty_jwt_secret_env_var_is_unset_next_to_a_keys_file(tmp_path: Path) -> None:
+    # Issue 10 item 8: it was an error, so a container spec that writes `SSE_JWT_SECRET=`
+    # beside SSE_JWT_KEYS_FILE could not start. Alone it is unset (the CLI then refuses to
+    # start without any key: tests/integration/test_config_cli.py).
+    assert load_settings({"SSE_JWT_SECRET": ""}, {}, dev=False).jwt_secret is None
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"b1": {"alg": "HS256", "key": "k" * 32}}))
+    settings = load_settings({"SSE_JWT_SECRET": "", "SSE_JWT_KEYS_FILE": str(keys)}, {}, dev=False)
+    assert settings.jwt_secret is None and "b1" in settings.jwt_keys
 
 
 @pytest.mark.parametrize(
