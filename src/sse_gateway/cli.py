@@ -127,6 +127,27 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.dev:
+        real = [
+            name
+            for name, value in (
+                ("SSE_JWT_SECRET", settings.jwt_secret),
+                ("SSE_JWT_KEYS_FILE", settings.jwt_keys_file),
+                ("SSE_PUBLISH_API_KEY", settings.publish_api_key),
+            )
+            if value
+        ]
+        if real:
+            # Dev mode hands out a sample token and the publish key (banner, /demo): with real
+            # keys that would mint real tokens for anyone who reaches the page.
+            print(
+                f"error: --dev makes throwaway keys and shows them; unset {', '.join(real)} "
+                "or run without --dev",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        if flags.get("host") is None and not os.environ.get("SSE_HOST"):
+            settings = settings.replace(host="127.0.0.1")  # loopback unless told otherwise
     if settings.jwt_secret is None and not settings.jwt_keys:
         if not settings.dev:
             print(

@@ -21,6 +21,7 @@ from support.procs import (
     RedisServer,
     cli,
     free_port,
+    gateway_env,
     wait_for,
 )
 from support.sse import SSEClient, assert_position_id, request
@@ -246,3 +247,42 @@ def test_dev_mode_prints_working_token_and_curl(gateway_factory: GatewayFactory)
 def test_without_dev_there_is_no_demo_page(gateway: Gateway) -> None:
     for path in ("/", "/demo"):
         assert request(gateway.port, "GET", path).status == 404
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SSE_JWT_SECRET", "a-real-secret-that-dev-mode-must-not-use-0123"),
+        ("SSE_PUBLISH_API_KEY", "a-real-publish-key-that-dev-mode-must-not-show"),
+    ],
+)
+def test_dev_mode_refuses_real_keys(variable: str, value: str) -> None:
+    """Issue 10 item 16: --dev next to real keys handed out the publish key and minted 24 h
+    tokens with the real secret on /demo."""
+    result = serve("--dev", env={variable: value})
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert variable in result.stderr
+    assert value not in result.stderr + result.stdout
+
+
+def test_dev_mode_listens_on_loopback_unless_told() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sse_gateway", "serve", "--dev", "--port", str(port)],
+        env=gateway_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "listening on" in line or not line:
+                break
+        assert f"listening on 127.0.0.1:{port}" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
