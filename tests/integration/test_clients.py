@@ -415,3 +415,25 @@ def test_chromium_demo_page_shows_a_published_event(
     finally:
         page.close()
     assert '"n":7' in log.replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "code"),
+    [
+        ("/v1/sse?token=not-a-token", 401, "invalid_token"),
+        ("/v1/sse", 401, "missing_token"),
+        ("/v1/sse?token={token}&last_event_id=%20bad%20id", 400, "invalid_last_event_id"),
+    ],
+)
+def test_cors_errors_to_an_allowed_origin_are_readable(
+    cors_gateway: Gateway, cors_page: str, target: str, status: int, code: str
+) -> None:
+    """Issue 10 item 14: without CORS headers on the 401, a page could not tell an expired
+    token from an outage (Chromium: `TypeError: Failed to fetch`)."""
+    path = target.format(token=cors_gateway.token("cb", "cp"))
+    response = request(cors_gateway.port, "GET", path, {"Origin": cors_page})
+    assert_error(response, status, code)
+    assert response.header("Access-Control-Allow-Origin") == cors_page
+    assert response.header("Access-Control-Allow-Credentials") == "true"
+    exposed = response.header("Access-Control-Expose-Headers") or ""
+    assert {"WWW-Authenticate", "Retry-After"} <= {h.strip() for h in exposed.split(",")}

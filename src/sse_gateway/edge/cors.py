@@ -39,6 +39,8 @@ class CorsPolicy:
                 [
                     ("Access-Control-Allow-Origin", origin),
                     ("Access-Control-Allow-Credentials", "true"),
+                    # What a fetch-based client needs to read on a refusal.
+                    ("Access-Control-Expose-Headers", "WWW-Authenticate, Retry-After"),
                     ("Vary", "Origin"),
                 ],
                 None,

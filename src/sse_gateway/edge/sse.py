@@ -89,7 +89,10 @@ class StreamEndpoint:
         try:
             identity, cors, query = self.authenticate(request)
         except AuthError as exc:
-            headers: list[tuple[str, str]] = []
+            # A page on an allowed origin must be able to read why (an expired token is not
+            # an outage): the CORS headers go on errors too; a refused origin gets none.
+            origin = self._cors.check(request)
+            headers: list[tuple[str, str]] = [] if origin.refusal else list(origin.headers)
             if exc.status == 401:
                 challenge = 'Bearer realm="sse-gateway"'
                 if exc.code != "missing_token":
@@ -108,7 +111,10 @@ class StreamEndpoint:
             last_event_id = last_event_id.strip() or None
         if last_event_id is not None and not EVENT_ID_PATTERN.fullmatch(last_event_id):
             response = error_response(
-                400, "invalid_last_event_id", "Last-Event-ID must match [A-Za-z0-9_.:-]{1,128}"
+                400,
+                "invalid_last_event_id",
+                "Last-Event-ID must match [A-Za-z0-9_.:-]{1,128}",
+                cors,
             )
             self._refuse(reader, response, "invalid_last_event_id")
             return
