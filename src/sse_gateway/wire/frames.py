@@ -38,16 +38,6 @@ def encode_event(event: str | None, data: str, event_id: str | None = None) -> b
     return "".join(parts).encode("utf-8")
 
 
-def encode_json_line_event(event: str, data: bytes, event_id: str | None = None) -> bytes:
-    """The hot-path frame: `data` is JSON on one line, `event` and `event_id` are validated.
-
-    Equal to `encode_event(event, data.decode(), event_id)` for such inputs, without the work
-    of splitting lines that cannot be there.
-    """
-    head = f"id: {event_id}\nevent: {event}\ndata: " if event_id else f"event: {event}\ndata: "
-    return head.encode("ascii") + data + b"\n\n"
-
-
 def encode_json_event(event: str, payload: Any, event_id: str | None = None) -> bytes:
     return encode_event(event, dump_json(payload), event_id)
 
