@@ -14,7 +14,7 @@ from __future__ import annotations
 from sse_gateway.broker.base import Broker
 from sse_gateway.broker.memory import MemoryBroker
 from sse_gateway.broker.redis import RedisBroker
-from sse_gateway.edge.admission import Admission, effective_connection_limit
+from sse_gateway.edge.admission import Admission, connection_budget
 from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
@@ -58,7 +58,13 @@ class Gateway:
         self.metrics = metrics = Metrics()
         self.broker = broker
         limit = connection_limit if connection_limit is not None else settings.connection_limit
-        self.admission = Admission(effective_connection_limit(limit, fd_limit), metrics)
+        budget = connection_budget(limit, fd_limit)
+        self.admission = Admission(
+            budget.streams,
+            metrics,
+            reader_budget=budget.readers,
+            header_timeout=settings.header_timeout,
+        )
         self.hub = ConnectionHub(broker)
         self.heartbeats = HeartbeatScheduler(settings.keepalive_period)
         history = HistoryReader(broker, settings.history_size, metrics, settings.history_ttl)

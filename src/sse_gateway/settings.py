@@ -59,6 +59,7 @@ class Settings:
     redis: RedisAddress | None = None
     connection_limit: int = 50_000
     keepalive_period: float = 15.0
+    header_timeout: float = 10.0
     event_buffer_size: int = 50
     host: str = "0.0.0.0"
     port: int = 8080
@@ -97,6 +98,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis", "EVENTS_REDIS_STORAGE", "--redis", "Redis address; unset: embedded broker"),
     Option("connection_limit", "SSE_CONNECTION_LIMIT", "--connection-limit", "max SSE streams"),
     Option("keepalive_period", "SSE_KEEPALIVE_PERIOD", "--keepalive-period", "e.g. 15s, 500ms"),
+    Option(
+        "header_timeout",
+        "SSE_HEADER_TIMEOUT",
+        "--header-timeout",
+        "time to send a complete request, and keep-alive idle time, e.g. 10s",
+    ),
     Option("event_buffer_size", "SSE_EVENT_BUFFER_SIZE", "--event-buffer-size", "queued events"),
     Option("host", "SSE_HOST", "--host", "listen address"),
     Option("port", "SSE_PORT", "--port", "listen port"),
@@ -231,6 +238,11 @@ def parse_value(attr: str, text: str) -> Any:
         seconds = parse_duration(text)
         if not 0.05 <= seconds <= 3600:
             raise ValueError("must be between 50ms and 1h")
+        return seconds
+    if attr == "header_timeout":
+        seconds = parse_duration(text)
+        if not 0.1 <= seconds <= 600:
+            raise ValueError("must be between 100ms and 10m")
         return seconds
     if attr == "drain_seconds":
         seconds = parse_duration(text)

@@ -28,6 +28,7 @@ class FakeTransport:
         self.write_buffer_limits: tuple[int | None, int | None] | None = None
         self.protocol: asyncio.BaseProtocol | None = None
         self.on_write: Callable[[bytes], None] | None = None
+        self.buffered = 0  # what get_write_buffer_size() reports: a test sets it
 
     # --- asyncio.Transport -------------------------------------------------------------------
 
@@ -44,6 +45,9 @@ class FakeTransport:
 
     def abort(self) -> None:
         self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
     def is_closing(self) -> bool:
         return self.closed or self.aborted

@@ -13,9 +13,8 @@ import pytest
 from fakes import FakeHandler, FakeTransport, advance, parse_response, run_in_loop, turns
 from sse_spec_parser import parse_sse
 
-from sse_gateway.edge import protocol
 from sse_gateway.edge.admission import (
-    FD_SOCKET_SLACK,
+    MIN_READERS,
     REQUESTS_PER_TICK,
     RETRY_AFTER_SECONDS,
     Admission,
@@ -24,9 +23,9 @@ from sse_gateway.edge.admission import (
     unavailable_stream,
 )
 from sse_gateway.edge.protocol import (
+    FEED_SLICE,
     HEADER_TIMEOUT,
     MAX_HEADER_BYTES,
-    MAX_PIPELINED,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     RequestReader,
@@ -273,28 +272,84 @@ async def test_end_async_serves_queued_requests_answered_at_once() -> None:
     conn.reader.end_async()
     assert paths == ["/slow", "/a", "/b"]
     assert len(conn.transport.writes) == 3
-    assert conn.transport.resume_reading_calls == 1
+    assert conn.transport.reading
 
 
 @run_in_loop
-async def test_reading_pauses_at_max_pipelined_and_resumes_when_all_are_served() -> None:
+async def test_bytes_behind_an_async_request_wait_unparsed_with_reading_paused() -> None:
     handler = FakeHandler(action=lambda reader, request: reader.begin_async())
     conn = Conn(handler)
     conn.feed(get("/0"))
-    for i in range(1, MAX_PIPELINED):
+    for i in range(1, 40):
         conn.feed(get(f"/{i}"))
-    assert conn.transport.pause_reading_calls == 0  # MAX_PIPELINED - 1 waiting
-    conn.feed(get(f"/{MAX_PIPELINED}"))
     assert conn.transport.pause_reading_calls == 1
     assert not conn.transport.reading
     assert len(handler.requests) == 1
-    # Each handled request goes async again; reading resumes once none is waiting.
-    for served in range(2, MAX_PIPELINED + 2):
+    assert conn.reader.requests is None  # the rest are bytes, not parsed requests
+    # One request at a time; reading resumes once none is waiting.
+    for served in range(2, 41):
         conn.reader.respond(OK, keep_alive=True)
         conn.reader.end_async()
         assert len(handler.requests) == served
-        assert conn.transport.reading is (served == MAX_PIPELINED + 1)
-    assert [r.path for r in handler.requests] == [f"/{i}" for i in range(MAX_PIPELINED + 1)]
+        assert not conn.transport.reading
+    conn.reader.respond(OK, keep_alive=True)
+    conn.reader.end_async()
+    assert conn.transport.reading
+    assert [r.path for r in handler.requests] == [f"/{i}" for i in range(40)]
+
+
+def _backs_up_after(conn: Conn, n: int) -> None:
+    """The transport pauses the reader once `n` answers are unread, as a real one does when
+    its buffer passes the high-water mark because the client does not read."""
+
+    def on_write(data: bytes) -> None:
+        if len(conn.transport.writes) >= n:
+            conn.reader.pause_writing()
+
+    conn.transport.on_write = on_write
+
+
+@run_in_loop
+async def test_pipelined_requests_are_not_answered_while_answers_wait_unread() -> None:
+    # Issue 10 (1): 12 MB of pipelined GETs from a client that never reads grew the RSS by
+    # 700 MiB. Now answers stop once the transport is backed up, and so does reading.
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    _backs_up_after(conn, 3)
+    flood = get("/metrics") * 20_000  # 680 KB in one read
+    conn.feed(flood)
+    assert len(conn.transport.writes) == 3
+    assert not conn.transport.reading
+    waiting = len(conn.reader.requests or ())
+    assert waiting <= FEED_SLICE // len(get("/metrics"))
+    assert len(conn.reader.deferred) >= len(flood) - 3 * len(get("/metrics")) - FEED_SLICE
+    conn.feed(get("/more") * 100)  # read before the pause took effect: kept, unparsed
+    assert len(conn.transport.writes) == 3
+    # The client reads: answers go on, in order, until the transport backs up again.
+    conn.transport.on_write = None
+    conn.reader.resume_writing()
+    assert len(conn.handler.requests) == 20_100
+    assert conn.transport.reading
+    assert [r.path for r in conn.handler.requests[-101:]] == ["/metrics"] + ["/more"] * 100
+
+
+@run_in_loop
+async def test_a_client_that_never_reads_its_answers_is_reset_after_the_idle_timeout() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    _backs_up_after(conn, 1)
+    conn.feed(get("/metrics") * 50)
+    await advance(HEADER_TIMEOUT + 0.5)
+    assert conn.transport.aborted  # close() would wait forever for the buffer to drain
+    assert len(conn.transport.writes) == 1
+
+
+@run_in_loop
+async def test_a_closing_answer_the_client_never_reads_is_reset_after_the_timeout() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=False)))
+    conn.transport.buffered = 100_000
+    conn.feed(get())
+    assert conn.transport.closed and not conn.transport.aborted
+    await advance(HEADER_TIMEOUT + 0.5)
+    assert conn.transport.aborted
 
 
 # --- limits ---------------------------------------------------------------------------------
@@ -477,13 +532,14 @@ async def test_header_timeout_covers_a_body_that_never_ends() -> None:
 
 
 @run_in_loop
-async def test_monkeypatched_header_timeout_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(protocol, "HEADER_TIMEOUT", 0.25)
-    conn = Conn()
+async def test_the_configured_header_timeout_is_used() -> None:
+    metrics = Metrics()
+    conn = Conn(admission=Admission(1000, metrics, header_timeout=0.25), metrics=metrics)
     await advance(0.2)
     assert conn.transport.writes == []
     await advance(0.1)
     assert [status for status, _, _ in conn.responses()] == [408]
+    assert metrics.rejected["request_timeout"] == 1
 
 
 @run_in_loop
@@ -544,7 +600,8 @@ async def test_hand_over_gives_up_the_socket() -> None:
     assert [r.path for r in handler.requests] == ["/v1/sse"]  # the second never arrives
     assert conn.transport.writes == []
     assert not conn.transport.closed
-    assert conn.reader.url == b""  # the request line (with a token, maybe) is forgotten
+    assert conn.reader.parser.stopped
+    assert conn.reader.parser._url == b""  # the request line (a token, maybe) is gone
     conn.reader.respond(OK, keep_alive=False)
     await advance(HEADER_TIMEOUT * 3)  # no timer of the reader's is left
     assert conn.transport.writes == []
@@ -584,7 +641,9 @@ async def test_a_socket_backed_up_before_the_hand_over_says_so() -> None:
     conn.reader.resume_writing()
     conn.reader.pause_writing()
     conn.feed(get("/v1/sse"))
-    assert seen == [True]
+    assert seen == []  # one request at a time: it waits for the buffer to drain
+    conn.reader.resume_writing()
+    assert seen == [False]
 
 
 @run_in_loop
@@ -599,9 +658,9 @@ async def test_hand_over_resumes_reading_paused_behind_an_async_request() -> Non
             reader.respond(OK, keep_alive=True)
 
     conn = Conn(FakeHandler(action=action))
-    queued = b"".join(get(f"/q{i}") for i in range(MAX_PIPELINED - 1)) + get("/v1/sse")
-    conn.feed(get("/slow") + queued)
-    assert not conn.transport.reading  # MAX_PIPELINED requests wait behind /slow
+    conn.feed(get("/slow"))
+    conn.feed(b"".join(get(f"/q{i}") for i in range(3)) + get("/v1/sse"))
+    assert not conn.transport.reading  # requests wait behind /slow
     conn.reader.respond(OK, keep_alive=True)
     conn.reader.end_async()  # serves the queue; the last request becomes a stream
     assert conn.reader.transport is None
@@ -612,14 +671,46 @@ async def test_hand_over_resumes_reading_paused_behind_an_async_request() -> Non
 
 
 @run_in_loop
-async def test_socket_beyond_the_budget_gets_503_and_is_closed() -> None:
+async def test_a_new_socket_evicts_the_reader_that_waited_longest() -> None:
+    # Issue 10 (3): 200 sockets that never finish a request locked out every client and
+    # /healthz. Readers have their own budget; at it, the longest-waiting one gives way.
     metrics = Metrics()
-    admission = Admission(connection_limit=1, metrics=metrics)
-    budget = 1 + FD_SOCKET_SLACK
-    assert admission.socket_budget == budget
-    conns = [Conn(admission=admission, metrics=metrics) for _ in range(budget)]
-    assert all(c.transport.writes == [] and not c.transport.closed for c in conns)
+    admission = Admission(connection_limit=50, metrics=metrics)
+    assert admission.reader_budget == MIN_READERS
+    slow = [Conn(admission=admission, metrics=metrics) for _ in range(MIN_READERS)]
+    for conn in slow:
+        conn.feed(b"GET / HTTP/1.1\r\nX-Slow: ")
+    slow[0].feed(b"a")  # a byte more does not make it any younger
+
+    fresh = Conn(FakeHandler(action=answer(keep_alive=True)), admission=admission, metrics=metrics)
+    assert slow[0].transport.aborted and slow[0].transport.writes == []
+    assert not any(c.transport.aborted for c in slow[1:])
+    fresh.feed(get("/healthz"))
+    assert [status for status, _, _ in fresh.responses()] == [200]
+    assert admission.open_readers == MIN_READERS
+    assert metrics.rejected["request_timeout"] == 1
     assert metrics.rejected["connection_limit"] == 0
+
+    # The evicted socket's connection_lost comes later and must not be counted twice.
+    slow[0].reader.connection_lost(None)
+    assert admission.open_readers == MIN_READERS
+    # The answered keep-alive socket now waits longest of all but the slow ones.
+    for i in range(1, MIN_READERS):
+        Conn(admission=admission, metrics=metrics)
+        assert slow[i].transport.aborted
+    assert not fresh.transport.aborted
+    Conn(admission=admission, metrics=metrics)
+    assert fresh.transport.aborted
+
+
+@run_in_loop
+async def test_no_evictable_reader_means_503_and_close() -> None:
+    metrics = Metrics()
+    admission = Admission(connection_limit=1, metrics=metrics, reader_budget=3)
+    busy = FakeHandler(action=lambda reader, request: reader.begin_async())
+    conns = [Conn(busy, admission=admission, metrics=metrics) for _ in range(3)]
+    for conn in conns:
+        conn.feed(get("/publish"))  # each one is being answered: none is evicted
 
     refused = Conn(admission=admission, metrics=metrics)
     [(status, headers, body)] = refused.responses()
@@ -629,31 +720,60 @@ async def test_socket_beyond_the_budget_gets_503_and_is_closed() -> None:
     assert error_code(body) == "connection_limit"
     assert refused.transport.closed
     assert metrics.rejected["connection_limit"] == 1
+    assert not any(c.transport.aborted or c.transport.closed for c in conns)
 
     # A refused socket reads nothing and has no header timer.
     refused.feed(get())
     await advance(HEADER_TIMEOUT + 1)
     assert refused.handler.requests == []
     assert len(refused.transport.writes) == 1
-
     refused.reader.connection_lost(None)
-    assert admission.open_sockets == budget
+    assert admission.open_readers == 3
+
+
+@run_in_loop
+async def test_a_stream_leaves_the_reader_budget_and_keeps_its_socket_slot() -> None:
+    admission = Admission(connection_limit=10, metrics=Metrics(), reader_budget=2)
+    conn = Conn(FakeHandler(action=lambda reader, request: reader.hand_over()), admission)
+    conn.feed(get("/v1/sse"))
+    assert (admission.open_readers, admission.open_sockets) == (0, 1)
+    others = [Conn(admission=admission) for _ in range(2)]
+    assert not any(c.transport.aborted or c.transport.writes for c in others)
+    admission.socket_closed()  # the stream's socket goes
+    assert (admission.open_readers, admission.open_sockets) == (2, 2)
 
 
 @run_in_loop
 async def test_connection_lost_releases_the_socket_slot() -> None:
     metrics = Metrics()
-    admission = Admission(connection_limit=1, metrics=metrics)
-    conns = [Conn(admission=admission, metrics=metrics) for _ in range(admission.socket_budget)]
-    assert admission.open_sockets == admission.socket_budget
+    admission = Admission(connection_limit=1, metrics=metrics, reader_budget=4)
+    busy = FakeHandler(action=lambda reader, request: reader.begin_async())
+    conns = [Conn(busy, admission=admission, metrics=metrics) for _ in range(4)]
+    for conn in conns:
+        conn.feed(get())
+    assert admission.open_sockets == 4
     conns[0].reader.connection_lost(None)
-    assert admission.open_sockets == admission.socket_budget - 1
+    assert admission.open_sockets == 3
     conns[1].reader.connection_lost(ConnectionResetError())
-    assert admission.open_sockets == admission.socket_budget - 2
+    assert admission.open_sockets == 2
     # The freed slots admit new sockets again.
     again = [Conn(admission=admission, metrics=metrics) for _ in range(2)]
     assert all(c.transport.writes == [] for c in again)
     assert metrics.rejected["connection_limit"] == 0
+
+
+@run_in_loop
+async def test_a_reader_waiting_for_its_turn_is_not_evicted() -> None:
+    # A reconnect storm: requests wait on the gateway's budget, not on a slow client.
+    admission = Admission(connection_limit=1000, metrics=Metrics(), reader_budget=2)
+    first = Conn(FakeHandler(action=answer(keep_alive=False)), admission=admission)
+    admission.request_budget = 0
+    first.feed(get("/waits"))
+    Conn(admission=admission)
+    Conn(admission=admission)  # evicts the second, not the one waiting for its turn
+    assert not first.transport.aborted
+    await turns(2)
+    assert [r.path for r in first.handler.requests] == ["/waits"]
 
 
 @run_in_loop

@@ -160,6 +160,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
         "EVENTS_REDIS_STORAGE": "redis://h:1/2",
         "SSE_CONNECTION_LIMIT": "1_000",
         "SSE_KEEPALIVE_PERIOD": "500ms",
+        "SSE_HEADER_TIMEOUT": "2.5s",
         "SSE_EVENT_BUFFER_SIZE": "7",
         "SSE_HOST": "127.0.0.1",
         "SSE_PORT": "9000",
@@ -183,6 +184,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
     assert settings.redis == RedisAddress("h", 1, 2)
     assert settings.connection_limit == 1000
     assert settings.keepalive_period == pytest.approx(0.5)
+    assert settings.header_timeout == 2.5
     assert settings.event_buffer_size == 7
     assert (settings.host, settings.port) == ("127.0.0.1", 9000)
     assert settings.jwt_secret == "s"
@@ -259,6 +261,9 @@ def test_an_empty_jwt_secret_env_var_is_unset_next_to_a_keys_file(tmp_path: Path
         ("SSE_KEEPALIVE_PERIOD", "10ms"),
         ("SSE_KEEPALIVE_PERIOD", "2h"),
         ("SSE_KEEPALIVE_PERIOD", "fast"),
+        ("SSE_HEADER_TIMEOUT", "50ms"),
+        ("SSE_HEADER_TIMEOUT", "1h"),
+        ("SSE_HEADER_TIMEOUT", "soon"),
         ("SSE_DRAIN_SECONDS", "2h"),
         ("SSE_RETRY_MS", "-1"),
         ("SSE_MAX_EVENT_BYTES", "63"),

@@ -1,8 +1,13 @@
 """Admission: who gets in, and when. The narrow shared state of every request reader.
 
-- The socket budget: sockets beyond the stream limit plus `FD_SOCKET_SLACK` are answered 503
-  and closed at once, so the process never runs out of file descriptors.
-- The stream limit: SSE_CONNECTION_LIMIT, lowered to what the open-file limit allows.
+- Two socket budgets, so the process never runs out of file descriptors and sockets that
+  send nothing cannot lock out anyone else: streams (SSE_CONNECTION_LIMIT, lowered to what the
+  open-file limit allows) and request readers (sockets that are not streams: a request being
+  read, answered, or awaited on a keep-alive connection; `connection_budget`). When readers are
+  at their budget, a new socket evicts the reader that has waited longest for a request (a
+  slowloris socket, an idle keep-alive one); only when every reader is busy with a request is
+  the new socket answered 503 and closed at once.
+- The header timeout (SSE_HEADER_TIMEOUT): how long a reader waits for a complete request.
 - The request budget: at most `REQUESTS_PER_TICK` reads of requests are parsed per event-loop
   turn (several requests pipelined in one read count once); the rest wait a turn with their
   socket paused, so Pub/Sub delivery, heartbeats and health checks
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import NamedTuple, Protocol
 
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.stream import spread_retry
@@ -25,8 +31,11 @@ RETRY_AFTER_SECONDS = 5
 REQUESTS_PER_TICK = 100
 # Descriptors kept back from the open-file limit for Redis, the listener, logs and the loop.
 FD_RESERVE = 100
-# Extra sockets (health checks, refused clients) allowed beyond the stream limit.
-FD_SOCKET_SLACK = 50
+# Request readers (sockets not yet, or never, a stream) per process: an eighth of the stream
+# limit, within these bounds, and at most a quarter of the descriptors.
+MIN_READERS = 64
+MAX_READERS = 1024
+HEADER_TIMEOUT = 10.0
 
 _UNAVAILABLE_MESSAGES = {
     "draining": "the gateway is shutting down",
@@ -35,9 +44,32 @@ _UNAVAILABLE_MESSAGES = {
 }
 
 
+class ConnectionBudget(NamedTuple):
+    """What one process holds at most: `streams` and request `readers` (sockets)."""
+
+    streams: int
+    readers: int
+
+
+def connection_budget(configured: int, fd_limit: int) -> ConnectionBudget:
+    """The budgets of a process with stream limit `configured` and `fd_limit` open files:
+    streams + readers + FD_RESERVE never exceed `fd_limit`."""
+    available = max(2, fd_limit - FD_RESERVE)
+    readers = min(MAX_READERS, max(MIN_READERS, configured // 8))
+    readers = max(1, min(readers, available // 4))
+    return ConnectionBudget(max(1, min(configured, available - readers)), readers)
+
+
 def effective_connection_limit(configured: int, fd_limit: int) -> int:
     """Streams one process can hold without running out of file descriptors."""
-    return max(1, min(configured, fd_limit - FD_RESERVE - FD_SOCKET_SLACK))
+    return connection_budget(configured, fd_limit).streams
+
+
+class Reader(Protocol):
+    """What the admission asks of a request reader it evicts."""
+
+    def evict(self) -> None:
+        """Closes the socket at once; the admission has already stopped counting it."""
 
 
 def unavailable(
@@ -87,21 +119,41 @@ class Admission:
 
     __slots__ = (
         "_budget_refill_scheduled",
+        "_idle",
         "_waiting",
         "connection_limit",
         "draining",
+        "header_timeout",
         "metrics",
+        "open_readers",
         "open_sockets",
+        "reader_budget",
         "request_budget",
         "socket_budget",
     )
 
-    def __init__(self, connection_limit: int, metrics: Metrics) -> None:
-        """`connection_limit` is the effective stream limit of this process."""
+    def __init__(
+        self,
+        connection_limit: int,
+        metrics: Metrics,
+        *,
+        reader_budget: int | None = None,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
+        """`connection_limit` is the effective stream limit of this process; `reader_budget`
+        defaults to `connection_budget`'s; `header_timeout` (seconds) is SSE_HEADER_TIMEOUT."""
         self.connection_limit = connection_limit
-        self.socket_budget = connection_limit + FD_SOCKET_SLACK
+        if reader_budget is None:
+            reader_budget = min(MAX_READERS, max(MIN_READERS, connection_limit // 8))
+        self.reader_budget = reader_budget
+        self.socket_budget = connection_limit + reader_budget
+        self.header_timeout = header_timeout
         self.metrics = metrics
-        self.open_sockets = 0
+        self.open_sockets = 0  # readers and streams: what the descriptors hold
+        self.open_readers = 0
+        # Readers waiting for a request, the longest-waiting first (dicts keep insertion
+        # order): the ones a new socket may evict.
+        self._idle: dict[Reader, None] = {}
         self.draining = False
         self.request_budget = REQUESTS_PER_TICK
         self._budget_refill_scheduled = False
@@ -109,15 +161,44 @@ class Admission:
 
     # --- sockets -----------------------------------------------------------------------------
 
-    def socket_opened(self) -> bool:
-        """Counts a new socket; False (and a `connection_limit` rejection) when over budget."""
+    def reader_opened(self, reader: Reader) -> bool:
+        """Counts a new socket, evicting the longest-idle reader if readers are at their
+        budget; False (and a `connection_limit` rejection) when no room can be made."""
         self.open_sockets += 1
-        if self.open_sockets > self.socket_budget:
+        self.open_readers += 1
+        if self.open_readers > self.reader_budget and self._idle:
+            victim = next(iter(self._idle))
+            self.reader_closed(victim)
+            victim.evict()
+            self.metrics.rejected["request_timeout"] += 1
+        if self.open_readers > self.reader_budget or self.open_sockets > self.socket_budget:
             self.metrics.rejected["connection_limit"] += 1
             return False
+        self._idle[reader] = None
         return True
 
+    def reader_waiting(self, reader: Reader) -> None:
+        """`reader` waits for (the rest of) a request: evictable, after those waiting longer."""
+        self._idle.pop(reader, None)
+        self._idle[reader] = None
+
+    def reader_working(self, reader: Reader) -> None:
+        """`reader` has a complete request (or bytes waiting for their turn): not evictable."""
+        self._idle.pop(reader, None)
+
+    def reader_closed(self, reader: Reader) -> None:
+        """`reader`'s socket is gone (or evicted): both budgets stop counting it."""
+        self._idle.pop(reader, None)
+        self.open_readers -= 1
+        self.open_sockets -= 1
+
+    def reader_handed_over(self, reader: Reader) -> None:
+        """`reader`'s socket became a stream: the socket stays counted until `socket_closed`."""
+        self._idle.pop(reader, None)
+        self.open_readers -= 1
+
     def socket_closed(self) -> None:
+        """A stream's socket is gone."""
         self.open_sockets -= 1
 
     # --- streams -----------------------------------------------------------------------------

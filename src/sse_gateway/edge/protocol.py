@@ -1,33 +1,35 @@
 """RequestReader: the asyncio protocol of every client socket until a request becomes a stream.
 
-Modelled on uvicorn's httptools_impl: httptools parses, the reader keeps only request state
-(the URL, headers and body being read, pipelined requests waiting, the header/idle timer) and
-hands each complete request to its handler. A stream request ends the reader's part: the
+Modelled on uvicorn's httptools_impl: the reader keeps the connection's state (requests and
+bytes waiting, flow control, the header/idle timer) and hands each complete request to its
+handler. A stream request ends the reader's part: the
 handler takes the transport with `hand_over()` and installs a stream as its protocol.
+
+`request_parser.RequestParser` turns bytes into requests; this class decides when to feed it.
+One request at a time: while a request is being answered (an async handler) or its answer
+waits in the transport (writing paused: the client does not read), the reader stops reading
+and parses nothing more. What one connection holds is bounded (docs/operations.md, "Memory
+per connection"): one read of unparsed bytes (uvloop reads at most 256 KiB), the requests
+complete within one `FEED_SLICE` of it, the request head being parsed (`MAX_HEADER_BYTES`)
+or the body kept for a handler, and the transport's buffer up to `WRITE_HIGH_WATER` plus one
+answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol, cast
 
-import httptools
+from sse_gateway.edge.admission import HEADER_TIMEOUT, Admission, unavailable
+from sse_gateway.edge.request_parser import MAX_HEADER_BYTES, RequestParser, RequestRefused
+from sse_gateway.wire.http import Request, Response, encode_response, error_response
 
-from sse_gateway.edge.admission import Admission, unavailable
-from sse_gateway.wire.http import (
-    Request,
-    Response,
-    ambiguous_head,
-    encode_response,
-    error_response,
-)
-
-MAX_HEADER_BYTES = 16 * 1024
-# The raw head may exceed what the callbacks count (line ends, "HTTP/1.1", spaces) by this much.
-HEAD_SLACK_BYTES = 1024
-HEADER_TIMEOUT = 10.0
-MAX_PIPELINED = 16
+__all__ = ["HEADER_TIMEOUT", "MAX_HEADER_BYTES", "RequestHandler", "RequestReader"]
+# The parser is fed at most this many bytes at a time, so that requests pipelined behind one
+# whose answer is backed up stay unparsed bytes: at most FEED_SLICE / 18 parsed ones wait.
+FEED_SLICE = 2048
 # Above this many bytes in the transport's buffer, events wait in the stream's own queue.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
@@ -43,28 +45,20 @@ class RequestHandler(Protocol):
         """Answers with `reader.respond`, or takes the socket with `reader.hand_over`."""
 
 
-class _HandedOver(Exception):
-    """Raised from a parser callback: bytes after a request that became a stream."""
-
-
 class RequestReader(asyncio.Protocol):
     __slots__ = (
         "admission",
-        "body",
-        "body_limit",
         "busy",
         "closed",
+        "counted",
         "deferred",
         "handler",
-        "head_raw",
-        "header_bytes",
-        "headers",
         "parser",
         "reading_paused",
         "requests",
         "timer",
         "transport",
-        "url",
+        "waiting_turn",
         "writing_paused",
     )
 
@@ -72,21 +66,14 @@ class RequestReader(asyncio.Protocol):
         self.handler = handler
         self.admission = admission
         self.transport: asyncio.Transport | None = None
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
-        # Raw bytes of the request head received so far, or -1 once its headers are complete:
-        # httptools keeps a header value until its line ends, so `on_header` alone would let an
-        # unterminated one grow without bound.
-        self.head_raw = 0
-        self.body: list[bytes] | None = None
-        self.body_limit = 0
-        self.requests: deque[Request] | None = None
-        self.busy = False
+        self.parser = RequestParser(handler.body_limit, self._request_complete)
+        self.requests: deque[Request] | None = None  # complete, waiting for their turn
+        self.busy = False  # an async handler has not answered yet
         self.closed = False
+        self.counted = False  # the admission counts this socket as a reader
         self.timer: asyncio.TimerHandle | None = None
-        self.deferred = b""  # read while over this turn's request budget
+        self.deferred = b""  # read, not parsed yet: waiting for a turn or for an answer
+        self.waiting_turn = False
         # Flow control, which a stream taking over the socket inherits.
         self.writing_paused = False
         self.reading_paused = False
@@ -96,153 +83,137 @@ class RequestReader(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        if not self.admission.socket_opened():
+        self.counted = True
+        if not self.admission.reader_opened(self):
             # Beyond the fd budget even a 503 must not cost more: answer and drop at once.
             self.respond(unavailable("connection_limit"), keep_alive=False)
             return
-        self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._header_timeout)
+        self._start_timer(self._header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None:
+        if self.closed:
+            return
+        if self.deferred or self.requests or self.busy or self.writing_paused:
+            # Something is waiting already (an answer, a request, bytes): these bytes wait
+            # behind it, unparsed, and the socket stops reading until it is done.
+            self.deferred += data
+            self._pause_reading()
             return
         if not self.admission.spend_request():
-            # A connect storm must not hold up everyone else's events: past this loop turn's
-            # budget, the request waits (its socket paused) for a later turn.
-            if self.transport is not None:
-                self.transport.pause_reading()
-                self.reading_paused = True
-            self.deferred += data
-            self.admission.wait_turn(self._resume)
+            self._wait_turn(data)
             return
-        if self.head_raw >= 0:
-            end = data.find(b"\r\n\r\n")
-            self.head_raw += len(data) if end < 0 else end + 4
-            if self.head_raw > MAX_HEADER_BYTES + HEAD_SLACK_BYTES:
-                try:
-                    self._headers_too_large()
-                except httptools.HttpParserError:
-                    return
+        self._feed(data)
+
+    def _wait_turn(self, data: bytes) -> None:
+        """A connect storm must not hold up everyone else's events: past this loop turn's
+        budget, the bytes wait (the socket paused) for a later turn."""
+        self.deferred = data + self.deferred
+        self._pause_reading()
+        self.admission.reader_working(self)  # waiting on us, not on the client
+        if not self.waiting_turn:
+            self.waiting_turn = True
+            self.admission.wait_turn(self._resume)
+
+    def _feed(self, data: bytes) -> None:
+        """Parses `data` a slice at a time; stops (keeping the rest) once a request waits."""
+        size = len(data)
+        offset = 0
+        while offset < size:
+            if self.requests or self.busy or self.writing_paused:
+                self.deferred = data[offset:] + self.deferred
+                self._pause_reading()
+                return
+            piece = data if size <= FEED_SLICE else data[offset : offset + FEED_SLICE]
+            offset += len(piece)
+            if not self._parse(piece):
+                return
+
+    def _parse(self, data: bytes) -> bool:
+        """Feeds the parser; False once the reader is done with the socket."""
         try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # an Upgrade header on an ordinary request: answered as plain HTTP
-        except httptools.HttpParserError:
-            if self.parser is not None and not self.closed:
-                self.respond(
-                    error_response(400, "bad_request", "malformed HTTP request"), keep_alive=False
-                )
+            self.parser.feed(data)
+        except RequestRefused as refused:
+            self.respond(refused.response, keep_alive=False)
+            return False
+        return not self.closed
 
     def _resume(self) -> None:
+        self.waiting_turn = False
+        self._drain()
+
+    def _drain(self) -> None:
+        """Serves what waits (requests, then bytes) until something blocks again; reading
+        resumes once nothing is left."""
+        while not self.closed and self.transport is not None:
+            if self.busy or self.writing_paused or self.waiting_turn:
+                return
+            requests = self.requests
+            if requests:
+                request = requests.popleft()
+                self._cancel_timer()
+                self.handler.handle(self, request)
+                continue
+            self.requests = None
+            if not self.deferred:
+                break
+            if not self.admission.spend_request():
+                data, self.deferred = self.deferred, b""
+                self._wait_turn(data)
+                return
+            data, self.deferred = self.deferred, b""
+            self._feed(data)
         transport = self.transport
         if self.closed or transport is None:
             return
-        transport.resume_reading()
-        self.reading_paused = False
-        data, self.deferred = self.deferred, b""
-        self.data_received(data)
+        # Nothing left on our side: the reader waits for the client again.
+        self.admission.reader_waiting(self)
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.requests or self.deferred:
+            self._drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.admission.socket_closed()
+        if self.counted:
+            self.counted = False
+            self.admission.reader_closed(self)
         self._cancel_timer()
-        self.parser = None
+        self.parser.stop()
         self.closed = True
         self.transport = None
+        self.requests = None
+        self.deferred = b""
 
-    # --- httptools callbacks -----------------------------------------------------------------
-
-    # Bytes after a request that became a stream (a pipelined request, say) are still in the
-    # parser's buffer: every callback refuses them once the parser is gone.
-
-    def on_message_begin(self) -> None:
-        if self.parser is None:
-            raise _HandedOver
-        self.url = b""
-        self.headers = []
-        self.header_bytes = 0
-        self.body = None
-
-    def on_url(self, url: bytes) -> None:
-        if self.parser is None:
-            raise _HandedOver
-        self.url += url
-        self._count_header_bytes(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.parser is None:
-            raise _HandedOver
-        self.headers.append((name.lower(), value))
-        # Counted here rather than through _count_header_bytes: once per header per request.
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > MAX_HEADER_BYTES:
-            self._headers_too_large()
-
-    def on_headers_complete(self) -> None:
-        parser = self.parser
-        if parser is None:
-            raise _HandedOver
-        self.head_raw = -1
-        refusal = ambiguous_head(self.headers, parser.get_http_version())
-        if refusal is not None:
-            self.respond(error_response(400, "bad_request", refusal), keep_alive=False)
-            raise httptools.HttpParserError(refusal)
-        # Only a body the handler asks for is kept; any other is read and dropped. The header
-        # timer keeps running until the whole message is in: a body that never ends cannot
-        # hold the socket.
-        if parser.get_method() == b"POST":
-            limit = self.handler.body_limit(self.url, self.headers)
-            if limit > 0:
-                self.body = []
-                self.body_limit = limit
-
-    def on_body(self, chunk: bytes) -> None:
-        if self.parser is None:
-            raise _HandedOver
-        body = self.body
-        if body is None:
-            return
-        body.append(chunk)
-        self.body_limit -= len(chunk)
-        if self.body_limit < 0:
-            self.body = None
-            self.respond(
-                error_response(413, "payload_too_large", "request body is too large"),
-                keep_alive=False,
-            )
-            raise httptools.HttpParserError("body too large")
-
-    def on_message_complete(self) -> None:
-        parser = self.parser
-        if parser is None or self.closed:
-            raise _HandedOver
-        self.head_raw = 0  # the next request's head, on a keep-alive connection
+    def evict(self) -> None:
+        """Closes the socket at once (the admission needs its slot; it no longer counts it)."""
+        self.counted = False
+        transport = self.transport
         self._cancel_timer()
-        url = httptools.parse_url(self.url)
-        request = Request(
-            method=parser.get_method().decode("ascii", "replace"),
-            path=url.path.decode("latin-1") if url.path else "/",
-            query_string=url.query.decode("latin-1") if url.query else "",
-            headers=dict(self.headers),
-            keep_alive=parser.should_keep_alive(),
-            body=b"".join(self.body) if self.body else b"",
-            http_version=parser.get_http_version(),
-        )
-        self.headers = []
-        self.body = None
-        if self.busy:
+        self.parser.stop()
+        self.closed = True
+        if transport is not None:
+            transport.abort()
+
+    def _request_complete(self, request: Request) -> None:
+        self.admission.reader_working(self)
+        if self.busy or self.writing_paused or self.requests:
+            # One request in flight: this one waits for the answer before it to be sent.
             if self.requests is None:
                 self.requests = deque()
             self.requests.append(request)
-            if len(self.requests) >= MAX_PIPELINED and self.transport is not None:
-                self.transport.pause_reading()
-                self.reading_paused = True
-            return
+            return  # the timer runs on: the answer before it must be read in time
+        self._cancel_timer()
         self.handler.handle(self, request)
 
     # --- what a handler calls ----------------------------------------------------------------
@@ -258,30 +229,29 @@ class RequestReader(asyncio.Protocol):
         keep_alive = keep_alive and not self.admission.draining
         transport.write(encode_response(response, keep_alive=keep_alive, head_only=head_only))
         if not keep_alive:
-            self.parser = None
+            self.parser.stop()
             self.closed = True
+            self.requests = None
+            self.deferred = b""
             transport.close()
+            if transport.get_write_buffer_size():
+                # close() waits for the buffer to drain: a client that never reads would
+                # keep the socket (and the answer) forever.
+                self._start_timer(transport.abort)
             return
-        self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._idle_timeout)
+        if not self.requests and not self.deferred and not self.busy:
+            self.admission.reader_waiting(self)
+        self._start_timer(self._idle_timeout)
 
     def begin_async(self) -> None:
         """The handler answers later (e.g. after a publish): requests that arrive meanwhile
-        wait, at most `MAX_PIPELINED` before reading pauses."""
+        wait, with reading paused."""
         self.busy = True
 
     def end_async(self) -> None:
         """After an async handler has responded: serve requests that arrived meanwhile."""
         self.busy = False
-        requests = self.requests
-        while requests and not self.busy and not self.closed and self.transport is not None:
-            request = requests.popleft()
-            self._cancel_timer()
-            self.handler.handle(self, request)
-        if requests is not None and not requests:
-            self.requests = None
-            if self.transport is not None and not self.closed:
-                self.transport.resume_reading()
-                self.reading_paused = False
+        self._drain()
 
     def hand_over(self) -> asyncio.Transport:
         """Gives the socket up for a stream: no more request parsing, no timers, no responses.
@@ -298,31 +268,20 @@ class RequestReader(asyncio.Protocol):
             self.reading_paused = False
             transport.resume_reading()
         self._cancel_timer()
-        self.parser = None
+        if self.counted:
+            self.counted = False
+            self.admission.reader_handed_over(self)
+        self.parser.stop()  # also forgets the URL, which may hold the token
         self.requests = None
-        self.url = b""  # may hold the token
-        self.body = None
+        self.deferred = b""
         self.transport = None
         return transport
 
     # --- limits and timers -------------------------------------------------------------------
 
-    def _count_header_bytes(self, n: int) -> None:
-        self.header_bytes += n
-        if self.header_bytes > MAX_HEADER_BYTES:
-            self._headers_too_large()
-
-    def _headers_too_large(self) -> None:
-        """Answers 431 and stops the parser."""
-        self.respond(
-            error_response(
-                431,
-                "request_header_fields_too_large",
-                f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
-            ),
-            keep_alive=False,
-        )
-        raise httptools.HttpParserError("headers too large")
+    def _start_timer(self, callback: Callable[[], object]) -> None:
+        self._cancel_timer()
+        self.timer = asyncio.get_running_loop().call_later(self.admission.header_timeout, callback)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -331,14 +290,27 @@ class RequestReader(asyncio.Protocol):
 
     def _header_timeout(self) -> None:
         self.timer = None
+        self.admission.metrics.rejected["request_timeout"] += 1
         self.respond(
             error_response(408, "request_timeout", "request headers not received in time"),
             keep_alive=False,
         )
 
     def _idle_timeout(self) -> None:
+        """SSE_HEADER_TIMEOUT after an answer: the client neither sent another request nor
+        read the answer (then the socket is reset: its buffer would never drain)."""
         self.timer = None
-        if self.transport is not None and not self.busy:
+        transport = self.transport
+        if transport is None or self.busy:
+            return
+        if self.requests or self.deferred or self.writing_paused:
             self.closed = True
-            self.parser = None
-            self.transport.close()
+            self.parser.stop()
+            transport.abort()
+            return
+        if self.parser.in_head:
+            self._header_timeout()  # a next request began and did not finish in time
+            return
+        self.closed = True
+        self.parser.stop()
+        transport.close()

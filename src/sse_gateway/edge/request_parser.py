@@ -1,0 +1,199 @@
+"""RequestParser: bytes in, complete `Request`s out, with the limits of a request head and body.
+
+httptools does the parsing; this class keeps what its callbacks deliver (URL, headers, the
+body a handler asked for) and checks, as bytes arrive, what httptools would let grow: the
+raw head (an unterminated header value is buffered by httptools until its line ends), the
+counted request line and headers, the body. A request that breaks a rule raises
+`RequestRefused` with the answer to send, out of `feed`; the request reader sends it and
+closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httptools
+
+from sse_gateway.wire.http import Request, Response, ambiguous_head, error_response
+
+MAX_HEADER_BYTES = 16 * 1024
+# The raw head may exceed what the callbacks count (line ends, "HTTP/1.1", spaces) by this much.
+HEAD_SLACK_BYTES = 1024
+
+BodyLimit = Callable[[bytes, list[tuple[bytes, bytes]]], int]
+
+
+class RequestRefused(Exception):
+    """The request breaks a rule: answer `response`, then close the connection."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class _Stopped(Exception):
+    """Raised from a callback once the parser is stopped (bytes after a stream's request)."""
+
+
+def _too_large() -> RequestRefused:
+    return RequestRefused(
+        error_response(
+            431,
+            "request_header_fields_too_large",
+            f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
+        )
+    )
+
+
+class RequestParser:
+    """One connection's parser. `body_limit(url, headers)` says how many bytes of a POST's
+    body to keep (0: read and drop it); `on_request(request)` gets each complete request."""
+
+    __slots__ = (
+        "_body",
+        "_body_left",
+        "_body_limit",
+        "_head_raw",
+        "_header_bytes",
+        "_headers",
+        "_on_request",
+        "_parser",
+        "_refusal",
+        "_url",
+        "stopped",
+    )
+
+    def __init__(self, body_limit: BodyLimit, on_request: Callable[[Request], None]) -> None:
+        self._body_limit = body_limit
+        self._on_request = on_request
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        # Raw bytes of the request head received so far, or -1 once its headers are complete.
+        self._head_raw = 0
+        self._body: list[bytes] | None = None
+        self._body_left = 0
+        self._refusal: RequestRefused | None = None
+        self.stopped = False
+
+    @property
+    def in_head(self) -> bool:
+        """Whether part of a request head has arrived (and not all of it)."""
+        return self._head_raw > 0
+
+    def feed(self, data: bytes) -> None:
+        """Parses `data`; `on_request` runs for each request completed in it.
+
+        Raises RequestRefused (the parser is then stopped). Bytes fed once `stop()` was
+        called, even from within `on_request`, are ignored.
+        """
+        if self.stopped:
+            return
+        if self._head_raw >= 0:
+            end = data.find(b"\r\n\r\n")
+            self._head_raw += len(data) if end < 0 else end + 4
+            if self._head_raw > MAX_HEADER_BYTES + HEAD_SLACK_BYTES:
+                self.stop()
+                raise _too_large()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # an Upgrade header on an ordinary request: answered as plain HTTP
+        except httptools.HttpParserError as exc:
+            refusal, self._refusal = self._refusal, None
+            if self.stopped and refusal is None:
+                return  # stopped from on_request: the rest is not ours to parse
+            self.stop()
+            if refusal is None:
+                refusal = RequestRefused(
+                    error_response(400, "bad_request", "malformed HTTP request")
+                )
+            raise refusal from exc
+
+    def stop(self) -> None:
+        """Parses nothing more; forgets what may hold a token."""
+        self.stopped = True
+        self._url = b""
+        self._headers = []
+        self._body = None
+
+    def _refuse(self, refusal: RequestRefused) -> None:
+        self._refusal = refusal
+        raise refusal
+
+    # --- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.stopped:
+            raise _Stopped
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._body = None
+
+    def on_url(self, url: bytes) -> None:
+        if self.stopped:
+            raise _Stopped
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(_too_large())
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.stopped:
+            raise _Stopped
+        self._headers.append((name.lower(), value))
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(_too_large())
+
+    def on_headers_complete(self) -> None:
+        if self.stopped:
+            raise _Stopped
+        parser = self._parser
+        self._head_raw = -1
+        refusal = ambiguous_head(self._headers, parser.get_http_version())
+        if refusal is not None:
+            self._refuse(RequestRefused(error_response(400, "bad_request", refusal)))
+        # Only a body the handler asks for is kept; any other is read and dropped.
+        if parser.get_method() == b"POST":
+            limit = self._body_limit(self._url, self._headers)
+            if limit > 0:
+                self._body = []
+                self._body_left = limit
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.stopped:
+            raise _Stopped
+        body = self._body
+        if body is None:
+            return
+        body.append(chunk)
+        self._body_left -= len(chunk)
+        if self._body_left < 0:
+            self._body = None
+            self._refuse(
+                RequestRefused(
+                    error_response(413, "payload_too_large", "request body is too large")
+                )
+            )
+
+    def on_message_complete(self) -> None:
+        if self.stopped:
+            raise _Stopped
+        parser = self._parser
+        self._head_raw = 0  # the next request's head, on a keep-alive connection
+        url = httptools.parse_url(self._url)
+        request = Request(
+            method=parser.get_method().decode("ascii", "replace"),
+            path=url.path.decode("latin-1") if url.path else "/",
+            query_string=url.query.decode("latin-1") if url.query else "",
+            headers=dict(self._headers),
+            keep_alive=parser.should_keep_alive(),
+            body=b"".join(self._body) if self._body else b"",
+            http_version=parser.get_http_version(),
+        )
+        self._headers = []
+        self._body = None
+        self._on_request(request)
