@@ -88,7 +88,9 @@ class RequestReader(asyncio.Protocol):
             # Beyond the fd budget even a 503 must not cost more: answer and drop at once.
             self.respond(unavailable("connection_limit"), keep_alive=False)
             return
-        self._start_timer(self._header_timeout)
+        self.timer = asyncio.get_running_loop().call_later(
+            self.admission.header_timeout, self._header_timeout
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -102,7 +104,13 @@ class RequestReader(asyncio.Protocol):
         if not self.admission.spend_request():
             self._wait_turn(data)
             return
-        self._feed(data)
+        if len(data) > FEED_SLICE:
+            self._feed(data)
+            return
+        try:  # _parse, inlined: once per request on the connect path
+            self.parser.feed(data)
+        except RequestRefused as refused:
+            self.respond(refused.response, keep_alive=False)
 
     def _wait_turn(self, data: bytes) -> None:
         """A connect storm must not hold up everyone else's events: past this loop turn's
@@ -213,7 +221,10 @@ class RequestReader(asyncio.Protocol):
                 self.requests = deque()
             self.requests.append(request)
             return  # the timer runs on: the answer before it must be read in time
-        self._cancel_timer()
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
         self.handler.handle(self, request)
 
     # --- what a handler calls ----------------------------------------------------------------
