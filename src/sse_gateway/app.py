@@ -19,6 +19,7 @@ from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PublishEndpoint
+from sse_gateway.edge.ratelimit import ConnectRateLimit
 from sse_gateway.edge.routes import Router
 from sse_gateway.edge.sse import StreamEndpoint
 from sse_gateway.metrics import Metrics
@@ -98,6 +99,11 @@ class Gateway:
             lifecycle=self.lifecycle,
             metrics=metrics,
             retry_ms=settings.retry_ms,
+            rate_limit=(
+                ConnectRateLimit(settings.connect_rate_per_ip, settings.trusted_proxies)
+                if settings.connect_rate_per_ip > 0
+                else None
+            ),
         )
         publish = None
         if settings.publish_api_key is not None:

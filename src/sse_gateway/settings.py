@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -14,6 +15,22 @@ from urllib.parse import unquote, urlsplit
 import jwt
 
 from sse_gateway.wire.naming import is_valid_id
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """`10.0.0.0/8, 192.168.1.7, ::1` → networks; ValueError names a bad entry."""
+    networks = []
+    for part in text.split(","):
+        entry = part.strip()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{entry!r} is not an IP address or CIDR block") from exc
+    return tuple(networks)
 
 
 class SettingsError(ValueError):
@@ -60,6 +77,8 @@ class Settings:
     connection_limit: int = 50_000
     keepalive_period: float = 15.0
     header_timeout: float = 10.0
+    connect_rate_per_ip: float = 0.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     event_buffer_size: int = 50
     host: str = "0.0.0.0"
     port: int = 8080
@@ -111,6 +130,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_keys_file", "SSE_JWT_KEYS_FILE", "--jwt-keys-file", "per-brand keys (JSON)"),
     Option("jwt_audience", "SSE_JWT_AUDIENCE", "--jwt-audience", "required aud"),
     Option("jwt_issuer", "SSE_JWT_ISSUER", "--jwt-issuer", "required iss"),
+    Option(
+        "connect_rate_per_ip",
+        "SSE_CONNECT_RATE_PER_IP",
+        "--connect-rate-per-ip",
+        "stream requests per second per client address (burst the same); 0: off",
+    ),
+    Option(
+        "trusted_proxies",
+        "SSE_TRUSTED_PROXIES",
+        "--trusted-proxies",
+        "CIDRs whose X-Forwarded-For is believed",
+    ),
     Option("retry_ms", "SSE_RETRY_MS", "--retry-ms", "retry: sent to clients"),
     Option("max_event_bytes", "SSE_MAX_EVENT_BYTES", "--max-event-bytes", "max message size"),
     Option("drain_seconds", "SSE_DRAIN_SECONDS", "--drain-seconds", "SIGTERM drain time"),
@@ -239,6 +270,16 @@ def parse_value(attr: str, text: str) -> Any:
         if not 0.05 <= seconds <= 3600:
             raise ValueError("must be between 50ms and 1h")
         return seconds
+    if attr == "connect_rate_per_ip":
+        try:
+            rate = float(text)
+        except ValueError as exc:
+            raise ValueError("expected requests per second, e.g. 5 or 0.5; 0 turns it off") from exc
+        if not 0 <= rate <= 1_000_000:
+            raise ValueError("must be between 0 (off) and 1000000")
+        return rate
+    if attr == "trusted_proxies":
+        return parse_networks(text)
     if attr == "header_timeout":
         seconds = parse_duration(text)
         if not 0.1 <= seconds <= 600:

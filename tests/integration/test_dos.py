@@ -6,6 +6,7 @@ sockets: each must leave memory bounded, and normal clients and `/healthz` serve
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -162,3 +163,43 @@ def test_slowloris_with_a_thousand_half_open_sockets(
     assert healthz(gw) == 200
     # Memory goes back to where it was (allocator slack aside).
     assert after - baseline < 8 * MiB, (baseline, during, after)
+
+
+def sse_status(gw: Gateway, player: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """A stream request's status, headers (lower-case names) and body (an error's)."""
+    client = gw.open(headers={"Authorization": f"Bearer {gw.token('b', player)}", **headers})
+    try:
+        body = client.read_body() if client.status != 200 else b""
+        return client.status, {k.lower(): v for k, v in client.response.headers}, body
+    finally:
+        client.close()
+
+
+def test_connect_rate_per_ip_answers_429_with_retry_after(
+    gateway_factory: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gw = gateway_factory(
+        redis=redis_server,
+        env={"SSE_CONNECT_RATE_PER_IP": "3", "SSE_TRUSTED_PROXIES": "127.0.0.1/32"},
+    )
+    # Behind the trusted proxy (127.0.0.1 here), each X-Forwarded-For client has its own
+    # bucket of 3; a fourth request within the second is refused.
+    statuses = [sse_status(gw, f"p{i}", **{"X-Forwarded-For": "198.51.100.7"}) for i in range(4)]
+    assert [s for s, _, _ in statuses] == [200, 200, 200, 429]
+    _, headers, body = statuses[3]
+    assert int(headers["retry-after"]) >= 1
+    assert json.loads(body)["error"] == "rate_limited"
+    assert sse_status(gw, "p9", **{"X-Forwarded-For": "198.51.100.8"})[0] == 200
+    # Health checks and other paths are not counted.
+    assert all(healthz(gw) == 200 for _ in range(10))
+    assert gw.metrics().value("sse_connections_rejected_total", reason="rate_limited") == 1
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(
+    gateway_factory: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gw = gateway_factory(redis=redis_server, env={"SSE_CONNECT_RATE_PER_IP": "2"})
+    statuses = [
+        sse_status(gw, f"p{i}", **{"X-Forwarded-For": f"198.51.100.{i}"})[0] for i in range(3)
+    ]
+    assert statuses == [200, 200, 429]  # all counted against 127.0.0.1

@@ -161,6 +161,8 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
         "SSE_CONNECTION_LIMIT": "1_000",
         "SSE_KEEPALIVE_PERIOD": "500ms",
         "SSE_HEADER_TIMEOUT": "2.5s",
+        "SSE_CONNECT_RATE_PER_IP": "2.5",
+        "SSE_TRUSTED_PROXIES": "10.0.0.0/8,::1",
         "SSE_EVENT_BUFFER_SIZE": "7",
         "SSE_HOST": "127.0.0.1",
         "SSE_PORT": "9000",
@@ -185,6 +187,8 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
     assert settings.connection_limit == 1000
     assert settings.keepalive_period == pytest.approx(0.5)
     assert settings.header_timeout == 2.5
+    assert settings.connect_rate_per_ip == 2.5
+    assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
     assert settings.event_buffer_size == 7
     assert (settings.host, settings.port) == ("127.0.0.1", 9000)
     assert settings.jwt_secret == "s"
@@ -264,6 +268,10 @@ def test_an_empty_jwt_secret_env_var_is_unset_next_to_a_keys_file(tmp_path: Path
         ("SSE_HEADER_TIMEOUT", "50ms"),
         ("SSE_HEADER_TIMEOUT", "1h"),
         ("SSE_HEADER_TIMEOUT", "soon"),
+        ("SSE_CONNECT_RATE_PER_IP", "-1"),
+        ("SSE_CONNECT_RATE_PER_IP", "fast"),
+        ("SSE_TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("SSE_TRUSTED_PROXIES", "proxy.internal"),
         ("SSE_DRAIN_SECONDS", "2h"),
         ("SSE_RETRY_MS", "-1"),
         ("SSE_MAX_EVENT_BYTES", "63"),

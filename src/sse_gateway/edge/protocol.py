@@ -254,6 +254,12 @@ class RequestReader(asyncio.Protocol):
             self.admission.reader_waiting(self)
         self._start_timer(self._idle_timeout)
 
+    def peer_host(self) -> str | None:
+        """The client's IP address as the socket sees it (a proxy's, behind one), or None."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return peer[0] if isinstance(peer, tuple) and peer else None
+
     def begin_async(self) -> None:
         """The handler answers later (e.g. after a publish): requests that arrive meanwhile
         wait, with reading paused."""

@@ -7,6 +7,7 @@ reader hands its socket over and the stream lifecycle takes it from there.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -20,6 +21,7 @@ from sse_gateway.edge.admission import (
 from sse_gateway.edge.auth import AuthError, TokenVerifier
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.edge.ratelimit import ConnectRateLimit
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.lifecycle import StreamLifecycle
 from sse_gateway.wire.envelope import EVENT_ID_PATTERN
@@ -47,8 +49,10 @@ class StreamEndpoint:
         lifecycle: StreamLifecycle,
         metrics: Metrics,
         retry_ms: int,
+        rate_limit: ConnectRateLimit | None = None,
     ) -> None:
-        """`retry_ms` is SSE_RETRY_MS: what `retry:` tells clients that are refused."""
+        """`retry_ms` is SSE_RETRY_MS: what `retry:` tells clients that are refused;
+        `rate_limit` is SSE_CONNECT_RATE_PER_IP's (None: off)."""
         self._verifier = verifier
         self._cors = cors
         self._admission = admission
@@ -56,6 +60,7 @@ class StreamEndpoint:
         self._lifecycle = lifecycle
         self._metrics = metrics
         self._retry_ms = retry_ms
+        self._rate_limit = rate_limit
         self._head = encode_stream_head([])
 
     def authenticate(self, request: Request) -> Authenticated:
@@ -86,6 +91,8 @@ class StreamEndpoint:
 
     def open(self, reader: RequestReader, request: Request) -> None:
         """Answers an error, or hands the reader's socket to a new stream."""
+        if self._rate_limit is not None and self._rate_limited(reader, request):
+            return
         try:
             identity, cors, query = self.authenticate(request)
         except AuthError as exc:
@@ -135,6 +142,26 @@ class StreamEndpoint:
         self._lifecycle.open(
             reader.hand_over(), identity, last_event_id, head, paused, chunked=chunked
         )
+
+    def _rate_limited(self, reader: RequestReader, request: Request) -> bool:
+        """Answers 429 if the client address is over SSE_CONNECT_RATE_PER_IP; checked before
+        the token, so a flood costs no signature checks."""
+        limit = self._rate_limit
+        assert limit is not None
+        forwarded = request.header(b"x-forwarded-for")
+        key = limit.client_key(reader.peer_host(), forwarded)
+        if key is None:
+            return False
+        wait = limit.retry_after(key, time.monotonic())
+        if not wait:
+            return False
+        origin = self._cors.check(request)
+        headers = [("Retry-After", str(wait))]
+        if origin.refusal is None:
+            headers.extend(origin.headers)
+        message = f"too many stream requests from this address; retry in {wait} s"
+        self._refuse(reader, error_response(429, "rate_limited", message, headers), "rate_limited")
+        return True
 
     def _refuse(self, reader: RequestReader, response: Response, code: str) -> None:
         self._metrics.rejected[code] += 1
