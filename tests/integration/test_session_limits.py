@@ -12,12 +12,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from support.asserts import assert_error, assert_retry_after, assert_www_authenticate
+from support.browser import chromium
 from support.procs import (
     DEFAULT_SECRET,
     Gateway,
@@ -305,3 +308,141 @@ def test_no_cap_with_zero(
     clients = [gw.stream(brand, player) for _ in range(12)]
     for client in clients:
         client.close()
+
+
+# ----------------------------------------------------------------------------- a real EventSource
+
+# Each EventSource of the page logs what it sees under its name. `handles` says whether the
+# page follows docs/api.md on `session_expired`: close the EventSource, and open a new one
+# with a new token and `last_event_id` (an EventSource sends no Last-Event-ID of its own the
+# first time), which the test hands over as `window.__renew(url)`.
+PAGE_SCRIPT = """
+([name, url, handles]) => {
+  window.__log = window.__log || {};
+  window.__renew = window.__renew || {};
+  const log = (window.__log[name] = window.__log[name] || []);
+  const open = (target) => {
+    const source = new EventSource(target);
+    window["__" + name] = source;
+    source.onopen = () => log.push({kind: "open"});
+    source.onerror = () => log.push({kind: "error", readyState: source.readyState});
+    for (const type of ["connected", "n", "close", "session_expired"]) {
+      source.addEventListener(type, (e) => {
+        log.push({kind: "event", type: e.type, data: e.data, id: e.lastEventId});
+        if (type === "session_expired" && handles) {
+          source.close();
+          log.push({kind: "renew", lastId: e.lastEventId});
+        }
+      });
+    }
+  };
+  window.__renew[name] = open;
+  open(url);
+  return true;
+}
+"""
+
+
+def page_log(page: Any, name: str) -> list[dict[str, Any]]:
+    log: list[dict[str, Any]] = page.evaluate(f"window.__log[{json.dumps(name)}] || []")
+    return log
+
+
+def wait_log(page: Any, name: str, predicate: Callable[[list[dict[str, Any]]], Any]) -> Any:
+    try:
+        return wait_for(lambda: predicate(page_log(page, name)), timeout=30, what=name)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nlog: {page_log(page, name)}") from None
+
+
+def kinds(log: list[dict[str, Any]], kind: str, type_: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in log if r["kind"] == kind and type_ in (None, r.get("type"))]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as instance:
+        yield instance
+
+
+@pytest.mark.browser
+def test_chromium_event_source_on_session_expired_and_on_too_many_connections(
+    browser: Any,
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    session_publisher: SyncPublisher,
+    ids: Callable[..., str],
+) -> None:
+    """Chromium's own EventSource. A page that handles `session_expired` as documented
+    resumes with a new token and misses nothing; one that does not reconnects once with the
+    expired token, gets 401 and stops (no loop). A tab refused by the per-player cap gets its
+    `close` event and stays CONNECTING, asking again only after its long `retry:`."""
+    publisher = session_publisher
+    gw = gateway_factory(
+        "--retry-ms", "200", "--max-connections-per-player", "2", redis=redis_server
+    )
+    brand, player = ids("chr-b"), ids("chr-p")
+    short = token(brand, player, int(time.time()) + 1)
+    page = browser.new_page()
+    try:
+        page.goto(f"{gw.url}/healthz")
+        for name, handles in (("renewing", True), ("ignoring", False)):
+            page.evaluate(PAGE_SCRIPT, [name, f"/v1/sse?token={short}", handles])
+            wait_log(page, name, lambda log: kinds(log, "event", "connected"))
+        before = str(publisher.publish(brand, player, "n", 0))
+        renew = wait_log(page, "renewing", lambda log: kinds(log, "renew"))[-1]
+        assert renew["lastId"] == before
+        missed = str(publisher.publish(brand, player, "n", 1))
+        fresh = token(brand, player, time.time() + 600)
+        page.evaluate(
+            "([name, url]) => window.__renew[name](url)",
+            ["renewing", f"/v1/sse?token={fresh}&last_event_id={renew['lastId']}"],
+        )
+        wait_log(page, "renewing", lambda log: len(kinds(log, "event", "n")) >= 2)
+        live = str(publisher.publish(brand, player, "n", 2))
+        renewing = wait_log(
+            page, "renewing", lambda log: len(kinds(log, "event", "n")) >= 3 and log
+        )
+        # The one that ignores the event comes back with its expired token: 401, CLOSED.
+        ignoring = wait_log(
+            page, "ignoring", lambda log: log[-1] == {"kind": "error", "readyState": 2} and log
+        )
+
+        # The cap: "renewing" holds one stream; two more tabs are one too many.
+        for name in ("second", "third"):
+            page.evaluate(PAGE_SCRIPT, [name, f"/v1/sse?token={fresh}", False])
+        wait_log(page, "second", lambda log: kinds(log, "event", "connected"))
+        refused = wait_log(page, "third", lambda log: kinds(log, "event", "close") and log)
+        time.sleep(2)  # ten times SSE_RETRY_MS: a tab told the plain retry would be back
+        third_state = page.evaluate("window.__third.readyState")
+        third_log = page_log(page, "third")
+        rejected = gw.metrics().value(
+            "sse_connections_rejected_total", reason="too_many_connections"
+        )
+        for name in ("renewing", "second", "third"):
+            page.evaluate(f"window.__{name}.close()")
+    finally:
+        page.close()
+
+    assert [e["id"] for e in kinds(renewing, "event", "n")] == [before, missed, live], renewing
+    connected = kinds(renewing, "event", "connected")
+    assert len(connected) == 2 and json.loads(connected[1]["data"])["recovered"] is True
+    [expired] = kinds(renewing, "event", "session_expired")
+    assert json.loads(expired["data"])["reason"] == "session_expired"
+
+    # Its stream ended (error, CONNECTING), its one reconnect was refused (error, CLOSED).
+    assert [(r["kind"], r.get("type"), r.get("readyState")) for r in ignoring] == [
+        ("open", None, None),
+        ("event", "connected", None),
+        ("event", "n", None),
+        ("event", "session_expired", None),
+        ("error", None, 0),
+        ("error", None, 2),
+    ], ignoring
+    assert gw.metrics().value("sse_connections_rejected_total", reason="token_expired") == 1
+
+    [close] = kinds(refused, "event", "close")
+    assert json.loads(close["data"])["reason"] == "too_many_connections"
+    assert third_state == 0, third_log  # CONNECTING: it will ask again, not fail for good
+    assert not kinds(third_log, "event", "connected"), third_log
+    assert rejected == 1  # asked once in 2 s: no reconnect loop
