@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from support.asserts import assert_error, assert_retry_after, assert_www_authenticate
 from support.browser import chromium
 from support.procs import (
@@ -32,7 +33,8 @@ from support.procs import (
 )
 from support.sse import SSEClient, SSEEvent, assert_quiet, is_event, read_events, request
 
-from sse_gateway.publish import SyncPublisher
+from sse_gateway.publish import PUBLISH_SCRIPT, SyncPublisher
+from sse_gateway.wire.envelope import RESERVED_TYPES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,6 +167,22 @@ def test_a_stream_ends_with_session_expired_and_a_new_token_resumes_it_losing_no
     metrics = gateway.metrics()
     assert metrics.value("sse_connections_closed_total", reason="session_expired") == 1
     assert metrics.value("sse_connections_rejected_total", reason="token_expired") == 2
+
+
+@pytest.mark.parametrize("event_type", sorted(RESERVED_TYPES))
+def test_publish_lua_refuses_every_reserved_type(
+    redis_server: RedisServer, ids: Callable[..., str], event_type: str
+) -> None:
+    # A publisher must not be able to send a `session_expired` of its own: the page would
+    # take it for the gateway's and reconnect.
+    r = redis_server.client()
+    try:
+        key = f"SSE::{ids('lua-b')}::{ids('lua-p')}"
+        with pytest.raises(redis.ResponseError, match="reserved"):
+            r.eval(PUBLISH_SCRIPT, 1, key, event_type, "1", "10", "60")
+        assert r.exists(key) == 0
+    finally:
+        r.close()
 
 
 # ----------------------------------------------------------------------------- SSE_JWT_MAX_TTL
