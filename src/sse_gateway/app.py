@@ -92,6 +92,7 @@ class Gateway:
                 brand_keys=settings.jwt_keys,
                 audience=settings.jwt_audience,
                 issuer=settings.jwt_issuer,
+                max_ttl=settings.jwt_max_ttl,
             ),
             cors=cors,
             admission=self.admission,
@@ -168,4 +169,5 @@ class Gateway:
 
     async def close(self) -> None:
         self.heartbeats.stop()
+        self.lifecycle.expiry.stop()
         await self.broker.close()

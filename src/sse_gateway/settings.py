@@ -87,6 +87,7 @@ class Settings:
     jwt_keys: Mapping[str, BrandKey] = field(default_factory=dict, repr=False)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    jwt_max_ttl: float = 86_400.0
     retry_ms: int = 3000
     max_event_bytes: int = 65_536
     drain_seconds: float = 10.0
@@ -94,6 +95,7 @@ class Settings:
     publish_api_key: str | None = field(default=None, repr=False)
     history_size: int = 100
     history_ttl: float = 86_400.0
+    max_connections_per_player: int = 10
     workers: int = 1
     log_format: str = "text"
     log_level: str = "INFO"
@@ -142,6 +144,7 @@ OPTIONS: tuple[Option, ...] = (
         "--trusted-proxies",
         "CIDRs whose X-Forwarded-For is believed",
     ),
+    Option("jwt_max_ttl", "SSE_JWT_MAX_TTL", "--jwt-max-ttl", "refuse exp further ahead, e.g. 24h"),
     Option("retry_ms", "SSE_RETRY_MS", "--retry-ms", "retry: sent to clients"),
     Option("max_event_bytes", "SSE_MAX_EVENT_BYTES", "--max-event-bytes", "max message size"),
     Option("drain_seconds", "SSE_DRAIN_SECONDS", "--drain-seconds", "SIGTERM drain time"),
@@ -151,6 +154,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("history_size", "SSE_HISTORY_SIZE", "--history-size", "events kept per player"),
     Option("history_ttl", "SSE_HISTORY_TTL", "--history-ttl", "history expiry, e.g. 24h"),
+    Option(
+        "max_connections_per_player",
+        "SSE_MAX_CONNECTIONS_PER_PLAYER",
+        "--max-connections-per-player",
+        "streams per player per process; 0: no cap",
+    ),
     Option("workers", "SSE_WORKERS", "--workers", "worker processes (SO_REUSEPORT)"),
     Option("log_format", "SSE_LOG_FORMAT", "--log-format", "text or json"),
     Option("log_level", "SSE_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING, ERROR"),
@@ -257,6 +266,13 @@ def parse_value(attr: str, text: str) -> Any:
         if not 1 <= seconds <= 365 * 86400:
             raise ValueError("must be between 1s and 365 days")
         return seconds
+    if attr == "jwt_max_ttl":
+        seconds = parse_duration(text)
+        if not 1 <= seconds <= 365 * 86400:
+            raise ValueError("must be between 1s and 365 days")
+        return seconds
+    if attr == "max_connections_per_player":
+        return _positive_int(text, minimum=0)
     if attr == "workers":
         return _positive_int(text, maximum=64)
     if attr == "port":

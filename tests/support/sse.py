@@ -529,7 +529,7 @@ def assert_position_id(value: str | None, slack_ms: int = 60_000) -> int:
 
 
 #: Event types of the gateway's own frames; a published event cannot have them.
-GATEWAY_EVENTS = ("connected", "heartbeat", "close", "error")
+GATEWAY_EVENTS = ("connected", "heartbeat", "close", "error", "session_expired")
 
 
 def is_event(frame: SSEEvent) -> bool:

@@ -169,6 +169,64 @@ def test_not_yet_valid_token_is_invalid() -> None:
     assert_invalid(secret_verifier, hs(claims(nbf=int(time.time()) + 3600)))
 
 
+# --- session lifetime: valid_until and SSE_JWT_MAX_TTL (issue 10 item 5) -----------------------
+
+NOW = 1_700_000_000.0
+LEEWAY = 5
+
+
+def test_valid_until_is_exp_plus_the_leeway() -> None:
+    # A stream ends when its token would no longer be accepted at connect: a client whose
+    # stream ended cannot be let in again with the same token (no reconnect loop).
+    identity = secret_verifier.verify(hs({"brand_id": "b1", "sub": "p1", "exp": NOW + 60}), NOW)
+    assert identity.valid_until == NOW + 60 + LEEWAY
+    assert identity == Identity("b1", "p1")  # not part of who the player is
+    late = hs({"brand_id": "b1", "sub": "p1", "exp": NOW})
+    assert secret_verifier.verify(late, NOW + LEEWAY).valid_until == NOW + LEEWAY
+    assert refusal(secret_verifier, late).code == "token_expired"  # now is long after NOW
+
+
+def test_exp_may_be_a_fraction() -> None:
+    token = hs({"brand_id": "b1", "sub": "p1", "exp": NOW + 0.5})
+    assert secret_verifier.verify(token, NOW).valid_until == NOW + 0.5 + LEEWAY
+
+
+MAX_TTL = 3600.0
+capped = TokenVerifier(secret=SECRET, brand_keys={}, max_ttl=MAX_TTL)
+
+
+@pytest.mark.parametrize("ahead", [1, 600, MAX_TTL, MAX_TTL + LEEWAY])
+def test_max_ttl_admits_tokens_that_end_within_it(ahead: float) -> None:
+    token = hs({"brand_id": "b1", "sub": "p1", "exp": NOW + ahead})
+    assert capped.verify(token, NOW).valid_until == NOW + ahead + LEEWAY
+
+
+@pytest.mark.parametrize("ahead", [MAX_TTL + LEEWAY + 1, 86_400 * 365, 2**53])
+def test_max_ttl_refuses_tokens_that_end_further_ahead(ahead: float) -> None:
+    token = hs({"brand_id": "b1", "sub": "p1", "exp": NOW + ahead})
+    with pytest.raises(AuthError) as info:
+        capped.verify(token, NOW)
+    error = info.value
+    assert (error.status, error.code) == (401, "invalid_token")
+    assert "SSE_JWT_MAX_TTL" in error.message and "too far ahead" in error.message
+    # Without a max TTL the same token is accepted (the old behaviour).
+    assert secret_verifier.verify(token, NOW).valid_until == NOW + ahead + LEEWAY
+
+
+def test_max_ttl_does_not_make_exp_optional() -> None:
+    with pytest.raises(AuthError) as info:
+        capped.verify(hs({"brand_id": "b1", "sub": "p1"}), NOW)
+    assert info.value.code == "invalid_token"
+    assert "exp" in info.value.message
+
+
+def test_max_ttl_refusal_of_a_badly_signed_token_is_the_signature() -> None:
+    token = hs({"brand_id": "b1", "sub": "p1", "exp": NOW + 10 * MAX_TTL}, OTHER_SECRET)
+    with pytest.raises(AuthError) as info:
+        capped.verify(token, NOW)
+    assert "signature" in info.value.message
+
+
 # --- audience and issuer ---------------------------------------------------------------------
 
 

@@ -182,6 +182,13 @@ def test_close_data_is_one_json_line_whatever_the_message() -> None:
     assert parsed.retry == 10
 
 
+def test_close_with_another_event_type_exact_bytes() -> None:
+    # `session_expired` is a frame of its own type, with the data of every gateway close.
+    assert encode_close("session_expired", "m", 3000, event="session_expired") == (
+        b'event: session_expired\nretry: 3000\ndata: {"reason":"session_expired","message":"m"}\n\n'
+    )
+
+
 @pytest.mark.parametrize("retry", [0, 1, 3000, 13_000])
 def test_retry_values_are_plain_decimal(retry: int) -> None:
     assert parse_sse(encode_close("r", "m", retry)).retry == retry

@@ -17,10 +17,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fakes import END_CHUNK, FakeTransport, http_chunk, run_in_loop, settle, split_chunks
+from fakes import (
+    END_CHUNK,
+    FakeTransport,
+    advance,
+    http_chunk,
+    run_in_loop,
+    settle,
+    split_chunks,
+)
 from sse_spec_parser import parse_sse
 
 import sse_gateway.broker.memory
+import sse_gateway.streams.expiry
 from sse_gateway.app import Gateway
 from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry
 from sse_gateway.broker.memory import MemoryBroker
@@ -602,3 +611,118 @@ async def test_memory_broker_heads_are_newest_entries_and_its_clock(clock: WallC
     [entries] = await broker.read_history([(CHANNEL, "0-0")], 10)
     assert [e.id for e in entries] == list(published)
     assert entries[-1] == HistoryEntry(published[-1], "n", "1")
+
+
+# --- session expiry (issue 10 item 5) and the per-player cap (item 12) --------------------------
+
+
+class WallSeconds:
+    """The session expiry's `time` module, with a wall clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def wall(monkeypatch: pytest.MonkeyPatch) -> WallSeconds:
+    clock = WallSeconds()
+    monkeypatch.setattr(sse_gateway.streams.expiry, "time", clock)
+    return clock
+
+
+def open_until(gateway: Gateway, valid_until: float, player: str = "p1") -> Any:
+    transport = FakeTransport()
+    identity = Identity("b1", player, valid_until)
+    stream = gateway.lifecycle.open(transport, identity, None, HEAD)  # type: ignore[arg-type]
+    return stream, transport
+
+
+@run_in_loop
+async def test_a_live_stream_ends_with_session_expired_when_its_token_expires(
+    wall: WallSeconds,
+) -> None:
+    gateway = await started()
+    stream, transport = open_until(gateway, wall.now + 10)
+    await settle(10)
+    assert stream.state is StreamState.LIVE
+    [live] = await publish(gateway)
+    wall.now += 9
+    await advance(9)
+    assert stream.state is StreamState.LIVE  # not yet
+    wall.now += 2
+    await advance(2)
+    assert stream.state is StreamState.CLOSED
+    found, ended = frames(transport)
+    assert [(kind, event_id) for kind, event_id, _, _ in found] == [
+        ("connected", found[0][1]),
+        ("n", live),
+        ("session_expired", ""),  # no `id:`: the client keeps its last event id
+    ]
+    _, _, data, retry = found[-1]
+    assert json.loads(data)["reason"] == "session_expired"
+    assert retry == RETRY_MS
+    assert ended and transport.closed and not transport.aborted
+    assert gateway.metrics.closed["session_expired"] == 1
+    assert gateway.hub.get(CHANNEL) is None
+    assert len(gateway.lifecycle.expiry) == 0
+    await publish(gateway)  # nothing is written after the close
+    assert transport.late_writes == []
+
+
+@run_in_loop
+async def test_a_stream_whose_token_expires_before_it_is_live_gets_only_session_expired(
+    wall: WallSeconds,
+) -> None:
+    gateway = await started()
+    stream, transport = open_until(gateway, wall.now - 1)
+    await settle(10)
+    assert stream.state is StreamState.CLOSED
+    found, ended = frames(transport)
+    assert [kind for kind, *_ in found] == ["session_expired"]
+    assert ended
+    assert gateway.metrics.closed["session_expired"] == 1
+    assert gateway.lifecycle.open_streams == 0
+
+
+@run_in_loop
+async def test_a_stream_that_closes_first_leaves_the_expiry() -> None:
+    gateway = await started()
+    stream, _ = open_until(gateway, time.time() + 3600)
+    await settle(10)
+    assert len(gateway.lifecycle.expiry) == 1
+    stream.connection_lost(None)
+    assert len(gateway.lifecycle.expiry) == 0
+    assert stream.expires_at == 0.0
+    assert gateway.metrics.closed["client"] == 1
+
+
+@run_in_loop
+async def test_a_stream_without_a_deadline_is_not_in_the_expiry() -> None:
+    gateway = await started()
+    stream, _ = open_now(gateway)
+    await settle(10)
+    assert stream.state is StreamState.LIVE
+    assert len(gateway.lifecycle.expiry) == 0
+
+
+@pytest.mark.parametrize("cap", [0, 1, 3])
+@run_in_loop
+async def test_player_at_cap_counts_the_players_open_streams_in_this_process(cap: int) -> None:
+    settings = Settings(jwt_secret="s" * 32, max_connections_per_player=cap)
+    gateway = Gateway(settings, MemoryBroker(), fd_limit=10_000)
+    await gateway.start()
+    lifecycle = gateway.lifecycle
+    me, other = Identity("b1", "p1"), Identity("b1", "p2")
+    streams = []
+    for _ in range(cap or 5):
+        assert not lifecycle.player_at_cap(me)
+        streams.append(open_now(gateway)[0])  # counted from the hand-over on, while joining
+    assert lifecycle.player_at_cap(me) is (cap > 0)
+    assert not lifecycle.player_at_cap(other)
+    await settle(10)
+    assert lifecycle.player_at_cap(me) is (cap > 0)
+    streams[0].connection_lost(None)
+    assert not lifecycle.player_at_cap(me)

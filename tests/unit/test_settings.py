@@ -151,6 +151,13 @@ def test_defaults_without_env_or_flags() -> None:
     assert settings == Settings()
     assert settings.redis is None
     assert settings.keepalive_period == 15.0
+    assert settings.jwt_max_ttl == 86_400.0  # docs/operations.md says why 24 h
+    assert settings.max_connections_per_player == 10
+
+
+def test_max_connections_per_player_zero_is_no_cap() -> None:
+    settings = load_settings({"SSE_MAX_CONNECTIONS_PER_PLAYER": "0"}, {}, dev=False)
+    assert settings.max_connections_per_player == 0
 
 
 def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
@@ -170,6 +177,8 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
         "SSE_JWT_KEYS_FILE": str(keys),
         "SSE_JWT_AUDIENCE": "aud",
         "SSE_JWT_ISSUER": "iss",
+        "SSE_JWT_MAX_TTL": "90m",
+        "SSE_MAX_CONNECTIONS_PER_PLAYER": "3",
         "SSE_RETRY_MS": "0",
         "SSE_MAX_EVENT_BYTES": "64",
         "SSE_DRAIN_SECONDS": "2s",
@@ -194,6 +203,8 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
     assert settings.jwt_secret == "s"
     assert settings.jwt_keys == {"b": BrandKey("HS256", "brand-secret")}
     assert (settings.jwt_audience, settings.jwt_issuer) == ("aud", "iss")
+    assert settings.jwt_max_ttl == 5400.0
+    assert settings.max_connections_per_player == 3
     assert settings.retry_ms == 0
     assert settings.max_event_bytes == 64
     assert settings.drain_seconds == 2.0
@@ -279,6 +290,12 @@ def test_an_empty_jwt_secret_env_var_is_unset_next_to_a_keys_file(tmp_path: Path
         ("SSE_HISTORY_SIZE", "100001"),
         ("SSE_HISTORY_TTL", "500ms"),
         ("SSE_HISTORY_TTL", "366d"),
+        ("SSE_JWT_MAX_TTL", "0"),
+        ("SSE_JWT_MAX_TTL", "500ms"),
+        ("SSE_JWT_MAX_TTL", "366d"),
+        ("SSE_JWT_MAX_TTL", "forever"),
+        ("SSE_MAX_CONNECTIONS_PER_PLAYER", "-1"),
+        ("SSE_MAX_CONNECTIONS_PER_PLAYER", "ten"),
         ("SSE_WORKERS", "65"),
         ("SSE_WORKERS", "0"),
         ("SSE_CORS_ORIGINS", "*"),

@@ -25,6 +25,7 @@ from sse_gateway.streams.stream import (
     Stream,
     StreamState,
     farewell,
+    session_expired,
     spread_retry,
 )
 from sse_gateway.wire.frames import encode_close, encode_comment, encode_event
@@ -195,6 +196,23 @@ def test_close_before_go_live_writes_head_and_final(replaying: bool) -> None:
         ("close", "replay_failed")
     ]
     assert parsed.retry is not None and parsed.retry >= 3000
+
+
+def test_session_expired_is_an_event_of_its_own_with_the_plain_retry_and_no_id() -> None:
+    stream, transport, _ = make()
+    stream.go_live(CONNECTED, [], None)
+    stream.close("session_expired", final=session_expired(2500))
+    parsed = parse_sse(body_of(transport.output))
+    last = parsed.events[-1]
+    assert last.type == "session_expired"
+    assert json.loads(last.data) == {
+        "reason": "session_expired",
+        "message": CLOSE_MESSAGES["session_expired"],
+    }
+    # No spread: streams expire one by one. No `id:`: the client keeps its last event id.
+    assert parsed.retry == 2500
+    assert b"id:" not in session_expired(2500)
+    assert transport.output.endswith(END_CHUNK)
 
 
 def test_close_without_final_still_ends_the_chunked_body() -> None:

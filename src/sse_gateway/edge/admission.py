@@ -28,6 +28,10 @@ from sse_gateway.wire.frames import encode_close
 from sse_gateway.wire.http import Request, Response, error_response
 
 RETRY_AFTER_SECONDS = 5
+# What a stream refused for SSE_MAX_CONNECTIONS_PER_PLAYER is told to wait (plus the spread):
+# long enough that a surplus tab costs a request a minute, not a reconnect loop; short enough
+# that it gets a stream soon after one of the player's others ends.
+TOO_MANY_RETRY_MS = 60_000
 REQUESTS_PER_TICK = 100
 # Descriptors kept back from the open-file limit for Redis, the listener, logs and the loop.
 FD_RESERVE = 100
@@ -101,17 +105,45 @@ def unavailable_stream(
     text/event-stream` (and ignores `Retry-After`); this one ends normally, so it reconnects
     by itself after `retry`. `Retry-After` is kept for other clients.
     """
-    frame = encode_close(code, _UNAVAILABLE_MESSAGES[code], spread_retry(retry_ms))
+    message = _UNAVAILABLE_MESSAGES[code]
+    return _closing_stream(code, message, spread_retry(retry_ms), RETRY_AFTER_SECONDS, headers)
+
+
+def _closing_stream(
+    code: str, message: str, retry_ms: int, retry_after: int, headers: Iterable[tuple[str, str]]
+) -> Response:
+    """`200 text/event-stream` whose body is one `event: close` (`code`, `message`) with
+    `retry:` `retry_ms`; `Retry-After` for other clients."""
     return Response(
         200,
-        frame,
+        encode_close(code, message, retry_ms),
         content_type="text/event-stream; charset=utf-8",
-        headers=[
-            ("Cache-Control", "no-cache"),
-            ("Retry-After", str(RETRY_AFTER_SECONDS)),
-            *headers,
-        ],
+        headers=[("Cache-Control", "no-cache"), ("Retry-After", str(retry_after)), *headers],
     )
+
+
+def too_many_connections(
+    limit: int, event_stream: bool, headers: Iterable[tuple[str, str]] = ()
+) -> Response:
+    """The refusal of a stream beyond SSE_MAX_CONNECTIONS_PER_PLAYER (`limit`) in this process.
+
+    The new stream gives way, never an open one: two tabs over the cap cannot take turns
+    evicting each other. To `Accept: text/event-stream` it is a `200` with one `event: close`
+    (`too_many_connections`) and a `retry:` of a minute or so (`TOO_MANY_RETRY_MS` plus the
+    spread): an EventSource asks again then, rather than every SSE_RETRY_MS or never (a 429
+    would fail it for good, also when the streams it was counted against were dead sockets of
+    its own that the gateway has not noticed yet). Other clients get `429` with `Retry-After`.
+    """
+    code = "too_many_connections"
+    message = (
+        f"this player has {limit} streams open on this gateway process"
+        " (SSE_MAX_CONNECTIONS_PER_PLAYER); close one or try again later"
+    )
+    retry_ms = spread_retry(TOO_MANY_RETRY_MS)
+    retry_after = TOO_MANY_RETRY_MS // 1000
+    if event_stream:
+        return _closing_stream(code, message, retry_ms, retry_after, headers)
+    return error_response(429, code, message, [("Retry-After", str(retry_after)), *headers])
 
 
 class Admission:

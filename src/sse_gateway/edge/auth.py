@@ -112,14 +112,19 @@ class TokenVerifier:
         brand_keys: Mapping[str, BrandKey],
         audience: str | None = None,
         issuer: str | None = None,
+        max_ttl: float | None = None,
     ) -> None:
+        """`max_ttl` (SSE_JWT_MAX_TTL, seconds): a token whose `exp` lies further ahead is
+        refused; None: no bound."""
+        self._max_ttl = max_ttl
         self._default = _Key("HS256", secret) if secret is not None else None
         self._audience = audience
         self._issuer = issuer
         self._keys = {brand: _Key(entry.alg, entry.key) for brand, entry in brand_keys.items()}
 
     def verify(self, token: str, now: float | None = None) -> Identity:
-        """The identity a token proves; raises AuthError (401 / 400) otherwise."""
+        """The identity a token proves, with `valid_until` (its `exp` plus the clock leeway:
+        when a stream opened with it ends); raises AuthError (401 / 400) otherwise."""
         if len(token) > _MAX_TOKEN_BYTES or not _COMPACT_JWS.fullmatch(token):
             raise _invalid("token is not a JWS compact serialization")
         header_b64, payload_b64, signature_b64 = token.split(".")
@@ -141,24 +146,32 @@ class TokenVerifier:
             raise _invalid("malformed token signature") from exc
         if not key.check(f"{header_b64}.{payload_b64}".encode("ascii"), signature):
             raise _invalid("token signature does not verify")
-        self._check_claims(claims, time.time() if now is None else now)
+        exp = self._check_claims(claims, time.time() if now is None else now)
         brand_id, player_id = claims.get("brand_id"), claims.get("sub")
         if not is_valid_id(brand_id):
             raise AuthError(400, "invalid_brand_id", f"brand_id must be {_ID_RULE}")
         if not is_valid_id(player_id):
             raise AuthError(400, "invalid_player_id", f"sub must be {_ID_RULE}")
         assert isinstance(brand_id, str) and isinstance(player_id, str)
-        return Identity(brand_id=brand_id, player_id=player_id)
+        return Identity(brand_id, player_id, float(exp) + _LEEWAY_SECONDS)
 
-    def _check_claims(self, claims: dict[str, Any], now: float) -> None:
-        """Registered claims, as RFC 7519 and PyJWT read them."""
+    def _check_claims(self, claims: dict[str, Any], now: float) -> float:
+        """Registered claims, as RFC 7519 and PyJWT read them; returns `exp`."""
         exp = claims.get("exp")
         if exp is None:
+            # Required, also without SSE_JWT_MAX_TTL: a token without one would open streams
+            # for ever, and a stream lives only as long as its token (`session_expired`).
             raise _invalid("token lacks the required claim 'exp'")
         if not _number(exp):
             raise _invalid("token claim 'exp' is not a number")
         if now > exp + _LEEWAY_SECONDS:
             raise AuthError(401, "token_expired", "token has expired")
+        if self._max_ttl is not None and exp > now + self._max_ttl + _LEEWAY_SECONDS:
+            # A stolen long-lived token opens streams only this long ahead of now.
+            raise _invalid(
+                f"token expires too far ahead: exp is more than {self._max_ttl:g} s from now"
+                " (SSE_JWT_MAX_TTL)"
+            )
         nbf = claims.get("nbf")
         if nbf is not None and (not _number(nbf) or now < nbf - _LEEWAY_SECONDS):
             raise _invalid("token is not yet valid (nbf)")
@@ -182,6 +195,7 @@ class TokenVerifier:
                 raise _invalid("token lacks the required claim 'iss'")
             if iss != self._issuer:
                 raise _invalid("token issuer does not match")
+        return float(exp)
 
 
 def make_token(secret: str, brand_id: str, player_id: str, ttl: float = 3600.0) -> str:

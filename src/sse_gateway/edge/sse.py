@@ -15,6 +15,7 @@ from sse_gateway.broker.base import Broker
 from sse_gateway.edge.admission import (
     Admission,
     accepts_event_stream,
+    too_many_connections,
     unavailable,
     unavailable_stream,
 )
@@ -135,6 +136,11 @@ class StreamEndpoint:
             else:
                 response = unavailable(refusal, headers=cors)
             self._refuse(reader, response, refusal)
+            return
+        if self._lifecycle.player_at_cap(identity):
+            limit = self._lifecycle.max_connections_per_player
+            response = too_many_connections(limit, accepts_event_stream(request), cors)
+            self._refuse(reader, response, "too_many_connections")
             return
         chunked = request.http_version != "1.0"
         head = encode_stream_head(cors, chunked=chunked) if cors or not chunked else self._head

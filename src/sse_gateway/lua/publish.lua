@@ -47,7 +47,7 @@ if #event_type < 1 or #event_type > 64 or string.find(event_type, '^[%w_.:-]+$')
   return refuse('type must match [A-Za-z0-9_.:-]{1,64}')
 end
 if event_type == 'connected' or event_type == 'heartbeat' or event_type == 'error'
-    or event_type == 'close' then
+    or event_type == 'close' or event_type == 'session_expired' then
   return refuse("type '" .. event_type .. "' is reserved by the gateway")
 end
 if not pcall(cjson.decode, ARGV[2]) then

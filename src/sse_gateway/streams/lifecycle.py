@@ -6,7 +6,8 @@ _ready()          the subscription is active: REPLAYING; read the history after 
 _replayed()       history read: decide `recovered`; not recovered: read where it ends
 _positioned()     the resume id is known (the history's newest entry id, or a position)
 _go_live()        LIVE: `connected` with its `id:` (+ replayed events) written, heartbeats begin
-stream_closed()   CLOSED, whoever closed it: hub, heartbeats, counters, log line
+_expired()        the token's `exp` (plus leeway) passed: `session_expired`, then CLOSED
+stream_closed()   CLOSED, whoever closed it: hub, heartbeats, expiry, counters, log line
 socket_closed()   the socket is gone: the drain and the socket budget stop counting it
 
 Every `connected` carries an `id:`, the resume id, so that an EventSource has a last event
@@ -34,10 +35,18 @@ import orjson
 from sse_gateway.broker.base import HistoryEntry
 from sse_gateway.metrics import Metrics
 from sse_gateway.settings import Settings
+from sse_gateway.streams.expiry import SessionExpiry
 from sse_gateway.streams.heartbeat import HeartbeatScheduler
 from sse_gateway.streams.history import HistoryReader
 from sse_gateway.streams.hub import ConnectionHub
-from sse_gateway.streams.stream import CLOSED, PlainStream, Stream, bound_send_buffer, farewell
+from sse_gateway.streams.stream import (
+    CLOSED,
+    PlainStream,
+    Stream,
+    bound_send_buffer,
+    farewell,
+    session_expired,
+)
 from sse_gateway.wire.frames import encode_connected
 from sse_gateway.wire.ids import (
     POSITION_SEQ,
@@ -74,16 +83,29 @@ class StreamLifecycle:
         self._metrics = metrics
         self._release_socket = release_socket
         self.event_buffer_size = settings.event_buffer_size
+        self.max_connections_per_player = settings.max_connections_per_player
+        """SSE_MAX_CONNECTIONS_PER_PLAYER: streams of one player in this process; 0: no cap."""
         self.open_streams = 0
         """Streams not yet CLOSED: what SSE_CONNECTION_LIMIT counts."""
         self.open_sockets = 0
         """Streams whose socket is not closed yet: the drain waits for these."""
         self._conn_numbers = itertools.count(1)
         self._conn_prefix = f"{os.getpid():06x}{secrets.token_hex(3)}"
+        self.expiry: SessionExpiry[Stream] = SessionExpiry(self._expired)
+        """Closes each stream when its token expires (one timer for all)."""
 
     def connection_id(self, conn_no: int) -> str:
         """Unique across workers and restarts: a per-process prefix, then a fixed-width count."""
         return f"{self._conn_prefix}{conn_no:010x}"
+
+    def player_at_cap(self, identity: Identity) -> bool:
+        """Whether the player already has SSE_MAX_CONNECTIONS_PER_PLAYER streams open in this
+        process (every stream not yet CLOSED counts, whatever its phase); never with 0."""
+        cap = self.max_connections_per_player
+        if not cap:
+            return False
+        channel = self._hub.get(channel_name(identity.brand_id, identity.player_id))
+        return channel is not None and len(channel.streams) >= cap
 
     # --- open -> replay -> live --------------------------------------------------------------
 
@@ -103,6 +125,7 @@ class StreamLifecycle:
         client's, already checked against the id pattern, or None; `paused`: the transport
         has asked its protocol to pause writing and not resumed it yet; `chunked`: the head
         announced a chunked body (HTTP/1.1), else the body is close-delimited (HTTP/1.0).
+        The stream is closed with `session_expired` at `identity.valid_until`, if any.
         """
         self.open_streams += 1
         self.open_sockets += 1
@@ -113,6 +136,8 @@ class StreamLifecycle:
         stream = kind(transport, name, conn_no, head, self, paused)
         transport.set_protocol(stream)
         bound_send_buffer(transport)
+        if identity.valid_until is not None:
+            self.expiry.add(stream, identity.valid_until)
         if conn_log.isEnabledFor(logging.INFO):
             conn_log.info(
                 "stream open id=%s brand=%s player=%s",
@@ -240,6 +265,11 @@ class StreamLifecycle:
 
     # --- close -------------------------------------------------------------------------------
 
+    def _expired(self, stream: Stream) -> None:
+        """The stream's token is no longer accepted: it ends with `session_expired` (no `id:`,
+        so the client keeps its last event id for the reconnect with a new token)."""
+        stream.close("session_expired", final=session_expired(self._settings.retry_ms))
+
     def close_all(self, reason: str) -> None:
         """Closes every stream, each with its own `retry:` so clients do not return at once."""
         for stream in self._hub.streams():
@@ -252,6 +282,8 @@ class StreamLifecycle:
         self._hub.leave(stream)
         if stream.hb_slot >= 0:
             self._heartbeats.remove(stream)
+        if stream.expires_at:
+            self.expiry.remove(stream)
         level = logging.WARNING if reason == "slow_consumer" else logging.INFO
         if not conn_log.isEnabledFor(level):
             return

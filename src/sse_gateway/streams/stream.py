@@ -2,9 +2,9 @@
 
 A stream is the asyncio protocol of its socket once the HTTP request became a stream (the
 request reader hands the transport over with `transport.set_protocol`, as uvicorn does on an
-upgrade). It owns that transport and writes every field below (but `hb_slot`, which the
-heartbeat scheduler keeps here so that removal needs no lookup); its phase is an explicit state
-and each change of phase is one method:
+upgrade). It owns that transport and writes every field below (but `hb_slot` and `expires_at`,
+which the heartbeat scheduler and the session expiry keep here so that removal needs no
+lookup); its phase is an explicit state and each change of phase is one method:
 
     JOINING --begin_replay()--> REPLAYING --go_live()--> LIVE --close()--> CLOSED
        \\____________________go_live()________________/^           ^
@@ -18,8 +18,8 @@ and each change of phase is one method:
 - CLOSED: terminal. `close()` again does nothing; any other transition raises
   `IllegalTransition`, which is a bug in the caller.
 
-No task, timer or queue exists per idle stream: a LIVE stream is this object, its transport
-and a slot in the heartbeat ring.
+No task, timer or queue exists per idle stream: a LIVE stream is this object, its transport,
+a slot in the heartbeat ring and an entry in the expiry heap.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ CLOSE_MESSAGES = {
     "history_gap": "the history no longer holds every event since the last one sent",
     "replay_failed": "the history could not be read",
     "error": "the gateway failed to serve this stream",
+    "session_expired": "the token of this stream has expired: reconnect with a new token and"
+    " the last event id",
 }
 
 
@@ -122,6 +124,16 @@ def farewell(reason: str, retry_ms: int, message: str | None = None) -> bytes:
     return encode_close(reason, text, spread_retry(retry_ms))
 
 
+def session_expired(retry_ms: int) -> bytes:
+    """The last frame of a stream whose token expired: `event: session_expired`, `retry:`
+    (SSE_RETRY_MS, not spread: streams expire one by one, at their own tokens' `exp`) and
+    `{"reason": "session_expired", "message": …}`. An EventSource that reconnects by itself
+    sends the expired token again and is refused 401 `token_expired` (and stops): the page
+    must reconnect with a new token and its last event id."""
+    reason = "session_expired"
+    return encode_close(reason, CLOSE_MESSAGES[reason], retry_ms, event=reason)
+
+
 class Stream(asyncio.Protocol):
     """One SSE stream on its own socket. Created JOINING by the stream lifecycle.
 
@@ -135,6 +147,7 @@ class Stream(asyncio.Protocol):
     __slots__ = (
         "channel",
         "conn_no",
+        "expires_at",
         "floor",
         "hb_slot",
         "head",
@@ -175,6 +188,9 @@ class Stream(asyncio.Protocol):
         self.queue: deque[bytes] | None = None
         # The heartbeat ring's slot of this stream (set by the scheduler; -1: not in the ring).
         self.hb_slot = -1
+        # When its token expires, as the expiry heap holds it (set by `SessionExpiry`; 0.0:
+        # not in the heap).
+        self.expires_at = 0.0
 
     # --- transitions -------------------------------------------------------------------------
 

@@ -59,11 +59,12 @@ def encode_connected(payload: bytes, event_id: str, retry_ms: int) -> bytes:
     )
 
 
-def encode_close(reason: str, message: str, retry_ms: int) -> bytes:
+def encode_close(reason: str, message: str, retry_ms: int, event: str = "close") -> bytes:
     """The frame a stream ends with when the gateway wants the client back later:
-    `event: close`, `retry:` (milliseconds) and `{"reason": …, "message": …}`."""
+    `event: close` (or `event`, e.g. `session_expired`), `retry:` (milliseconds) and
+    `{"reason": …, "message": …}`. `event` is one of the gateway's own (reserved) types."""
     data = dump_json({"reason": reason, "message": message})
-    return f"event: close\nretry: {int(retry_ms)}\ndata: {data}\n\n".encode()
+    return f"event: {event}\nretry: {int(retry_ms)}\ndata: {data}\n\n".encode()
 
 
 # The size lines of chunks up to 4 KiB, made once: formatting one costs more than the rest of

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHANNEL_PREFIX = "SSE::"
@@ -35,7 +35,14 @@ def split_channel(channel: bytes) -> tuple[str, str] | None:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Whom a stream is for: the brand and the player (a token's `brand_id` and `sub`)."""
+    """Whom a stream is for: the brand and the player (a token's `brand_id` and `sub`).
+
+    `valid_until`: when the token that proved it stops being accepted (seconds since the
+    epoch: its `exp` plus the clock leeway), the moment a stream opened with it is closed
+    (`session_expired`); None when nothing bounds it. Not part of the identity: two tokens of
+    one player are the same player (equality and hash ignore it).
+    """
 
     brand_id: str
     player_id: str
+    valid_until: float | None = field(default=None, compare=False)
