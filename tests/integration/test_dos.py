@@ -98,7 +98,9 @@ def test_a_header_value_without_a_line_end_gets_431_early(
             pass
         with suppress(ConnectionResetError, TimeoutError):
             answer = sock.recv(4096)
-    assert sent < 2 * MiB
+    # Kernel buffers on loopback take a few MB before the gateway even reads; before the fix
+    # all 8 MiB went in (and into the gateway's memory).
+    assert sent < 6 * MiB
     if answer:  # a reset may overtake it; the status is pinned by the unit tests
         assert answer.startswith(b"HTTP/1.1 431 ")
 
