@@ -17,6 +17,7 @@ from sse_gateway.broker.redis import RedisBroker
 from sse_gateway.edge.admission import Admission, effective_connection_limit
 from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.edge.cors import CorsPolicy
+from sse_gateway.edge.keyring import KeyRing
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.routes import Router
@@ -79,13 +80,20 @@ class Gateway:
             retry_ms=settings.retry_ms,
         )
         cors = CorsPolicy(settings.cors_origins)
+        verifier = TokenVerifier(
+            secret=settings.jwt_secret,
+            brand_keys=settings.jwt_keys,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+        self.keys = KeyRing(
+            verifier,
+            keys_file=settings.jwt_keys_file,
+            brand_keys=settings.jwt_keys,
+            jwks_refresh=settings.jwks_refresh,
+        )
         streams = StreamEndpoint(
-            verifier=TokenVerifier(
-                secret=settings.jwt_secret,
-                brand_keys=settings.jwt_keys,
-                audience=settings.jwt_audience,
-                issuer=settings.jwt_issuer,
-            ),
+            verifier=verifier,
             cors=cors,
             admission=self.admission,
             broker=broker,
@@ -138,6 +146,7 @@ class Gateway:
     async def start(self) -> None:
         await self.broker.start(self.fanout.on_message, self.recovery.on_broker_state)
         self.heartbeats.start()
+        await self.keys.start()
 
     def ready_reason(self) -> str | None:
         if self.admission.draining:
@@ -150,10 +159,15 @@ class Gateway:
         """`/readyz` 503, no keep-alive, new streams refused (503 `draining`)."""
         self.admission.draining = True
 
+    def reload_keys(self) -> bool:
+        """SIGHUP: SSE_JWT_KEYS_FILE read anew; open streams stay (see KeyRing.reload)."""
+        return self.keys.reload()
+
     def close_all_streams(self, reason: str = "shutdown") -> None:
         """Closes every stream, each with its own `retry:` so clients do not return at once."""
         self.lifecycle.close_all(reason)
 
     async def close(self) -> None:
         self.heartbeats.stop()
+        await self.keys.close()
         await self.broker.close()

@@ -125,7 +125,7 @@ class TokenVerifier:
         brand_keys: Mapping[str, BrandKeys],
         audience: str | None = None,
         issuer: str | None = None,
-        on_unknown_kid: Callable[[str], None] | None = None,
+        on_unknown_kid: Callable[[str], object] | None = None,
     ) -> None:
         self._default = (_Key("HS256", secret),) if secret is not None else None
         self._audience = audience
