@@ -15,7 +15,8 @@ import time
 
 from sse_gateway.app import Gateway, broker_from_settings
 from sse_gateway.edge.admission import effective_connection_limit
-from sse_gateway.settings import Settings, load_jwt_keys
+from sse_gateway.keys_file import load_jwt_keys
+from sse_gateway.settings import Settings
 
 log = logging.getLogger("sse_gateway")
 

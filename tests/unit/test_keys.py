@@ -31,14 +31,8 @@ from sse_gateway.edge.jwks import (
     shown_url,
 )
 from sse_gateway.edge.keyring import KeyRing, describe_changes
-from sse_gateway.settings import (
-    MAX_KEYS_PER_BRAND,
-    BrandKey,
-    BrandKeys,
-    SettingsError,
-    load_jwt_keys,
-    load_settings,
-)
+from sse_gateway.keys_file import MAX_KEYS_PER_BRAND, BrandKey, BrandKeys, load_jwt_keys
+from sse_gateway.settings import SettingsError, load_settings
 
 T = TypeVar("T")
 SECRET = "shared-secret-for-unlisted-brands-0123456789abcdef"

@@ -19,7 +19,7 @@ from typing import Any
 import jwt
 import orjson
 
-from sse_gateway.settings import BrandKey, BrandKeys
+from sse_gateway.keys_file import BrandKey, BrandKeys
 from sse_gateway.wire.naming import Identity, is_valid_id
 
 

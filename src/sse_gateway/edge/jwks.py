@@ -25,7 +25,7 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives import serialization
 
-from sse_gateway.settings import MAX_KEYS_PER_BRAND, MAX_KID_LENGTH, BrandKey
+from sse_gateway.keys_file import MAX_KEYS_PER_BRAND, MAX_KID_LENGTH, BrandKey
 
 log = logging.getLogger("sse_gateway")
 

@@ -11,7 +11,7 @@ import jwt
 
 from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.edge.jwks import JwksRefresher, JwksSource, fetch_url, kid_changes, shown_url
-from sse_gateway.settings import BrandKeys, load_jwt_keys
+from sse_gateway.keys_file import BrandKeys, load_jwt_keys
 
 log = logging.getLogger("sse_gateway")
 
