@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
@@ -601,8 +602,7 @@ def test_refresher_fetches_applies_and_refreshes_early_at_most_once_per_gap(
         assert refresher.refresh_soon("j") is False
         clock.now += 1
         assert refresher.refresh_soon("j") is True
-        await until(lambda: len(host.requests) == 3, "the second early refresh")
-        await until(lambda: not refresher._wake["j"].is_set(), "the end of the fetch")
+        await until(lambda: refresher.attempts == 3, "the second early refresh")
         assert len(applied) == 2  # the same document again: nothing to apply
         assert refresher.refresh_soon("unknown-brand") is False
         await refresher.close()
@@ -632,8 +632,7 @@ def test_refresher_keeps_the_keys_when_a_fetch_fails(
             host.documents[url] = failure
             clock.now += EARLY_REFRESH_GAP
             assert refresher.refresh_soon("j") is True
-            await until(lambda n=count: len(host.requests) == n, "the refresh")
-            await until(lambda: not refresher._wake["j"].is_set(), "the end of the fetch")
+            await until(lambda n=count: refresher.attempts == n, "the refresh")
         await refresher.close()
 
     with caplog.at_level(logging.INFO, logger="sse_gateway"):
@@ -643,6 +642,89 @@ def test_refresher_keeps_the_keys_when_a_fetch_fails(
     assert len(errors) == 2
     assert "HTTP 503; keeping the 1 keys in force" in errors[0]
     assert "no usable signing key" in errors[1]
+
+
+def test_an_unknown_kid_during_a_fetch_asks_for_another(rsa_a: Any, rsa_b: Any) -> None:
+    """The fetch under way may have read the document before the new key was published."""
+    url = "https://issuer.example/jwks"
+    old, new = jwks(jwk(rsa_a, kid="a")), jwks(jwk(rsa_a, kid="a"), jwk(rsa_b, kid="b"))
+    answers = [old, old, new]
+    gate = threading.Event()
+    applied: list[tuple[str | None, ...]] = []
+    clock = Clock()
+
+    stalled = threading.Event()
+
+    def fetch(_url: str) -> bytes:
+        if len(answers) == 2:  # the second fetch: stalls until released
+            stalled.set()
+            gate.wait(10)
+        return answers.pop(0)
+
+    async def scenario() -> None:
+        refresher = JwksRefresher(
+            lambda b, k: applied.append(tuple(x.kid for x in k)),
+            refresh=3600,
+            fetch=fetch,
+            clock=clock,
+        )
+        refresher.configure({"j": JwksSource(url)})
+        await refresher.wait_fetched(10)
+        assert refresher.refresh_soon("j") is True
+        await until(stalled.is_set, "the stalled fetch")
+        clock.now += EARLY_REFRESH_GAP
+        assert refresher.refresh_soon("j") is True  # while the second fetch is under way
+        gate.set()
+        await until(lambda: refresher.attempts == 3, "a third fetch")
+        await refresher.close()
+
+    run(scenario())
+    assert applied == [("a",), ("a", "b")]
+
+
+def test_a_refresh_that_raises_unexpectedly_does_not_end_the_refreshes(
+    rsa_a: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "https://issuer.example/jwks"
+    host = FakeJwksHost({url: jwks(jwk(rsa_a, kid="a"))})
+    calls: list[int] = []
+    clock = Clock()
+
+    def apply(_brand: str, keys: tuple[BrandKey, ...]) -> None:
+        calls.append(len(keys))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    async def scenario() -> None:
+        refresher = JwksRefresher(apply, refresh=3600, fetch=host.fetch, clock=clock)
+        refresher.configure({"j": JwksSource(url)})
+        await refresher.wait_fetched(10)
+        assert refresher.refresh_soon("j") is True
+        await until(lambda: refresher.attempts == 2, "the second fetch")
+        await refresher.close()
+
+    with caplog.at_level(logging.INFO, logger="sse_gateway"):
+        run(scenario())
+    assert calls == [1, 1]  # the keys it refused were not taken as in force
+    assert "RuntimeError('boom'); keeping the 0 keys in force" in caplog.text
+
+
+def test_close_right_after_a_wake_up_ends_the_task(rsa_a: Any) -> None:
+    """A cancellation that meets a wake-up is not swallowed (asyncio.wait_for on 3.11 did,
+    and close() then waited a whole refresh period)."""
+    url = "https://issuer.example/jwks"
+    host = FakeJwksHost({url: jwks(jwk(rsa_a, kid="a"))})
+
+    async def scenario() -> None:
+        refresher = JwksRefresher(lambda b, k: None, refresh=3600, fetch=host.fetch)
+        refresher.configure({"j": JwksSource(url)})
+        await refresher.wait_fetched(10)
+        await asyncio.sleep(0.01)  # the task is asleep until the next period
+        assert refresher.refresh_soon("j") is True
+        async with asyncio.timeout(10):
+            await refresher.close()
+
+    run(scenario())
 
 
 def test_refresher_follows_a_reconfiguration(rsa_a: Any, rsa_b: Any) -> None:

@@ -225,6 +225,8 @@ class JwksRefresher:
         self._fetched: dict[str, asyncio.Event] = {}
         self._keys: dict[str, tuple[BrandKey, ...]] = {}
         self._last_early: dict[str, float] = {}
+        #: Fetches ended so far, well or not, over every brand.
+        self.attempts = 0
 
     @property
     def sources(self) -> Mapping[str, JwksSource]:
@@ -287,25 +289,29 @@ class JwksRefresher:
     async def _run(self, brand: str, source: JwksSource) -> None:
         wake, fetched = self._wake[brand], self._fetched[brand]
         while True:
+            # Cleared before the fetch: an unknown kid seen while it runs asks for another one
+            # (the key may have been published after this fetch read the document).
+            wake.clear()
             delay = self._refresh
             try:
                 keys = await self._keys_of(source)
-            except JwksError as exc:
+                self._use(brand, source, keys)
+            except Exception as exc:  # a JWKS host must never end the refreshes
                 delay = min(self._refresh, RETRY_AFTER_FAILURE)
-                kept = len(self._keys.get(brand, ()))
                 log.error(
                     "brand %r: JWKS %s: %s; keeping the %d keys in force",
                     brand,
                     shown_url(source.url),
-                    exc,
-                    kept,
+                    exc if isinstance(exc, JwksError) else repr(exc),
+                    len(self._keys.get(brand, ())),
                 )
-            else:
-                self._use(brand, source, keys)
+            self.attempts += 1
             fetched.set()
-            wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # meets a wake-up, and close() would then wait a whole period.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await wake.wait()
 
     async def _keys_of(self, source: JwksSource) -> tuple[BrandKey, ...]:
         document = await in_daemon_thread(lambda: self._fetch(source.url))
@@ -315,6 +321,8 @@ class JwksRefresher:
         previous = self._keys.get(brand)
         if previous == keys:
             return
+        self._apply(brand, keys)  # first: keys it refuses (it raises) are not logged as in force
+        self._keys[brand] = keys
         if previous is None:
             kids = ", ".join(repr(k.kid) for k in keys if k.kid is not None) or "none"
             log.info(
@@ -328,5 +336,3 @@ class JwksRefresher:
             log.info(
                 "brand %r: JWKS %s %s", brand, shown_url(source.url), kid_changes(previous, keys)
             )
-        self._keys[brand] = keys
-        self._apply(brand, keys)
