@@ -17,6 +17,7 @@ from sse_gateway.broker.redis import RedisBroker
 from sse_gateway.edge.admission import Admission, connection_budget
 from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.edge.cors import CorsPolicy
+from sse_gateway.edge.keyring import KeyRing
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.ratelimit import ConnectRateLimit
@@ -86,14 +87,21 @@ class Gateway:
             retry_ms=settings.retry_ms,
         )
         cors = CorsPolicy(settings.cors_origins)
+        verifier = TokenVerifier(
+            secret=settings.jwt_secret,
+            brand_keys=settings.jwt_keys,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            max_ttl=settings.jwt_max_ttl,
+        )
+        self.keys = KeyRing(
+            verifier,
+            keys_file=settings.jwt_keys_file,
+            brand_keys=settings.jwt_keys,
+            jwks_refresh=settings.jwks_refresh,
+        )
         streams = StreamEndpoint(
-            verifier=TokenVerifier(
-                secret=settings.jwt_secret,
-                brand_keys=settings.jwt_keys,
-                audience=settings.jwt_audience,
-                issuer=settings.jwt_issuer,
-                max_ttl=settings.jwt_max_ttl,
-            ),
+            verifier=verifier,
             cors=cors,
             admission=self.admission,
             broker=broker,
@@ -151,6 +159,7 @@ class Gateway:
     async def start(self) -> None:
         await self.broker.start(self.fanout.on_message, self.recovery.on_broker_state)
         self.heartbeats.start()
+        await self.keys.start()
 
     def ready_reason(self) -> str | None:
         if self.admission.draining:
@@ -163,6 +172,10 @@ class Gateway:
         """`/readyz` 503, no keep-alive, new streams refused (503 `draining`)."""
         self.admission.draining = True
 
+    def reload_keys(self) -> bool:
+        """SIGHUP: SSE_JWT_KEYS_FILE read anew; open streams stay (see KeyRing.reload)."""
+        return self.keys.reload()
+
     def close_all_streams(self, reason: str = "shutdown") -> None:
         """Closes every stream, each with its own `retry:` so clients do not return at once."""
         self.lifecycle.close_all(reason)
@@ -170,4 +183,5 @@ class Gateway:
     async def close(self) -> None:
         self.heartbeats.stop()
         self.lifecycle.expiry.stop()
+        await self.keys.close()
         await self.broker.close()

@@ -15,6 +15,7 @@ import time
 
 from sse_gateway.app import Gateway, broker_from_settings
 from sse_gateway.edge.admission import effective_connection_limit
+from sse_gateway.keys_file import load_jwt_keys
 from sse_gateway.settings import Settings
 
 log = logging.getLogger("sse_gateway")
@@ -59,6 +60,17 @@ def warn_about_fd_limit(settings: Settings, fd_limit: int) -> None:
         )
 
 
+class _Hangup:
+    """A SIGHUP that came before serve() handles it: the default action would end the process,
+    and ignoring it would lose a keys reload sent while a (worker) process starts."""
+
+    pending = False
+
+    @classmethod
+    def remember(cls, _signum: int, _frame: object) -> None:
+        cls.pending = True
+
+
 def _use_uvloop() -> None:
     try:
         import uvloop
@@ -78,6 +90,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         connection_limit=per_worker_limit(settings),
     )
     await gateway.start()
+    # SIGHUP: SSE_JWT_KEYS_FILE is read anew, open streams stay (docs/operations.md).
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_keys)
+    if _Hangup.pending:
+        _Hangup.pending = False
+        gateway.reload_keys()
     # Listen once the broker is connected (waiting at most BROKER_WAIT_SECONDS): the clients
     # of a restarted instance come back the moment it listens, and are better served than
     # refused. A broker still down by then gets refusals EventSource survives (docs/api.md).
@@ -147,6 +164,7 @@ def _format_address(sock: socket.socket) -> str:
 def run(settings: Settings) -> int:
     """Runs the gateway in this process, or supervises `settings.workers` worker processes."""
     _use_uvloop()
+    signal.signal(signal.SIGHUP, _Hangup.remember)
     warn_about_fd_limit(settings, raise_fd_limit())
     if settings.workers <= 1:
         return asyncio.run(serve(settings))
@@ -158,6 +176,7 @@ def _worker_main(settings: Settings) -> None:
     # Not the supervisor's handler inherited through fork: until serve() installs its own,
     # SIGTERM must end a worker (one stuck at start, say).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, _Hangup.remember)
     _use_uvloop()
     sys.exit(asyncio.run(serve(settings, reuse_port=True)))
 
@@ -183,12 +202,27 @@ def _supervise(settings: Settings) -> int:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
 
+    hangup = False
+
+    def on_hangup(_signum: int, _frame: object) -> None:
+        nonlocal hangup
+        hangup = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     log.info("starting %d worker processes", settings.workers)
     workers.extend(spawn() for _ in range(settings.workers))
     while True:
         time.sleep(0.2)
+        if hangup and not stopping:
+            hangup = False
+            # A worker started later (one that died) gets the keys its siblings now have.
+            settings = _reload_keys(settings)
+            alive = [p.pid for p in workers if p.pid is not None and p.is_alive()]
+            log.info("SIGHUP: reloading SSE_JWT_KEYS_FILE in %d workers", len(alive))
+            for pid in alive:
+                os.kill(pid, signal.SIGHUP)
         if stopping:
             deadline = time.monotonic() + settings.drain_seconds + 2
             for process in workers:
@@ -218,3 +252,14 @@ def _supervise(settings: Settings) -> int:
                 return 1
             log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
             workers[index] = spawn()
+
+
+def _reload_keys(settings: Settings) -> Settings:
+    """The supervisor's copy of the keys file, as the workers will have it after a SIGHUP;
+    unchanged when the file does not load (each worker logs why and keeps its keys)."""
+    if settings.jwt_keys_file is None:
+        return settings
+    try:
+        return settings.replace(jwt_keys=load_jwt_keys(settings.jwt_keys_file))
+    except ValueError:
+        return settings

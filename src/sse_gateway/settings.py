@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import jwt
-
-from sse_gateway.wire.naming import is_valid_id
+# The keys file has a module of its own; its names are part of the settings' surface.
+from sse_gateway.keys_file import BrandKey as BrandKey
+from sse_gateway.keys_file import BrandKeys as BrandKeys
+from sse_gateway.keys_file import load_jwt_keys as load_jwt_keys
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -63,15 +62,6 @@ class RedisAddress:
 
 
 @dataclass(frozen=True, slots=True)
-class BrandKey:
-    alg: str
-    key: str
-
-
-JWT_ALGORITHMS = ("HS256", "RS256", "ES256", "EdDSA")
-
-
-@dataclass(frozen=True, slots=True)
 class Settings:
     redis: RedisAddress | None = None
     connection_limit: int = 50_000
@@ -84,10 +74,11 @@ class Settings:
     port: int = 8080
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_keys_file: str | None = None
-    jwt_keys: Mapping[str, BrandKey] = field(default_factory=dict, repr=False)
+    jwt_keys: Mapping[str, BrandKeys] = field(default_factory=dict, repr=False)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_max_ttl: float = 86_400.0
+    jwks_refresh: float = 300.0
     retry_ms: int = 3000
     max_event_bytes: int = 65_536
     drain_seconds: float = 10.0
@@ -145,6 +136,7 @@ OPTIONS: tuple[Option, ...] = (
         "CIDRs whose X-Forwarded-For is believed",
     ),
     Option("jwt_max_ttl", "SSE_JWT_MAX_TTL", "--jwt-max-ttl", "refuse exp further ahead, e.g. 24h"),
+    Option("jwks_refresh", "SSE_JWKS_REFRESH", "--jwks-refresh", "JWKS refetch period, e.g. 5m"),
     Option("retry_ms", "SSE_RETRY_MS", "--retry-ms", "retry: sent to clients"),
     Option("max_event_bytes", "SSE_MAX_EVENT_BYTES", "--max-event-bytes", "max message size"),
     Option("drain_seconds", "SSE_DRAIN_SECONDS", "--drain-seconds", "SIGTERM drain time"),
@@ -210,38 +202,6 @@ def parse_redis_address(text: str) -> RedisAddress:
     )
 
 
-def load_jwt_keys(path: str) -> dict[str, BrandKey]:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from exc
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError('expected a non-empty object {"<brand_id>": {"alg": ..., "key": ...}}')
-    keys: dict[str, BrandKey] = {}
-    for brand, entry in raw.items():
-        if not is_valid_id(brand):
-            raise ValueError(f"brand id {brand!r} is not [A-Za-z0-9_.-]{{1,64}}")
-        if not isinstance(entry, dict):
-            raise ValueError(f"brand {brand!r}: expected an object with alg and key")
-        alg, key = entry.get("alg"), entry.get("key")
-        if alg not in JWT_ALGORITHMS:
-            raise ValueError(f"brand {brand!r}: alg must be one of {', '.join(JWT_ALGORITHMS)}")
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"brand {brand!r}: key must be a non-empty string")
-        if alg != "HS256" and "-----BEGIN" not in key:
-            raise ValueError(f"brand {brand!r}: {alg} needs a PEM public key")
-        if alg == "HS256" and "-----BEGIN" in key:
-            raise ValueError(f"brand {brand!r}: HS256 takes a shared secret, not a PEM key")
-        try:
-            jwt.get_algorithm_by_name(alg).prepare_key(key)
-        except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"brand {brand!r}: not a usable {alg} key: {exc}") from exc
-        keys[brand] = BrandKey(alg=str(alg), key=key)
-    return keys
-
-
 def _positive_int(text: str, *, minimum: int = 1, maximum: int | None = None) -> int:
     try:
         value = int(text.strip().replace("_", ""))
@@ -281,6 +241,11 @@ def parse_value(attr: str, text: str) -> Any:
         return _positive_int(text, minimum=0, maximum=86_400_000)
     if attr == "max_event_bytes":
         return _positive_int(text, minimum=64)
+    if attr == "jwks_refresh":
+        seconds = parse_duration(text)
+        if not 1 <= seconds <= 86400:
+            raise ValueError("must be between 1s and 24h")
+        return seconds
     if attr == "keepalive_period":
         seconds = parse_duration(text)
         if not 0.05 <= seconds <= 3600:

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sse_gateway.edge.auth import AuthError, Identity, TokenVerifier, make_token
-from sse_gateway.settings import BrandKey, load_settings
+from sse_gateway.settings import BrandKey, BrandKeys, load_settings
 
 SECRET = "unit-test-secret-long-enough-for-hs256-hs384-and-hs512-0123456789abcdef"
 OTHER_SECRET = "another-unit-test-secret-also-32-bytes-or-more"
@@ -527,7 +527,7 @@ def test_expired_per_brand_token(per_brand: TokenVerifier, keys: dict[str, KeyPa
 def test_per_brand_with_audience_and_issuer(keys: dict[str, KeyPair]) -> None:
     verifier = TokenVerifier(
         secret=None,
-        brand_keys={"a": BrandKey(alg="EdDSA", key=keys["ed"].public_pem)},
+        brand_keys={"a": BrandKeys((BrandKey(alg="EdDSA", key=keys["ed"].public_pem),))},
         audience="aud",
         issuer="iss",
     )

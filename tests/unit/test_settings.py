@@ -13,6 +13,7 @@ from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.settings import (
     OPTIONS,
     BrandKey,
+    BrandKeys,
     RedisAddress,
     Settings,
     SettingsError,
@@ -179,6 +180,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
         "SSE_JWT_ISSUER": "iss",
         "SSE_JWT_MAX_TTL": "90m",
         "SSE_MAX_CONNECTIONS_PER_PLAYER": "3",
+        "SSE_JWKS_REFRESH": "90s",
         "SSE_RETRY_MS": "0",
         "SSE_MAX_EVENT_BYTES": "64",
         "SSE_DRAIN_SECONDS": "2s",
@@ -201,10 +203,11 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
     assert settings.event_buffer_size == 7
     assert (settings.host, settings.port) == ("127.0.0.1", 9000)
     assert settings.jwt_secret == "s"
-    assert settings.jwt_keys == {"b": BrandKey("HS256", "brand-secret")}
+    assert settings.jwt_keys == {"b": BrandKeys((BrandKey("HS256", "brand-secret"),))}
     assert (settings.jwt_audience, settings.jwt_issuer) == ("aud", "iss")
     assert settings.jwt_max_ttl == 5400.0
     assert settings.max_connections_per_player == 3
+    assert settings.jwks_refresh == 90.0
     assert settings.retry_ms == 0
     assert settings.max_event_bytes == 64
     assert settings.drain_seconds == 2.0
@@ -386,10 +389,10 @@ def test_keys_file_with_every_algorithm_loads(
     settings = load_settings({"SSE_JWT_KEYS_FILE": path}, {}, dev=False)
     assert settings.jwt_keys_file == path
     assert settings.jwt_keys == {
-        "r": BrandKey("RS256", rsa_pem),
-        "e": BrandKey("ES256", ec_pem),
-        "d": BrandKey("EdDSA", ed_pem),
-        "h": BrandKey("HS256", "shared"),
+        "r": BrandKeys((BrandKey("RS256", rsa_pem),)),
+        "e": BrandKeys((BrandKey("ES256", ec_pem),)),
+        "d": BrandKeys((BrandKey("EdDSA", ed_pem),)),
+        "h": BrandKeys((BrandKey("HS256", "shared"),)),
     }
     assert load_jwt_keys(path) == settings.jwt_keys
 
@@ -436,7 +439,7 @@ def test_keys_file_validation_errors(tmp_path: Path, content: object, fragment: 
 def test_keys_file_given_by_flag(tmp_path: Path) -> None:
     path = write_keys(tmp_path, {"b": {"alg": "HS256", "key": "k"}})
     settings = load_settings({}, {"jwt_keys_file": path}, dev=False)
-    assert settings.jwt_keys == {"b": BrandKey("HS256", "k")}
+    assert settings.jwt_keys == {"b": BrandKeys((BrandKey("HS256", "k"),))}
 
 
 def test_bad_key_in_keys_file_names_the_brand(tmp_path: Path) -> None:

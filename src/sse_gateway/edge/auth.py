@@ -1,7 +1,8 @@
 """Token checking: pure functions over the token string and the configured keys.
 
 The algorithm always comes from configuration, never from the token header, and a token is
-checked only with the key of the brand it names: one brand's key cannot admit another's players.
+checked only with the keys of the brand it names: one brand's key cannot admit another's players.
+A brand may have several keys (rotation): the token's `kid` picks one, or they are tried in order.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jwt
 import orjson
 
-from sse_gateway.settings import BrandKey
+from sse_gateway.keys_file import BrandKey, BrandKeys
 from sse_gateway.wire.naming import Identity, is_valid_id
 
 
@@ -46,10 +47,11 @@ def _invalid(message: str) -> AuthError:
 class _Key:
     """One configured verification key, parsed once (PEM parsing costs more than a check)."""
 
-    __slots__ = ("alg", "hmac_key", "prepared", "verifier")
+    __slots__ = ("alg", "hmac_key", "kid", "prepared", "verifier")
 
-    def __init__(self, alg: str, key: str) -> None:
+    def __init__(self, alg: str, key: str, kid: str | None = None) -> None:
         self.alg = alg
+        self.kid = kid
         self.verifier = jwt.get_algorithm_by_name(alg)
         # prepare_key refuses e.g. a PEM public key as an HMAC secret (algorithm confusion).
         self.prepared = self.verifier.prepare_key(key)
@@ -97,30 +99,91 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _prepared(keys: Iterable[BrandKey]) -> tuple[_Key, ...]:
+    return tuple(_Key(key.alg, key.key, key.kid) for key in keys)
+
+
 class TokenVerifier:
-    """Compact-JWS verification with the brand's configured key and algorithm.
+    """Compact-JWS verification with the brand's configured keys and their algorithms.
 
     Done here rather than by `jwt.decode` because a connect storm is bound by it: PyJWT
     validates base64 character by character in Python and prepares the key on every call.
     PyJWT's algorithm objects still do the RSA/ECDSA/EdDSA arithmetic.
+
+    Which keys check a token: those of the brand it names (the keys file, or the JWKS of a
+    brand that gives one), else `secret` (HS256) for a brand the file does not list. A `kid`
+    header picks the brand's key with that kid (keys without a kid match any); no key → 401.
+    Without `kid` the brand's keys are tried in order. Each key keeps its own algorithm.
+    `on_unknown_kid(brand)` is told when a JWKS brand has no key for a token, so that its
+    keys are fetched again early; the token is refused all the same (nothing waits here).
     """
 
     def __init__(
         self,
         *,
         secret: str | None,
-        brand_keys: Mapping[str, BrandKey],
+        brand_keys: Mapping[str, BrandKeys],
         audience: str | None = None,
         issuer: str | None = None,
         max_ttl: float | None = None,
+        on_unknown_kid: Callable[[str], object] | None = None,
     ) -> None:
         """`max_ttl` (SSE_JWT_MAX_TTL, seconds): a token whose `exp` lies further ahead is
-        refused; None: no bound."""
+        refused; None: no bound. `on_unknown_kid(brand)` hears of a JWKS brand's unknown kid."""
         self._max_ttl = max_ttl
-        self._default = _Key("HS256", secret) if secret is not None else None
+        self._default = (_Key("HS256", secret),) if secret is not None else None
         self._audience = audience
         self._issuer = issuer
-        self._keys = {brand: _Key(entry.alg, entry.key) for brand, entry in brand_keys.items()}
+        self.on_unknown_kid = on_unknown_kid
+        self._keys: dict[str, tuple[_Key, ...]] = {}
+        self._jwks: dict[str, tuple[_Key, ...]] = {}
+        self.set_brand_keys(brand_keys)
+
+    def set_brand_keys(self, brand_keys: Mapping[str, BrandKeys]) -> None:
+        """Puts a (re)loaded keys file in force, all at once: every key is prepared first, so a
+        key that fails leaves the set in force untouched (ValueError, jwt.InvalidKeyError).
+        JWKS brands keep the keys fetched so far; a brand that left the file loses its keys."""
+        keys = {
+            brand: _prepared(entry.keys)
+            for brand, entry in brand_keys.items()
+            if entry.jwks_url is None
+        }
+        jwks = {
+            brand: self._jwks.get(brand, ())
+            for brand, entry in brand_keys.items()
+            if entry.jwks_url is not None
+        }
+        self._keys, self._jwks = keys, jwks
+
+    def set_jwks_keys(self, brand: str, keys: Iterable[BrandKey]) -> None:
+        """The keys of a JWKS brand, as last fetched; ignored for a brand that has no JWKS
+        (any more: a fetch may finish after a reload removed it)."""
+        if brand in self._jwks:
+            self._jwks[brand] = _prepared(keys)
+
+    def _candidates(self, brand: object, kid: str | None) -> tuple[_Key, ...]:
+        """The keys that may have signed a token of `brand` with header `kid`, in order."""
+        keys: tuple[_Key, ...] | None = None
+        jwks = False
+        if isinstance(brand, str):
+            keys = self._keys.get(brand)
+            if keys is None:
+                keys = self._jwks.get(brand)
+                jwks = keys is not None
+        if keys is None:
+            if self._default is None:
+                raise _invalid("no key is configured for this token's brand")
+            return self._default
+        if kid is not None:
+            keys = tuple(k for k in keys if k.kid == kid) or tuple(k for k in keys if k.kid is None)
+        if not keys:
+            if jwks and self.on_unknown_kid is not None:
+                assert isinstance(brand, str)
+                self.on_unknown_kid(brand)
+            if kid is None:
+                raise _invalid("no key of this token's brand is loaded yet")
+            raise _invalid("no key of this token's brand has its kid")
+        return keys
 
     def verify(self, token: str, now: float | None = None) -> Identity:
         """The identity a token proves, with `valid_until` (its `exp` plus the clock leeway:
@@ -130,21 +193,23 @@ class TokenVerifier:
         header_b64, payload_b64, signature_b64 = token.split(".")
         header = _b64_json(header_b64, "header")
         claims = _b64_json(payload_b64, "payload")
-        brand = claims.get("brand_id")
-        key = self._keys.get(brand) if isinstance(brand, str) else None
-        if key is None:
-            key = self._default
-            if key is None:
-                raise _invalid("no key is configured for this token's brand")
-        if header.get("alg") != key.alg:
-            raise _invalid(f"token algorithm is not {key.alg}")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise _invalid("token header 'kid' is not a string")
+        candidates = self._candidates(claims.get("brand_id"), kid)
+        # The header's alg only filters the configured keys; it never picks an algorithm.
+        keys = [key for key in candidates if key.alg == header.get("alg")]
+        if not keys:
+            algs = " or ".join(dict.fromkeys(key.alg for key in candidates))
+            raise _invalid(f"token algorithm is not {algs}")
         if "crit" in header:
             raise _invalid("token has critical header extensions")
         try:
             signature = _b64url(signature_b64)
         except ValueError as exc:
             raise _invalid("malformed token signature") from exc
-        if not key.check(f"{header_b64}.{payload_b64}".encode("ascii"), signature):
+        signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
+        if not any(key.check(signing_input, signature) for key in keys):
             raise _invalid("token signature does not verify")
         exp = self._check_claims(claims, time.time() if now is None else now)
         brand_id, player_id = claims.get("brand_id"), claims.get("sub")
