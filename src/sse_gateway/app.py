@@ -5,6 +5,7 @@ behaviour of its own beyond start, drain and close.
     broker --on_state----> OutageRecovery (refill each channel's gap from history)
     socket --> RequestReader --> Router --> StreamEndpoint --> StreamLifecycle --> Stream
                                        \\-> PublishEndpoint --> broker
+    metrics socket (SSE_METRICS_PORT) --> RequestReader --> MetricsRouter
 
 `docs/architecture.md` walks both paths function by function.
 """
@@ -21,7 +22,7 @@ from sse_gateway.edge.keyring import KeyRing
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.ratelimit import ConnectRateLimit
-from sse_gateway.edge.routes import Router
+from sse_gateway.edge.routes import MetricsRouter, Router
 from sse_gateway.edge.sse import StreamEndpoint
 from sse_gateway.metrics import Metrics
 from sse_gateway.settings import Settings
@@ -129,7 +130,12 @@ class Gateway:
             cors=cors,
             metrics=metrics,
             ready_reason=self.ready_reason,
+            serve_metrics=settings.metrics_port is None,
         )
+        # The metrics listener (SSE_METRICS_PORT) has sockets of its own: a flood of the public
+        # port cannot crowd out a scrape. Its refusals are not stream refusals: counted apart.
+        self.metrics_router = MetricsRouter(self.router)
+        self.metrics_admission = Admission(1, Metrics(), header_timeout=settings.header_timeout)
         self._register_gauges()
 
     def _register_gauges(self) -> None:
@@ -153,6 +159,10 @@ class Gateway:
     def protocol_factory(self) -> RequestReader:
         """The protocol of each accepted socket (for `loop.create_server`)."""
         return RequestReader(self.router, self.admission)
+
+    def metrics_protocol_factory(self) -> RequestReader:
+        """The protocol of each socket accepted by the metrics listener (SSE_METRICS_PORT)."""
+        return RequestReader(self.metrics_router, self.metrics_admission)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -114,6 +114,29 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
         await gateway.close()
         return 1
+    metrics_server = None
+    if settings.metrics_port is not None:
+        # Workers each bind it too (SO_REUSEPORT): a scrape reaches one of them.
+        try:
+            metrics_server = await loop.create_server(
+                gateway.metrics_protocol_factory,
+                settings.metrics_host,
+                settings.metrics_port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
+        except OSError as exc:
+            log.error(
+                "cannot listen on %s:%d for metrics: %s",
+                settings.metrics_host,
+                settings.metrics_port,
+                exc.strerror,
+            )
+            server.close()
+            await gateway.close()
+            return 1
+        metrics_at = ", ".join(_format_address(s) for s in metrics_server.sockets)
+        log.info("/metrics on %s only, with /healthz and /readyz", metrics_at)
     addresses = ", ".join(_format_address(s) for s in server.sockets)
     log.info(
         "sse-gateway listening on %s; %s; stream limit %d; keep-alive %.3gs",
@@ -127,6 +150,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await drain(gateway, server, settings.drain_seconds)
+    if metrics_server is not None:  # open until the end: scrapes see the drain, /readyz 503
+        metrics_server.close()
     return 0
 
 

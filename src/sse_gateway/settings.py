@@ -72,6 +72,8 @@ class Settings:
     event_buffer_size: int = 50
     host: str = "0.0.0.0"
     port: int = 8080
+    metrics_port: int | None = None  # a listener of its own for /metrics (+ /healthz, /readyz)
+    metrics_host: str = "127.0.0.1"
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_keys_file: str | None = None
     jwt_keys: Mapping[str, BrandKeys] = field(default_factory=dict, repr=False)
@@ -119,6 +121,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("event_buffer_size", "SSE_EVENT_BUFFER_SIZE", "--event-buffer-size", "queued events"),
     Option("host", "SSE_HOST", "--host", "listen address"),
     Option("port", "SSE_PORT", "--port", "listen port"),
+    Option("metrics_port", "SSE_METRICS_PORT", "--metrics-port", "/metrics here, not on --port"),
+    Option("metrics_host", "SSE_METRICS_HOST", "--metrics-host", "its address (127.0.0.1)"),
     Option("jwt_secret", "SSE_JWT_SECRET", "--jwt-secret", "HS256 secret for every brand"),
     Option("jwt_keys_file", "SSE_JWT_KEYS_FILE", "--jwt-keys-file", "per-brand keys (JSON)"),
     Option("jwt_audience", "SSE_JWT_AUDIENCE", "--jwt-audience", "required aud"),
@@ -235,7 +239,7 @@ def parse_value(attr: str, text: str) -> Any:
         return _positive_int(text, minimum=0)
     if attr == "workers":
         return _positive_int(text, maximum=64)
-    if attr == "port":
+    if attr in ("port", "metrics_port"):
         return _positive_int(text, minimum=0, maximum=65535)
     if attr == "retry_ms":
         return _positive_int(text, minimum=0, maximum=86_400_000)
@@ -288,7 +292,7 @@ def parse_value(attr: str, text: str) -> Any:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
         return level
-    if attr == "host":
+    if attr in ("host", "metrics_host"):
         if not text.strip():
             raise ValueError("empty host")
         return text.strip()
@@ -342,6 +346,10 @@ def load_settings(
             str(values["workers"]),
             "the embedded broker lives in one process; set EVENTS_REDIS_STORAGE to use workers",
         )
+    if (metrics_port := values.get("metrics_port")) is None and "metrics_host" in values:
+        raise SettingsError("SSE_METRICS_HOST", values["metrics_host"], "needs SSE_METRICS_PORT")
+    if metrics_port and metrics_port == values.get("port", Settings().port):
+        raise SettingsError("SSE_METRICS_PORT", str(metrics_port), "must differ from SSE_PORT")
     keys_file = values.get("jwt_keys_file")
     if keys_file is not None:
         try:

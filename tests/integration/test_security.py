@@ -59,6 +59,10 @@ INDEX: dict[str, list[str]] = {
         "integration/test_http_errors.py::"
         "test_an_answer_to_head_has_no_content_whatever_its_status",
     ],
+    "17 /metrics on a listener of its own": [
+        "integration/test_metrics_port.py::test_metrics_are_served_on_the_metrics_port_only",
+        "integration/test_metrics_port.py::test_workers_share_the_metrics_port",
+    ],
     "holds: alg none, algorithm confusion": [
         "integration/test_http_errors.py::test_invalid_token",
         "integration/test_auth_keys.py::test_wrong_key_or_algorithm_is_refused",

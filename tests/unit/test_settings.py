@@ -174,6 +174,8 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
         "SSE_EVENT_BUFFER_SIZE": "7",
         "SSE_HOST": "127.0.0.1",
         "SSE_PORT": "9000",
+        "SSE_METRICS_PORT": "9100",
+        "SSE_METRICS_HOST": "10.0.0.5",
         "SSE_JWT_SECRET": "s",
         "SSE_JWT_KEYS_FILE": str(keys),
         "SSE_JWT_AUDIENCE": "aud",
@@ -202,6 +204,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
     assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
     assert settings.event_buffer_size == 7
     assert (settings.host, settings.port) == ("127.0.0.1", 9000)
+    assert (settings.metrics_host, settings.metrics_port) == ("10.0.0.5", 9100)
     assert settings.jwt_secret == "s"
     assert settings.jwt_keys == {"b": BrandKeys((BrandKey("HS256", "brand-secret"),))}
     assert (settings.jwt_audience, settings.jwt_issuer) == ("aud", "iss")
@@ -234,6 +237,37 @@ def test_flag_wins_over_env(attr: str, env_value: str, flag_value: str, expected
     option = next(o for o in OPTIONS if o.attr == attr)
     settings = load_settings({option.env: env_value}, {attr: flag_value}, dev=False)
     assert getattr(settings, attr) == expected
+
+
+def test_metrics_port_is_off_by_default_and_binds_loopback_when_set() -> None:
+    assert (Settings().metrics_port, Settings().metrics_host) == (None, "127.0.0.1")
+    settings = load_settings({"SSE_METRICS_PORT": "9100"}, {}, dev=False)
+    assert (settings.metrics_host, settings.metrics_port) == ("127.0.0.1", 9100)
+
+
+@pytest.mark.parametrize(
+    ("env", "flags"),
+    [
+        ({"SSE_METRICS_PORT": "8080"}, {}),
+        ({"SSE_PORT": "9000", "SSE_METRICS_PORT": "9000"}, {}),
+        ({}, {"port": "9000", "metrics_port": "9000"}),
+    ],
+)
+def test_metrics_port_must_differ_from_the_public_port(
+    env: dict[str, str], flags: dict[str, str]
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env, flags, dev=False)
+    assert info.value.variable == "SSE_METRICS_PORT"
+    assert "SSE_PORT" in info.value.reason
+
+
+def test_metrics_host_without_metrics_port_is_refused() -> None:
+    """It would do nothing: /metrics stays on the public port."""
+    with pytest.raises(SettingsError) as info:
+        load_settings({"SSE_METRICS_HOST": "10.0.0.5"}, {}, dev=False)
+    assert info.value.variable == "SSE_METRICS_HOST"
+    assert "SSE_METRICS_PORT" in info.value.reason
 
 
 def test_flag_set_to_none_falls_back_to_env() -> None:
@@ -310,6 +344,9 @@ def test_an_empty_jwt_secret_env_var_is_unset_next_to_a_keys_file(tmp_path: Path
         ("EVENTS_REDIS_STORAGE", "http://h"),
         ("EVENTS_REDIS_STORAGE", "h:port"),
         ("SSE_HOST", "   "),
+        ("SSE_METRICS_PORT", "65536"),
+        ("SSE_METRICS_PORT", "metrics"),
+        ("SSE_METRICS_HOST", "   "),
     ],
 )
 def test_settings_error_names_the_env_var_and_the_bad_value(env: str, value: str) -> None:

@@ -4,8 +4,11 @@
 /v1/publish   POST, when SSE_PUBLISH_API_KEY is set (edge.publish_api)
 /healthz      200 while the process serves
 /readyz       200, or 503 with the reason (draining, broker_disconnected)
-/metrics      Prometheus text format
+/metrics      Prometheus text format (on the metrics listener instead when SSE_METRICS_PORT is set)
 /, /demo      the demo page, in dev mode only
+
+MetricsRouter: the handler of the metrics listener (SSE_METRICS_PORT): /metrics, /healthz and
+/readyz, nothing else.
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ class Router:
         cors: CorsPolicy,
         metrics: Metrics,
         ready_reason: Callable[[], str | None],
+        serve_metrics: bool = True,
     ) -> None:
         """`publish` is None when publishing over HTTP is off; `ready_reason()` says why the
-        process is not ready (`/readyz`), or None."""
+        process is not ready (`/readyz`), or None; `serve_metrics` False: `/metrics` is 404
+        here (a metrics listener of its own serves it)."""
+        self._plain_paths = _PLAIN_PATHS if serve_metrics else _PLAIN_PATHS - {"/metrics"}
         self._settings = settings
         self._streams = streams
         self._publish = publish
@@ -79,7 +85,7 @@ class Router:
                     return
                 self._publish.handle(reader, request)
                 return
-            if path in _PLAIN_PATHS or (path in _DEV_PATHS and self._settings.dev):
+            if path in self._plain_paths or (path in _DEV_PATHS and self._settings.dev):
                 if method not in ("GET", "HEAD"):
                     reader.respond(_method_not_allowed("GET, HEAD"), keep_alive=False)
                     return
@@ -122,6 +128,33 @@ class Router:
             page = page.replace("__PUBLISH_KEY__", self._settings.publish_api_key or "")
             self._demo_page = page.encode("utf-8")
         return self._demo_page
+
+
+class MetricsRouter:
+    """The request handler of the metrics listener: `/metrics`, `/healthz` and `/readyz`
+    (GET, HEAD), answered as the public router answers them; 404 for any other path."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def body_limit(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        return 0  # no body is kept: every body is read and dropped
+
+    def handle(self, reader: RequestReader, request: Request) -> None:
+        path = request.path
+        head_only = request.method == "HEAD"
+        if path not in _PLAIN_PATHS:
+            response = error_response(404, "not_found", f"no route for {path}")
+        elif request.method not in ("GET", "HEAD"):
+            reader.respond(_method_not_allowed("GET, HEAD"), keep_alive=False)
+            return
+        else:
+            try:
+                response = self._router.plain(path)
+            except Exception:  # a gauge that fails to read must not take the socket down
+                log.exception("error handling %s %s", request.method, path)
+                response = error_response(500, "internal_error", "internal error")
+        reader.respond(response, keep_alive=request.keep_alive, head_only=head_only)
 
 
 def _method_not_allowed(allow: str) -> Response:
