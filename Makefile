@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
-LINT_PATHS := $(wildcard src tests bench)
+LINT_PATHS := $(wildcard src tests bench fuzz)
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := request_reader envelope
 
 .PHONY: run test lint typecheck pytest deps system-deps venv clean bench-smoke
 
@@ -60,3 +62,15 @@ bench: $(VENV)/.installed
 # SOAK_ARGS="--seed 7 --duration 600" (`.venv/bin/python bench/soak.py --help`).
 soak: deps
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+.PHONY: fuzz
+# Coverage-guided fuzzing (atheris/libFuzzer) of the request reader and the envelope parser,
+# FUZZ_SECONDS (default 60) per target; not part of `make test`, which runs 3 s of each
+# (tests/fuzz). Starts from the seeds in fuzz/corpus/, keeps what it finds new in fuzz/.corpus/;
+# a failing input lands in fuzz/findings/ and stops the run (docs/operations.md, "Fuzzing").
+# More libFuzzer flags: FUZZ_ARGS="-jobs=2 -workers=2".
+fuzz: $(VENV)/.dev-installed
+	@set -e; for target in $(FUZZ_TARGETS); do \
+	  echo "fuzzing $$target for $(FUZZ_SECONDS)s"; \
+	  $(BIN)/python fuzz/run.py $$target -max_total_time=$(FUZZ_SECONDS) $(FUZZ_ARGS); \
+	done
