@@ -63,6 +63,10 @@ INDEX: dict[str, list[str]] = {
         "integration/test_metrics_port.py::test_metrics_are_served_on_the_metrics_port_only",
         "integration/test_metrics_port.py::test_workers_share_the_metrics_port",
     ],
+    "tests: fuzz targets of the request reader and the envelope parser": [
+        "fuzz/test_fuzz_targets.py::test_seed_corpus_replays_clean",
+        "fuzz/test_fuzz_targets.py::test_fuzz_target_briefly",
+    ],
     "holds: alg none, algorithm confusion": [
         "integration/test_http_errors.py::test_invalid_token",
         "integration/test_auth_keys.py::test_wrong_key_or_algorithm_is_refused",
