@@ -29,6 +29,8 @@ class FakeTransport:
         self.protocol: asyncio.BaseProtocol | None = None
         self.on_write: Callable[[bytes], None] | None = None
         self.buffered = 0  # what get_write_buffer_size() reports: a test sets it
+        self.eof_capable = False  # can_write_eof(): a test that checks lingering sets it
+        self.eof_written = False
 
     # --- asyncio.Transport -------------------------------------------------------------------
 
@@ -45,6 +47,12 @@ class FakeTransport:
 
     def abort(self) -> None:
         self.aborted = True
+
+    def can_write_eof(self) -> bool:
+        return self.eof_capable
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
     def get_write_buffer_size(self) -> int:
         return self.buffered

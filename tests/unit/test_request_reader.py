@@ -6,6 +6,7 @@ out of the transport's recorded writes. Timers run on a loop whose clock only th
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 
@@ -327,7 +328,12 @@ async def test_pipelined_requests_are_not_answered_while_answers_wait_unread() -
     # The client reads: answers go on, in order, until the transport backs up again.
     conn.transport.on_write = None
     conn.reader.resume_writing()
-    assert len(conn.handler.requests) == 20_100
+    handled = [len(conn.handler.requests)]
+    while handled[-1] < 20_100:
+        await turns(1)
+        handled.append(len(conn.handler.requests))
+    # At most a turn's budget of requests per loop turn: probes and events get their turns.
+    assert max(b - a for a, b in itertools.pairwise(handled)) <= REQUESTS_PER_TICK
     assert conn.transport.reading
     assert [r.path for r in conn.handler.requests[-101:]] == ["/metrics"] + ["/more"] * 100
 
@@ -962,3 +968,130 @@ async def test_an_http10_request_needs_no_host() -> None:
     conn = Conn()
     conn.feed(b"GET /healthz HTTP/1.0\r\n\r\n")
     assert len(conn.handler.requests) == 1
+
+
+# --- hostile pipelining, lingering closes, framing (issue 10 hostile pass) --------------------
+
+
+@run_in_loop
+async def test_the_turn_budget_counts_requests_not_reads() -> None:
+    # One read of 7,000 pipelined /healthz cost 12 s of CPU in one loop turn.
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    conn.feed(get("/healthz") * 500)
+    assert len(conn.handler.requests) == REQUESTS_PER_TICK
+    assert not conn.transport.reading
+    await turns(1)
+    assert len(conn.handler.requests) <= 2 * REQUESTS_PER_TICK
+    await turns(10)
+    assert len(conn.handler.requests) == 500
+    assert conn.transport.reading
+
+
+@run_in_loop
+async def test_a_client_that_is_gone_gets_no_more_answers() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    conn.feed(get("/healthz") * 500)
+    conn.transport.closed = True  # the peer went away: the transport is closing
+    await turns(10)
+    assert len(conn.handler.requests) == REQUESTS_PER_TICK
+
+
+@run_in_loop
+async def test_a_reader_whose_answers_go_unread_can_be_evicted() -> None:
+    # 70 sockets that pipelined /metrics and never read locked the reader budget and /healthz.
+    admission = Admission(connection_limit=10, metrics=Metrics(), reader_budget=2)
+    hog = Conn(FakeHandler(action=answer(keep_alive=True)), admission=admission)
+    _backs_up_after(hog, 1)
+    hog.feed(get("/metrics") * 50)
+    other = Conn(admission=admission)
+    Conn(admission=admission)  # evicts the hog, not the newer idle socket
+    assert hog.transport.aborted
+    assert not other.transport.aborted
+
+
+@run_in_loop
+async def test_a_reader_with_requests_pipelined_behind_the_one_in_flight_can_be_evicted() -> None:
+    admission = Admission(connection_limit=10, metrics=Metrics(), reader_budget=2)
+    slow = FakeHandler(action=lambda reader, request: reader.begin_async())
+    one = Conn(slow, admission=admission)
+    one.feed(get("/publish"))
+    many = Conn(slow, admission=admission)
+    many.feed(get("/publish") + get("/a") + get("/b"))
+    Conn(admission=admission)
+    assert many.transport.aborted  # pipelining: waits on itself
+    assert not one.transport.aborted  # one request being answered: waits on the gateway
+
+
+@run_in_loop
+async def test_a_refusal_lingers_so_the_client_can_read_it() -> None:
+    conn = Conn()
+    conn.transport.eof_capable = True
+    conn.feed(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 2048))
+    [(status, headers, _)] = conn.responses()
+    assert status == 431 and headers["connection"] == "close"
+    # The write side is shut; what the client still sends is read and dropped.
+    assert conn.transport.eof_written and not conn.transport.closed
+    assert conn.transport.reading
+    conn.feed(b"a" * 100_000)
+    assert len(conn.transport.writes) == 1
+    await advance(HEADER_TIMEOUT + 0.5)
+    assert conn.transport.closed
+
+
+@run_in_loop
+async def test_an_endless_trailer_answers_431() -> None:
+    # httptools keeps a trailer value until its line ends (and joins it quadratically).
+    conn = Conn(FakeHandler(body_limit=0))
+    conn.feed(b"POST /v1/publish HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    conn.feed(b"1\r\na\r\n0\r\nX-Trailer: ")
+    for _ in range(20):
+        if conn.transport.closed:
+            break
+        conn.feed(b"t" * 4096)
+    [(status, _, _)] = conn.responses()
+    assert status == 431
+
+
+@run_in_loop
+async def test_a_body_in_one_byte_chunks_is_still_a_body() -> None:
+    conn = Conn(FakeHandler(body_limit=100_000))
+    body = b"x" * 20_000
+    chunks = b"".join(b"1\r\n" + body[i : i + 1] + b"\r\n" for i in range(len(body)))
+    conn.feed(
+        b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    )
+    [request] = conn.handler.requests
+    assert request.body == body
+
+
+@run_in_loop
+async def test_expect_100_continue_for_a_body_that_is_kept() -> None:
+    head = b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    kept = Conn(FakeHandler(body_limit=100))
+    kept.feed(head)
+    assert kept.transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    kept.feed(b"ok")
+    assert kept.handler.requests[0].body == b"ok"
+    dropped = Conn(FakeHandler(body_limit=0))
+    dropped.feed(head)
+    assert dropped.transport.writes == []
+
+
+@run_in_loop
+async def test_http_2_0_on_this_port_answers_505() -> None:
+    # llhttp takes HTTP/2.0 for a version it knows (other versions are 400 bad_request).
+    conn = Conn()
+    conn.feed(b"GET /healthz HTTP/2.0\r\nHost: h\r\n\r\n")
+    [(status, _, body)] = conn.responses()
+    assert status == 505
+    assert error_code(body) == "http_version_not_supported"
+
+
+@run_in_loop
+async def test_a_handler_bug_is_not_mistaken_for_a_malformed_request() -> None:
+    def broken(reader: RequestReader, request: Request) -> None:
+        raise KeyError("bug")
+
+    conn = Conn(FakeHandler(action=broken))
+    with pytest.raises(KeyError):
+        conn.feed(get())

@@ -210,9 +210,10 @@ class Admission:
         return True
 
     def reader_waiting(self, reader: Reader) -> None:
-        """`reader` waits for (the rest of) a request: evictable, after those waiting longer."""
-        self._idle.pop(reader, None)
-        self._idle[reader] = None
+        """`reader` waits on its client (for a request, or to read an answer): evictable,
+        after those waiting longer. Marking it again keeps its place."""
+        if reader not in self._idle:
+            self._idle[reader] = None
 
     def reader_working(self, reader: Reader) -> None:
         """`reader` has a complete request (or bytes waiting for their turn): not evictable."""

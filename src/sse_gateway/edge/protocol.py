@@ -1,18 +1,13 @@
 """RequestReader: the asyncio protocol of every client socket until a request becomes a stream.
 
-Modelled on uvicorn's httptools_impl: the reader keeps the connection's state (requests and
-bytes waiting, flow control, the header/idle timer) and hands each complete request to its
-handler. A stream request ends the reader's part: the
-handler takes the transport with `hand_over()` and installs a stream as its protocol.
-
-`request_parser.RequestParser` turns bytes into requests; this class decides when to feed it.
-One request at a time: while a request is being answered (an async handler) or its answer
-waits in the transport (writing paused: the client does not read), the reader stops reading
-and parses nothing more. What one connection holds is bounded (docs/operations.md, "Memory
-per connection"): one read of unparsed bytes (uvloop reads at most 256 KiB), the requests
-complete within one `FEED_SLICE` of it, the request head being parsed (`MAX_HEADER_BYTES`)
-or the body kept for a handler, and the transport's buffer up to `WRITE_HIGH_WATER` plus one
-answer.
+Modelled on uvicorn's httptools_impl: `request_parser.RequestParser` turns bytes into
+requests; the reader decides when to feed it, keeps the connection's state (requests and bytes
+waiting, flow control, the header/idle timer) and hands each request to its handler, which may
+take the socket for a stream with `hand_over()`. One request at a time, and one per unit of
+the loop turn's budget: while an answer is pending or unread (writing paused), the reader stops
+reading. What a connection holds is bounded (docs/operations.md, "Half-open sockets and
+pipelining"): one read of unparsed bytes, the requests parsed from one `FEED_SLICE`, a request
+head or kept body, the transport buffer up to `WRITE_HIGH_WATER` plus one answer.
 """
 
 from __future__ import annotations
@@ -20,13 +15,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol, cast
 
 from sse_gateway.edge.admission import HEADER_TIMEOUT, Admission, unavailable
 from sse_gateway.edge.request_parser import MAX_HEADER_BYTES, RequestParser, RequestRefused
+from sse_gateway.streams.stream import bound_send_buffer
 from sse_gateway.wire.http import Request, Response, encode_response, error_response
 
 __all__ = ["HEADER_TIMEOUT", "MAX_HEADER_BYTES", "RequestHandler", "RequestReader"]
+
 # The parser is fed at most this many bytes at a time, so that requests pipelined behind one
 # whose answer is backed up stay unparsed bytes: at most FEED_SLICE / 18 parsed ones wait.
 FEED_SLICE = 2048
@@ -66,7 +64,7 @@ class RequestReader(asyncio.Protocol):
         self.handler = handler
         self.admission = admission
         self.transport: asyncio.Transport | None = None
-        self.parser = RequestParser(handler.body_limit, self._request_complete)
+        self.parser = RequestParser(handler.body_limit, self._request_complete, self._continue)
         self.requests: deque[Request] | None = None  # complete, waiting for their turn
         self.busy = False  # an async handler has not answered yet
         self.closed = False
@@ -81,12 +79,16 @@ class RequestReader(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport = tcp = cast(asyncio.Transport, transport)
+        tcp.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        # Answers a client does not read, and later a stream's frames, wait in at most 64 KiB
+        # of kernel buffer (Linux would grow it to 4 MiB: docs/operations.md, "Slow clients").
+        bound_send_buffer(tcp)
         self.counted = True
         if not self.admission.reader_opened(self):
             # Beyond the fd budget even a 503 must not cost more: answer and drop at once.
-            self.respond(unavailable("connection_limit"), keep_alive=False)
+            tcp.write(encode_response(unavailable("connection_limit"), keep_alive=False))
+            self._close_after_answer(tcp, linger=False)
             return
         self.timer = asyncio.get_running_loop().call_later(
             self.admission.header_timeout, self._header_timeout
@@ -94,15 +96,19 @@ class RequestReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
-            return
-        if self.deferred or self.requests or self.busy or self.writing_paused:
+            return  # answered and closing (or lingering): what the client still sends is dropped
+        if self.deferred or self.requests or self.busy or self.writing_paused or self.waiting_turn:
             # Something is waiting already (an answer, a request, bytes): these bytes wait
             # behind it, unparsed, and the socket stops reading until it is done.
             self.deferred += data
             self._pause_reading()
+            self._classify()
             return
-        if not self.admission.spend_request():
-            self._wait_turn(data)
+        if self.admission.request_budget <= 0:
+            # A connect storm must not hold up everyone else's events: past this loop turn's
+            # budget, the bytes wait unparsed (the socket paused) for a later turn.
+            self.deferred = data
+            self._wait_turn()
             return
         if len(data) > FEED_SLICE:
             self._feed(data)
@@ -112,24 +118,23 @@ class RequestReader(asyncio.Protocol):
         except RequestRefused as refused:
             self.respond(refused.response, keep_alive=False)
 
-    def _wait_turn(self, data: bytes) -> None:
-        """A connect storm must not hold up everyone else's events: past this loop turn's
-        budget, the bytes wait (the socket paused) for a later turn."""
-        self.deferred = data + self.deferred
+    def _wait_turn(self) -> None:
+        """Waits (the socket paused) for a loop turn with request budget left."""
         self._pause_reading()
-        self.admission.reader_working(self)  # waiting on us, not on the client
         if not self.waiting_turn:
             self.waiting_turn = True
             self.admission.wait_turn(self._resume)
+        self._classify()
 
     def _feed(self, data: bytes) -> None:
         """Parses `data` a slice at a time; stops (keeping the rest) once a request waits."""
         size = len(data)
         offset = 0
         while offset < size:
-            if self.requests or self.busy or self.writing_paused:
+            if self.requests or self.busy or self.writing_paused or self.waiting_turn:
                 self.deferred = data[offset:] + self.deferred
                 self._pause_reading()
+                self._classify()
                 return
             piece = data if size <= FEED_SLICE else data[offset : offset + FEED_SLICE]
             offset += len(piece)
@@ -150,34 +155,56 @@ class RequestReader(asyncio.Protocol):
         self._drain()
 
     def _drain(self) -> None:
-        """Serves what waits (requests, then bytes) until something blocks again; reading
-        resumes once nothing is left."""
-        while not self.closed and self.transport is not None:
+        """Serves what waits (requests, then bytes), one request per unit of the turn's
+        budget, until something blocks again; reading resumes once nothing is left."""
+        while True:
+            transport = self.transport
+            if self.closed or transport is None:
+                return
             if self.busy or self.writing_paused or self.waiting_turn:
                 return
+            if transport.is_closing():
+                return  # the client is gone: nothing more is answered
             requests = self.requests
             if requests:
+                if not self.admission.spend_request():
+                    self._wait_turn()
+                    return
                 request = requests.popleft()
                 self._cancel_timer()
+                self.admission.reader_working(self)
                 self.handler.handle(self, request)
                 continue
             self.requests = None
             if not self.deferred:
                 break
-            if not self.admission.spend_request():
-                data, self.deferred = self.deferred, b""
-                self._wait_turn(data)
+            if self.admission.request_budget <= 0:
+                self._wait_turn()
                 return
             data, self.deferred = self.deferred, b""
             self._feed(data)
-        transport = self.transport
-        if self.closed or transport is None:
-            return
         # Nothing left on our side: the reader waits for the client again.
-        self.admission.reader_waiting(self)
+        self._classify()
         if self.reading_paused:
             self.reading_paused = False
             transport.resume_reading()
+
+    def _classify(self) -> None:
+        """Tells the admission whether this reader waits on the client (evictable: a request
+        head or body still coming, an answer unread, requests pipelined behind the one in
+        flight) or on the gateway (one request waiting for its turn or its answer)."""
+        if self.closed or not self.counted:
+            return
+        requests = self.requests
+        waiting_on_us = (
+            (self.busy or self.waiting_turn or bool(requests))
+            and not self.writing_paused
+            and not (requests and (len(requests) > 1 or self.deferred))
+        )
+        if waiting_on_us:
+            self.admission.reader_working(self)
+        else:
+            self.admission.reader_waiting(self)
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -186,11 +213,14 @@ class RequestReader(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self._classify()  # the client does not read its answers
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         if self.requests or self.deferred:
             self._drain()
+        else:
+            self._classify()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.counted:
@@ -213,18 +243,33 @@ class RequestReader(asyncio.Protocol):
         if transport is not None:
             transport.abort()
 
+    def _continue(self) -> None:
+        """`Expect: 100-continue` on a body the handler keeps: the client may send it now."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def _request_complete(self, request: Request) -> None:
-        self.admission.reader_working(self)
-        if self.busy or self.writing_paused or self.requests:
-            # One request in flight: this one waits for the answer before it to be sent.
+        if (
+            self.busy
+            or self.writing_paused
+            or self.requests
+            or self.waiting_turn
+            or not self.admission.spend_request()
+        ):
+            # One request in flight, and one per unit of the turn's budget: this one waits.
             if self.requests is None:
                 self.requests = deque()
             self.requests.append(request)
+            if self.busy or self.writing_paused or self.waiting_turn:
+                self._classify()
+            else:
+                self._wait_turn()
             return  # the timer runs on: the answer before it must be read in time
         timer = self.timer
         if timer is not None:
             timer.cancel()
             self.timer = None
+        self.admission.reader_working(self)
         self.handler.handle(self, request)
 
     # --- what a handler calls ----------------------------------------------------------------
@@ -240,19 +285,35 @@ class RequestReader(asyncio.Protocol):
         keep_alive = keep_alive and not self.admission.draining
         transport.write(encode_response(response, keep_alive=keep_alive, head_only=head_only))
         if not keep_alive:
-            self.parser.stop()
-            self.closed = True
-            self.requests = None
-            self.deferred = b""
-            transport.close()
-            if transport.get_write_buffer_size():
-                # close() waits for the buffer to drain: a client that never reads would
-                # keep the socket (and the answer) forever.
-                self._start_timer(transport.abort)
+            self._close_after_answer(transport, linger=True)
             return
         if not self.requests and not self.deferred and not self.busy:
-            self.admission.reader_waiting(self)
+            self.admission.reader_working(self)  # then waiting again, from now on
+        self._classify()
         self._start_timer(self._idle_timeout)
+
+    def _close_after_answer(self, transport: asyncio.Transport, *, linger: bool) -> None:
+        """Closes once the answer is sent; lingering (RFC 9112 §9.6), it shuts the write side
+        and drops what the client still sends for a while: closing with unread bytes resets
+        the connection, which can destroy the answer before the client reads it."""
+        self.parser.stop()
+        self.closed = True
+        self.requests = None
+        self.deferred = b""
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            if self.reading_paused:
+                self.reading_paused = False
+                transport.resume_reading()
+            if self.counted:
+                self.admission.reader_waiting(self)  # evictable while it lingers
+            self._start_timer(partial(_end_linger, transport))
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # close() waits for the buffer to drain: a client that never reads would
+            # keep the socket (and the answer) forever.
+            self._start_timer(transport.abort)
 
     def peer_host(self) -> str | None:
         """The client's IP address as the socket sees it (a proxy's, behind one), or None."""
@@ -331,3 +392,8 @@ class RequestReader(asyncio.Protocol):
         self.closed = True
         self.parser.stop()
         transport.close()
+
+
+def _end_linger(transport: asyncio.Transport) -> None:
+    """The end of a lingering close: the client had its time to read the answer."""
+    transport.abort() if transport.get_write_buffer_size() else transport.close()

@@ -20,6 +20,9 @@ MAX_HEADER_BYTES = 16 * 1024
 # The raw head may exceed what the callbacks count (line ends, "HTTP/1.1", spaces) by this much.
 HEAD_SLACK_BYTES = 1024
 
+# A body sent in 1-byte chunks carries 5 bytes of framing per byte ("1\r\na\r\n").
+FRAMING_PER_BODY_BYTE = 8
+
 BodyLimit = Callable[[bytes, list[tuple[bytes, bytes]]], int]
 
 
@@ -45,17 +48,26 @@ def _too_large() -> RequestRefused:
     )
 
 
+def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
+
+
 class RequestParser:
     """One connection's parser. `body_limit(url, headers)` says how many bytes of a POST's
-    body to keep (0: read and drop it); `on_request(request)` gets each complete request."""
+    body to keep (0: read and drop it); `on_request(request)` gets each complete request;
+    `on_continue()` is asked to send `100 Continue` to a client that waits for it before
+    sending a body that will be kept."""
 
     __slots__ = (
         "_body",
         "_body_left",
         "_body_limit",
+        "_body_seen",
+        "_framing",
         "_head_raw",
         "_header_bytes",
         "_headers",
+        "_on_continue",
         "_on_request",
         "_parser",
         "_refusal",
@@ -63,17 +75,27 @@ class RequestParser:
         "stopped",
     )
 
-    def __init__(self, body_limit: BodyLimit, on_request: Callable[[Request], None]) -> None:
+    def __init__(
+        self,
+        body_limit: BodyLimit,
+        on_request: Callable[[Request], None],
+        on_continue: Callable[[], None] | None = None,
+    ) -> None:
         self._body_limit = body_limit
         self._on_request = on_request
+        self._on_continue = on_continue
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         # Raw bytes of the request head received so far, or -1 once its headers are complete.
         self._head_raw = 0
-        self._body: list[bytes] | None = None
+        self._body: bytearray | None = None
         self._body_left = 0
+        # After the head: raw bytes fed, and body bytes seen. What lies between is chunk
+        # framing and trailers, which httptools keeps until a trailer line ends.
+        self._framing = 0
+        self._body_seen = 0
         self._refusal: RequestRefused | None = None
         self.stopped = False
 
@@ -96,12 +118,20 @@ class RequestParser:
             if self._head_raw > MAX_HEADER_BYTES + HEAD_SLACK_BYTES:
                 self.stop()
                 raise _too_large()
+        else:
+            self._framing += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # an Upgrade header on an ordinary request: answered as plain HTTP
         except httptools.HttpParserError as exc:
             refusal, self._refusal = self._refusal, None
+            cause = exc.__context__
+            if refusal is None and isinstance(cause, Exception):
+                bug = not isinstance(cause, _Stopped | RequestRefused)
+                if bug:  # behind on_request, not the client's fault: surface it
+                    self.stop()
+                    raise cause from exc
             if self.stopped and refusal is None:
                 return  # stopped from on_request: the rest is not ours to parse
             self.stop()
@@ -110,6 +140,12 @@ class RequestParser:
                     error_response(400, "bad_request", "malformed HTTP request")
                 )
             raise refusal from exc
+        if self._head_raw < 0 and self._framing - self._body_seen > MAX_HEADER_BYTES + (
+            FRAMING_PER_BODY_BYTE * self._body_seen
+        ):
+            # Far more chunk framing than chunk data: an endless trailer or chunk extension.
+            self.stop()
+            raise _too_large()
 
     def stop(self) -> None:
         """Parses nothing more; forgets what may hold a token."""
@@ -131,6 +167,8 @@ class RequestParser:
         self._headers = []
         self._header_bytes = 0
         self._body = None
+        self._framing = 0
+        self._body_seen = 0
 
     def on_url(self, url: bytes) -> None:
         if self.stopped:
@@ -153,23 +191,39 @@ class RequestParser:
             raise _Stopped
         parser = self._parser
         self._head_raw = -1
-        refusal = ambiguous_head(self._headers, parser.get_http_version())
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            self._refuse(
+                RequestRefused(
+                    error_response(
+                        505, "http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served"
+                    )
+                )
+            )
+        refusal = ambiguous_head(self._headers, version)
         if refusal is not None:
             self._refuse(RequestRefused(error_response(400, "bad_request", refusal)))
         # Only a body the handler asks for is kept; any other is read and dropped.
         if parser.get_method() == b"POST":
             limit = self._body_limit(self._url, self._headers)
             if limit > 0:
-                self._body = []
+                self._body = bytearray()
                 self._body_left = limit
+                if (
+                    self._on_continue is not None
+                    and version == "1.1"
+                    and _expects_continue(self._headers)
+                ):
+                    self._on_continue()
 
     def on_body(self, chunk: bytes) -> None:
         if self.stopped:
             raise _Stopped
+        self._body_seen += len(chunk)
         body = self._body
         if body is None:
             return
-        body.append(chunk)
+        body += chunk
         self._body_left -= len(chunk)
         if self._body_left < 0:
             self._body = None
@@ -191,7 +245,7 @@ class RequestParser:
             query_string=url.query.decode("latin-1") if url.query else "",
             headers=dict(self._headers),
             keep_alive=parser.should_keep_alive(),
-            body=b"".join(self._body) if self._body else b"",
+            body=bytes(self._body) if self._body else b"",
             http_version=parser.get_http_version(),
         )
         self._headers = []

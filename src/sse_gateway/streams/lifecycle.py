@@ -43,7 +43,6 @@ from sse_gateway.streams.stream import (
     CLOSED,
     PlainStream,
     Stream,
-    bound_send_buffer,
     farewell,
     session_expired,
 )
@@ -134,8 +133,7 @@ class StreamLifecycle:
         name = self._hub.intern(channel_name(identity.brand_id, identity.player_id))
         kind = Stream if chunked else PlainStream
         stream = kind(transport, name, conn_no, head, self, paused)
-        transport.set_protocol(stream)
-        bound_send_buffer(transport)
+        transport.set_protocol(stream)  # its SO_SNDBUF was capped when the socket was accepted
         if identity.valid_until is not None:
             self.expiry.add(stream, identity.valid_until)
         if conn_log.isEnabledFor(logging.INFO):
