@@ -1095,3 +1095,15 @@ async def test_a_handler_bug_is_not_mistaken_for_a_malformed_request() -> None:
     conn = Conn(FakeHandler(action=broken))
     with pytest.raises(KeyError):
         conn.feed(get())
+
+
+@run_in_loop
+async def test_a_malformed_request_behind_an_async_one_is_refused_after_its_answer() -> None:
+    # Fuzzing: the 400 was written before the answer owed to the request in front of it.
+    conn = Conn(FakeHandler(action=lambda reader, request: reader.begin_async()))
+    conn.feed(get("/publish") + b"GET /x HTTP\x00/1.1\r\n\r\n")
+    assert conn.transport.writes == []
+    conn.reader.respond(OK, keep_alive=True)
+    conn.reader.end_async()
+    assert [status for status, _, _ in conn.responses()] == [200, 400]
+    assert conn.transport.closed

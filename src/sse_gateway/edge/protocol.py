@@ -53,6 +53,7 @@ class RequestReader(asyncio.Protocol):
         "handler",
         "parser",
         "reading_paused",
+        "refusal",
         "requests",
         "timer",
         "transport",
@@ -66,6 +67,7 @@ class RequestReader(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(handler.body_limit, self._request_complete, self._continue)
         self.requests: deque[Request] | None = None  # complete, waiting for their turn
+        self.refusal: Response | None = None  # for a malformed request behind those
         self.busy = False  # an async handler has not answered yet
         self.closed = False
         self.counted = False  # the admission counts this socket as a reader
@@ -116,7 +118,7 @@ class RequestReader(asyncio.Protocol):
         try:  # _parse, inlined: once per request on the connect path
             self.parser.feed(data)
         except RequestRefused as refused:
-            self.respond(refused.response, keep_alive=False)
+            self._refuse(refused.response)
 
     def _wait_turn(self) -> None:
         """Waits (the socket paused) for a loop turn with request budget left."""
@@ -146,16 +148,24 @@ class RequestReader(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except RequestRefused as refused:
-            self.respond(refused.response, keep_alive=False)
+            self._refuse(refused.response)
             return False
         return not self.closed
+
+    def _refuse(self, response: Response) -> None:
+        """Answers a malformed request and closes, after the answers owed before it."""
+        if self.busy or self.requests:
+            self.refusal, self.deferred = response, b""
+            self._pause_reading()
+        else:
+            self.respond(response, keep_alive=False)
 
     def _resume(self) -> None:
         self.waiting_turn = False
         self._drain()
 
     def _drain(self) -> None:
-        """Serves what waits (requests, then bytes), one request per unit of the turn's
+        """Serves what waits (requests, a refusal, bytes), a request per unit of the turn's
         budget, until something blocks again; reading resumes once nothing is left."""
         while True:
             transport = self.transport
@@ -176,6 +186,9 @@ class RequestReader(asyncio.Protocol):
                 self.handler.handle(self, request)
                 continue
             self.requests = None
+            if self.refusal is not None:
+                self.respond(self.refusal, keep_alive=False)
+                return
             if not self.deferred:
                 break
             if self.admission.request_budget <= 0:
@@ -217,7 +230,7 @@ class RequestReader(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self.requests or self.deferred:
+        if self.requests or self.deferred or self.refusal:
             self._drain()
         else:
             self._classify()
@@ -276,9 +289,7 @@ class RequestReader(asyncio.Protocol):
 
     def respond(self, response: Response, *, keep_alive: bool, head_only: bool = False) -> None:
         """Writes a complete response; closes unless the connection may serve another request.
-
-        Does nothing once the socket is closed or handed over to a stream.
-        """
+        Does nothing once the socket is closed or handed over to a stream."""
         transport = self.transport
         if transport is None or self.closed:
             return
@@ -315,12 +326,6 @@ class RequestReader(asyncio.Protocol):
             # keep the socket (and the answer) forever.
             self._start_timer(transport.abort)
 
-    def peer_host(self) -> str | None:
-        """The client's IP address as the socket sees it (a proxy's, behind one), or None."""
-        transport = self.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        return peer[0] if isinstance(peer, tuple) and peer else None
-
     def begin_async(self) -> None:
         """The handler answers later (e.g. after a publish): requests that arrive meanwhile
         wait, with reading paused."""
@@ -332,14 +337,9 @@ class RequestReader(asyncio.Protocol):
         self._drain()
 
     def hand_over(self) -> asyncio.Transport:
-        """Gives the socket up for a stream: no more request parsing, no timers, no responses.
-
-        The caller installs the stream with `transport.set_protocol`, after reading
-        `writing_paused` (a stream must know its socket is already backed up); from then on
-        the stream hears `connection_lost` and flow control, and the socket's budget slot
-        goes with it. Reading is resumed if the reader had paused it: a stream must see the
-        client leave.
-        """
+        """Gives the socket up for a stream: no more parsing, timers or responses. The caller
+        reads `writing_paused`, then installs the stream (`transport.set_protocol`), which
+        takes the socket's budget slot. Reading resumes: a stream must see the client leave."""
         transport = self.transport
         assert transport is not None and not self.closed, "only an open socket is handed over"
         if self.reading_paused:

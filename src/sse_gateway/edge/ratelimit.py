@@ -14,6 +14,7 @@ forgotten (that address starts again with a full bucket).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 from collections import OrderedDict
@@ -38,6 +39,12 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def peer_host(transport: asyncio.BaseTransport | None) -> str | None:
+    """The client's IP address as the socket sees it (a proxy's, behind one), or None."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return peer[0] if isinstance(peer, tuple) and peer else None
 
 
 @dataclass(slots=True)

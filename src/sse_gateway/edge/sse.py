@@ -22,7 +22,7 @@ from sse_gateway.edge.admission import (
 from sse_gateway.edge.auth import AuthError, TokenVerifier
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
-from sse_gateway.edge.ratelimit import ConnectRateLimit
+from sse_gateway.edge.ratelimit import ConnectRateLimit, peer_host
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.lifecycle import StreamLifecycle
 from sse_gateway.wire.envelope import EVENT_ID_PATTERN
@@ -155,7 +155,7 @@ class StreamEndpoint:
         limit = self._rate_limit
         assert limit is not None
         forwarded = request.header(b"x-forwarded-for")
-        key = limit.client_key(reader.peer_host(), forwarded)
+        key = limit.client_key(peer_host(reader.transport), forwarded)
         if key is None:
             return False
         wait = limit.retry_after(key, time.monotonic())
