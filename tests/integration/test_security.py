@@ -47,17 +47,53 @@ INDEX: dict[str, list[str]] = {
     "4 Host and Authorization rules of RFC 9112": [
         "unit/test_request_reader.py::test_heads_rfc_9112_refuses_are_400",
     ],
+    "5 session lifetime: session_expired, SSE_JWT_MAX_TTL": [
+        "integration/test_session_limits.py::"
+        "test_a_stream_ends_with_session_expired_and_a_new_token_resumes_it_losing_nothing",
+        "integration/test_session_limits.py::"
+        "test_default_max_ttl_refuses_tokens_that_expire_more_than_a_day_ahead",
+        "integration/test_session_limits.py::test_max_ttl_from_the_environment",
+        "integration/test_session_limits.py::"
+        "test_chromium_event_source_on_session_expired_and_on_too_many_connections",
+    ],
     "6 aud without SSE_JWT_AUDIENCE": [
         "integration/test_http_errors.py::test_audience_and_issuer_are_enforced",
+        "unit/test_auth.py::test_a_token_with_an_audience_is_refused_when_none_is_configured",
+    ],
+    "7 canonical base64url only": [
+        "unit/test_auth.py::test_only_the_canonical_spelling_of_each_token_part_verifies",
+    ],
+    "8 an empty variable is unset": [
+        "unit/test_settings.py::test_an_empty_jwt_secret_env_var_is_unset_next_to_a_keys_file",
+        "integration/test_config_cli.py::test_empty_jwt_secret_is_refused",
+    ],
+    "9 key rotation: kid, SIGHUP, JWKS": [
+        "integration/test_key_rotation.py::test_sighup_rotates_keys_and_streams_stay_open",
+        "integration/test_key_rotation.py::"
+        "test_sighup_reaches_every_worker_and_restarted_workers_keep_the_new_keys",
+        "integration/test_key_rotation.py::test_jwks_brand_and_early_refresh_on_an_unknown_kid",
+        "integration/test_key_rotation.py::"
+        "test_jwks_is_refetched_every_period_and_a_failed_fetch_keeps_the_keys",
+    ],
+    "12 SSE_MAX_CONNECTIONS_PER_PLAYER": [
+        "integration/test_session_limits.py::test_the_newest_stream_over_the_per_player_cap_gives_way",
+        "integration/test_session_limits.py::test_one_token_cannot_take_every_slot_of_an_instance",
     ],
     "13 per-address connect rate": [
         "integration/test_dos.py::test_connect_rate_per_ip_answers_429_with_retry_after",
         "integration/test_dos.py::test_x_forwarded_for_from_an_untrusted_peer_is_ignored",
         "unit/test_ratelimit.py::test_client_key",
     ],
+    "14 CORS headers on errors": [
+        "integration/test_clients.py::test_cors_errors_to_an_allowed_origin_are_readable",
+    ],
     "15 HEAD answers carry no content": [
         "integration/test_http_errors.py::"
         "test_an_answer_to_head_has_no_content_whatever_its_status",
+    ],
+    "16 --dev never shows or mints with real keys": [
+        "integration/test_config_cli.py::test_dev_mode_refuses_real_keys",
+        "integration/test_config_cli.py::test_dev_mode_listens_on_loopback_unless_told",
     ],
     "17 /metrics on a listener of its own": [
         "integration/test_metrics_port.py::test_metrics_are_served_on_the_metrics_port_only",
