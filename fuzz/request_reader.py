@@ -51,7 +51,8 @@ from typing import Any
 from fakes import FakeClockLoop
 
 from sse_gateway.edge.admission import Admission
-from sse_gateway.edge.protocol import MAX_HEADER_BYTES, RequestReader
+from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.edge.request_parser import MAX_HEADER_BYTES
 from sse_gateway.metrics import Metrics
 from sse_gateway.wire.http import Request, Response
 

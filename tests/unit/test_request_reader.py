@@ -15,6 +15,7 @@ from fakes import FakeHandler, FakeTransport, advance, parse_response, run_in_lo
 from sse_spec_parser import parse_sse
 
 from sse_gateway.edge.admission import (
+    HEADER_TIMEOUT,
     MIN_READERS,
     REQUESTS_PER_TICK,
     RETRY_AFTER_SECONDS,
@@ -25,12 +26,12 @@ from sse_gateway.edge.admission import (
 )
 from sse_gateway.edge.protocol import (
     FEED_SLICE,
-    HEADER_TIMEOUT,
-    MAX_HEADER_BYTES,
+    PIPELINED_PER_TURN,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     RequestReader,
 )
+from sse_gateway.edge.request_parser import MAX_HEADER_BYTES
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.stream import RETRY_SPREAD_MS
 from sse_gateway.wire.http import Request, Response, encode_response, json_response
@@ -291,6 +292,7 @@ async def test_bytes_behind_an_async_request_wait_unparsed_with_reading_paused()
     for served in range(2, 41):
         conn.reader.respond(OK, keep_alive=True)
         conn.reader.end_async()
+        await turns(1)  # at most PIPELINED_PER_TURN of them per loop turn
         assert len(handler.requests) == served
         assert not conn.transport.reading
     conn.reader.respond(OK, keep_alive=True)
@@ -976,24 +978,33 @@ async def test_an_http10_request_needs_no_host() -> None:
 @run_in_loop
 async def test_the_turn_budget_counts_requests_not_reads() -> None:
     # One read of 7,000 pipelined /healthz cost 12 s of CPU in one loop turn.
-    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
-    conn.feed(get("/healthz") * 500)
-    assert len(conn.handler.requests) == REQUESTS_PER_TICK
-    assert not conn.transport.reading
-    await turns(1)
-    assert len(conn.handler.requests) <= 2 * REQUESTS_PER_TICK
-    await turns(10)
-    assert len(conn.handler.requests) == 500
-    assert conn.transport.reading
+    admission = Admission(connection_limit=1000, metrics=Metrics())
+    conns = [Conn(FakeHandler(action=answer(keep_alive=True)), admission) for _ in range(20)]
+    for conn in conns:
+        conn.feed(get("/healthz") * 50)
+    counts = [len(c.handler.requests) for c in conns]
+    assert sum(counts) == REQUESTS_PER_TICK
+    assert max(counts) == PIPELINED_PER_TURN  # one pipelining socket cannot take the turn
+    for _ in range(20):
+        before = sum(len(c.handler.requests) for c in conns)
+        await turns(1)
+        assert sum(len(c.handler.requests) for c in conns) - before <= REQUESTS_PER_TICK
+    assert all(len(c.handler.requests) == 50 for c in conns)
+    assert all(c.transport.reading for c in conns)
 
 
 @run_in_loop
 async def test_a_client_that_is_gone_gets_no_more_answers() -> None:
     conn = Conn(FakeHandler(action=answer(keep_alive=True)))
     conn.feed(get("/healthz") * 500)
-    conn.transport.closed = True  # the peer went away: the transport is closing
+    assert len(conn.handler.requests) == PIPELINED_PER_TURN
+    conn.transport.closed = True  # a write failed: the transport is closing
     await turns(10)
-    assert len(conn.handler.requests) == REQUESTS_PER_TICK
+    assert len(conn.handler.requests) == PIPELINED_PER_TURN
+    gone = Conn(FakeHandler(action=answer(keep_alive=True)))
+    gone.transport.closed = True
+    gone.feed(get("/healthz") * 5)  # requests parsed after the client left are not served
+    assert gone.handler.requests == []
 
 
 @run_in_loop
@@ -1107,3 +1118,34 @@ async def test_a_malformed_request_behind_an_async_one_is_refused_after_its_answ
     conn.reader.end_async()
     assert [status for status, _, _ in conn.responses()] == [200, 400]
     assert conn.transport.closed
+
+
+@run_in_loop
+async def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent() -> None:
+    conn = Conn(FakeHandler(body_limit=100))
+    conn.feed(
+        b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    [(status, _, body)] = conn.responses()  # no 100 Continue first
+    assert status == 413 and error_code(body) == "payload_too_large"
+
+
+@run_in_loop
+async def test_the_http2_preface_answers_505() -> None:
+    conn = Conn()
+    conn.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    [(status, _, body)] = conn.responses()
+    assert status == 505 and error_code(body) == "http_version_not_supported"
+
+
+@run_in_loop
+async def test_no_100_continue_ahead_of_an_answer_still_owed() -> None:
+    def action(reader: RequestReader, request: Request) -> None:
+        reader.begin_async()
+
+    conn = Conn(FakeHandler(action=action, body_limit=100))
+    conn.feed(
+        post("/p", b"a")
+        + b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert conn.transport.writes == []

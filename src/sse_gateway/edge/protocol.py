@@ -18,16 +18,17 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol, cast
 
-from sse_gateway.edge.admission import HEADER_TIMEOUT, Admission, unavailable
-from sse_gateway.edge.request_parser import MAX_HEADER_BYTES, RequestParser, RequestRefused
+from sse_gateway.edge.admission import Admission, unavailable
+from sse_gateway.edge.request_parser import RequestParser, RequestRefused
 from sse_gateway.streams.stream import bound_send_buffer
 from sse_gateway.wire.http import Request, Response, encode_response, error_response
-
-__all__ = ["HEADER_TIMEOUT", "MAX_HEADER_BYTES", "RequestHandler", "RequestReader"]
 
 # The parser is fed at most this many bytes at a time, so that requests pipelined behind one
 # whose answer is backed up stay unparsed bytes: at most FEED_SLICE / 18 parsed ones wait.
 FEED_SLICE = 2048
+# Requests one connection may have answered per loop turn: pipelining costs its own sender
+# the wait, not everyone else (browsers and SSE clients never pipeline).
+PIPELINED_PER_TURN = 8
 # Above this many bytes in the transport's buffer, events wait in the stream's own queue.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
@@ -55,6 +56,7 @@ class RequestReader(asyncio.Protocol):
         "reading_paused",
         "refusal",
         "requests",
+        "served",
         "timer",
         "transport",
         "waiting_turn",
@@ -68,6 +70,7 @@ class RequestReader(asyncio.Protocol):
         self.parser = RequestParser(handler.body_limit, self._request_complete, self._continue)
         self.requests: deque[Request] | None = None  # complete, waiting for their turn
         self.refusal: Response | None = None  # for a malformed request behind those
+        self.served = 0  # requests handled this loop turn
         self.busy = False  # an async handler has not answered yet
         self.closed = False
         self.counted = False  # the admission counts this socket as a reader
@@ -99,16 +102,15 @@ class RequestReader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return  # answered and closing (or lingering): what the client still sends is dropped
+        self.served = 0  # a socket is read at most once per loop turn
         if self.deferred or self.requests or self.busy or self.writing_paused or self.waiting_turn:
-            # Something is waiting already (an answer, a request, bytes): these bytes wait
-            # behind it, unparsed, and the socket stops reading until it is done.
+            # Something waits already: these bytes wait behind it, unparsed, reading paused.
             self.deferred += data
             self._pause_reading()
             self._classify()
             return
         if self.admission.request_budget <= 0:
-            # A connect storm must not hold up everyone else's events: past this loop turn's
-            # budget, the bytes wait unparsed (the socket paused) for a later turn.
+            # A connect storm must not hold up everyone's events: the bytes wait a turn.
             self.deferred = data
             self._wait_turn()
             return
@@ -162,6 +164,7 @@ class RequestReader(asyncio.Protocol):
 
     def _resume(self) -> None:
         self.waiting_turn = False
+        self.served = 0
         self._drain()
 
     def _drain(self) -> None:
@@ -177,9 +180,10 @@ class RequestReader(asyncio.Protocol):
                 return  # the client is gone: nothing more is answered
             requests = self.requests
             if requests:
-                if not self.admission.spend_request():
+                if self.served >= PIPELINED_PER_TURN or not self.admission.spend_request():
                     self._wait_turn()
                     return
+                self.served += 1
                 request = requests.popleft()
                 self._cancel_timer()
                 self.admission.reader_working(self)
@@ -204,8 +208,7 @@ class RequestReader(asyncio.Protocol):
 
     def _classify(self) -> None:
         """Tells the admission whether this reader waits on the client (evictable: a request
-        head or body still coming, an answer unread, requests pipelined behind the one in
-        flight) or on the gateway (one request waiting for its turn or its answer)."""
+        coming, an answer unread, requests pipelined) or on us (one request, waiting)."""
         if self.closed or not self.counted:
             return
         requests = self.requests
@@ -249,24 +252,25 @@ class RequestReader(asyncio.Protocol):
     def evict(self) -> None:
         """Closes the socket at once (the admission needs its slot; it no longer counts it)."""
         self.counted = False
-        transport = self.transport
-        self._cancel_timer()
-        self.parser.stop()
-        self.closed = True
-        if transport is not None:
-            transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+        self.connection_lost(None)
 
     def _continue(self) -> None:
         """`Expect: 100-continue` on a body the handler keeps: the client may send it now."""
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not (self.closed or self.busy or self.requests):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _request_complete(self, request: Request) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client is gone (a write failed): the answer would be thrown away
         if (
             self.busy
             or self.writing_paused
             or self.requests
             or self.waiting_turn
+            or self.served >= PIPELINED_PER_TURN
             or not self.admission.spend_request()
         ):
             # One request in flight, and one per unit of the turn's budget: this one waits.
@@ -278,6 +282,7 @@ class RequestReader(asyncio.Protocol):
             else:
                 self._wait_turn()
             return  # the timer runs on: the answer before it must be read in time
+        self.served += 1
         timer = self.timer
         if timer is not None:
             timer.cancel()
@@ -321,14 +326,11 @@ class RequestReader(asyncio.Protocol):
             self._start_timer(partial(_end_linger, transport))
             return
         transport.close()
-        if transport.get_write_buffer_size():
-            # close() waits for the buffer to drain: a client that never reads would
-            # keep the socket (and the answer) forever.
+        if transport.get_write_buffer_size():  # close() would wait for a client that never reads
             self._start_timer(transport.abort)
 
     def begin_async(self) -> None:
-        """The handler answers later (e.g. after a publish): requests that arrive meanwhile
-        wait, with reading paused."""
+        """The handler answers later (a publish): what arrives meanwhile waits, unread."""
         self.busy = True
 
     def end_async(self) -> None:
@@ -381,17 +383,15 @@ class RequestReader(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.busy:
             return
-        if self.requests or self.deferred or self.writing_paused:
-            self.closed = True
-            self.parser.stop()
-            transport.abort()
-            return
-        if self.parser.in_head:
+        if self.parser.in_head and not (self.requests or self.deferred or self.writing_paused):
             self._header_timeout()  # a next request began and did not finish in time
             return
         self.closed = True
         self.parser.stop()
-        transport.close()
+        if self.requests or self.deferred or self.writing_paused:
+            transport.abort()
+        else:
+            transport.close()
 
 
 def _end_linger(transport: asyncio.Transport) -> None:

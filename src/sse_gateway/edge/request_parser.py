@@ -48,6 +48,23 @@ def _too_large() -> RequestRefused:
     )
 
 
+_BODY_TOO_LARGE = error_response(413, "payload_too_large", "request body is too large")
+
+
+def _version_refused() -> RequestRefused:
+    return RequestRefused(
+        error_response(505, "http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served")
+    )
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The announced body size (0 when none or not a number: httptools refuses those)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.strip().isdigit() else 0
+    return 0
+
+
 def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
 
@@ -112,6 +129,9 @@ class RequestParser:
         """
         if self.stopped:
             return
+        if self._head_raw == 0 and data.startswith(b"PRI * HTTP/2.0"):
+            self.stop()  # the preface of HTTP/2 with prior knowledge (h2c)
+            raise _version_refused()
         if self._head_raw >= 0:
             end = data.find(b"\r\n\r\n")
             self._head_raw += len(data) if end < 0 else end + 4
@@ -193,13 +213,7 @@ class RequestParser:
         self._head_raw = -1
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
-            self._refuse(
-                RequestRefused(
-                    error_response(
-                        505, "http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served"
-                    )
-                )
-            )
+            self._refuse(_version_refused())
         refusal = ambiguous_head(self._headers, version)
         if refusal is not None:
             self._refuse(RequestRefused(error_response(400, "bad_request", refusal)))
@@ -207,6 +221,8 @@ class RequestParser:
         if parser.get_method() == b"POST":
             limit = self._body_limit(self._url, self._headers)
             if limit > 0:
+                if _content_length(self._headers) > limit:  # refused before it is sent
+                    self._refuse(RequestRefused(_BODY_TOO_LARGE))
                 self._body = bytearray()
                 self._body_left = limit
                 if (
@@ -227,11 +243,7 @@ class RequestParser:
         self._body_left -= len(chunk)
         if self._body_left < 0:
             self._body = None
-            self._refuse(
-                RequestRefused(
-                    error_response(413, "payload_too_large", "request body is too large")
-                )
-            )
+            self._refuse(RequestRefused(_BODY_TOO_LARGE))
 
     def on_message_complete(self) -> None:
         if self.stopped:
