@@ -3,8 +3,10 @@ behaviour of its own beyond start, drain and close.
 
     broker --on_message--> Fanout --> ConnectionHub --> Channel --> Stream --> socket
     broker --on_state----> OutageRecovery (refill each channel's gap from history)
+    broker --on_control--> SessionControl --> streams of the target closed (`disconnected`)
     socket --> RequestReader --> Router --> StreamEndpoint --> StreamLifecycle --> Stream
-                                       \\-> PublishEndpoint --> broker
+                                       \\-> PublishEndpoint, DisconnectEndpoint --> broker
+                                       \\-> TicketEndpoint --> broker
 
 `docs/architecture.md` walks both paths function by function.
 """
@@ -16,13 +18,16 @@ from sse_gateway.broker.memory import MemoryBroker
 from sse_gateway.broker.redis import RedisBroker
 from sse_gateway.edge.admission import Admission, effective_connection_limit
 from sse_gateway.edge.auth import TokenVerifier
+from sse_gateway.edge.control_api import DisconnectEndpoint
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.routes import Router
 from sse_gateway.edge.sse import StreamEndpoint
+from sse_gateway.edge.tickets import TicketEndpoint
 from sse_gateway.metrics import Metrics
 from sse_gateway.settings import Settings
+from sse_gateway.streams.control import SessionControl
 from sse_gateway.streams.fanout import Fanout
 from sse_gateway.streams.heartbeat import HeartbeatScheduler
 from sse_gateway.streams.history import HistoryReader
@@ -78,6 +83,9 @@ class Gateway:
             metrics=metrics,
             retry_ms=settings.retry_ms,
         )
+        self.control = SessionControl(
+            broker=broker, hub=self.hub, metrics=metrics, retry_ms=settings.retry_ms
+        )
         cors = CorsPolicy(settings.cors_origins)
         streams = StreamEndpoint(
             verifier=TokenVerifier(
@@ -90,10 +98,11 @@ class Gateway:
             admission=self.admission,
             broker=broker,
             lifecycle=self.lifecycle,
+            control=self.control,
             metrics=metrics,
             retry_ms=settings.retry_ms,
         )
-        publish = None
+        publish = disconnect = None
         if settings.publish_api_key is not None:
             publish = PublishEndpoint(
                 api_key=settings.publish_api_key,
@@ -101,10 +110,13 @@ class Gateway:
                 metrics=metrics,
                 max_event_bytes=settings.max_event_bytes,
             )
+            disconnect = DisconnectEndpoint(authorized=publish.authorized, broker=broker)
         self.router = Router(
             settings,
             streams=streams,
+            tickets=TicketEndpoint(streams=streams, broker=broker, cors=cors),
             publish=publish,
+            disconnect=disconnect,
             cors=cors,
             metrics=metrics,
             ready_reason=self.ready_reason,
@@ -136,7 +148,9 @@ class Gateway:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.broker.start(self.fanout.on_message, self.recovery.on_broker_state)
+        await self.broker.start(
+            self.fanout.on_message, self.recovery.on_broker_state, self.control.on_control
+        )
         self.heartbeats.start()
 
     def ready_reason(self) -> str | None:

@@ -139,7 +139,7 @@ def test_reserved_type(event_type: str) -> None:
 
 
 def test_reserved_types_are_the_documented_ones() -> None:
-    assert frozenset({"connected", "heartbeat", "error", "close"}) == RESERVED_TYPES
+    assert frozenset({"connected", "heartbeat", "error", "close", "disconnected"}) == RESERVED_TYPES
 
 
 def test_reserved_type_check_is_case_sensitive() -> None:

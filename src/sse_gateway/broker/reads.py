@@ -206,6 +206,20 @@ class HistoryReads:
                 heads.append(entries[0][0].decode("ascii") if entries else None)
         return heads, now_ms
 
+    async def count_existing(self, groups: list[tuple[bytes, bytes]]) -> list[int]:
+        """For each pair of keys: how many of them exist (EXISTS), in one pipeline per
+        `PIPELINE` pairs. BrokerUnavailable as the history reads."""
+        commands = [
+            b"*3\r\n$6\r\nEXISTS\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(a), a, len(b), b)
+            for a, b in groups
+        ]
+        counts: list[int] = []
+        for reply in await self._run(commands):
+            if not isinstance(reply, int):
+                raise BrokerUnavailable(f"redis answered EXISTS with {reply!r}")
+            counts.append(reply)
+        return counts
+
     async def _run(self, commands: list[bytes]) -> list[object]:
         replies: list[object] = []
         for start in range(0, len(commands), self.PIPELINE):

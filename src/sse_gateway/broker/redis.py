@@ -7,7 +7,8 @@ it returns. The socket itself is a `PubSubProtocol` (see `pubsub.py`).
 
 Publishing goes through redis-py on a small blocking pool (at most `COMMAND_CONNECTIONS`
 sockets); history reads, batched by the caller into pipelines, have a hiredis-read connection
-of their own (`reads.py`).
+of their own (`reads.py`). Session control: the control channel is one more channel of the
+Pub/Sub connection; disconnects, blocks and tickets are `control.py`'s.
 """
 
 from __future__ import annotations
@@ -23,13 +24,22 @@ from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 
-from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry, MessageHandler, StateHandler
+from sse_gateway.broker.base import (
+    BrokerUnavailable,
+    ControlHandler,
+    DisconnectOutcome,
+    HistoryEntry,
+    MessageHandler,
+    StateHandler,
+)
+from sse_gateway.broker.control import ControlCommands
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.reads import HistoryReads
 from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent, PublishUnavailable
 from sse_gateway.publish.publisher import Publisher, async_no_retry, client_kwargs
 from sse_gateway.settings import RedisAddress
+from sse_gateway.wire.control import CONTROL_CHANNEL
 
 log = logging.getLogger("sse_gateway.broker")
 
@@ -40,8 +50,9 @@ BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
 
-# `message` replies never get here: PubSubProtocol hands them to `_on_message` directly.
-_PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong"})
+# `message` replies get here only for the control channel: PubSubProtocol hands the others
+# to `_on_message` directly.
+_PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong", b"message"})
 
 
 class RedisBroker:
@@ -62,6 +73,7 @@ class RedisBroker:
         self._address = address
         self._on_message: MessageHandler = _not_started
         self._on_state: StateHandler = _not_started
+        self._on_control: ControlHandler | None = None
         self._book = SubscriptionBook()
         self._flush_scheduled = False
         self._protocol: PubSubProtocol | None = None
@@ -91,6 +103,7 @@ class RedisBroker:
             history_ttl=int(history_ttl),
             max_event_bytes=max_event_bytes,
         )
+        self._control = ControlCommands(self._commands, self._reads)
 
     @property
     def connected(self) -> bool:
@@ -106,9 +119,19 @@ class RedisBroker:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+    async def start(
+        self,
+        on_message: MessageHandler,
+        on_state: StateHandler,
+        on_control: ControlHandler | None = None,
+    ) -> None:
         self._on_message = on_message
         self._on_state = on_state
+        if on_control is not None:
+            self._on_control = on_control
+            # Wanted for as long as the broker runs: no stream ever unsubscribes it, and
+            # every reconnect subscribes it again with the players' channels.
+            self._book.subscribe(CONTROL_CHANNEL)
         self._task = asyncio.create_task(self._run(), name="redis-pubsub")
 
     async def close(self) -> None:
@@ -137,12 +160,13 @@ class RedisBroker:
         attempt = 0
         address = self._address
         ssl_context = ssl.create_default_context() if address.tls else None
+        control = CONTROL_CHANNEL if self._on_control is not None else None
         while not self._closing:
             protocol: PubSubProtocol | None = None
             try:
                 _, connected = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: PubSubProtocol(self._on_message, self._on_reply),
+                        lambda: PubSubProtocol(self._on_message, self._on_reply, control),
                         address.host,
                         address.port,
                         ssl=ssl_context,
@@ -297,6 +321,9 @@ class RedisBroker:
                 commands = self._book.unsubscribe_confirmed(reply[1])
                 if commands:
                     self._write(commands)
+            elif kind == b"message":
+                if self._on_control is not None and len(reply) == 3:
+                    self._on_control(reply[2])
             else:
                 self._last_pong = time.monotonic()
             return
@@ -328,6 +355,22 @@ class RedisBroker:
 
     async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
         return await self._reads.read_heads(channels)
+
+    # --- session control (broker/control.py) ------------------------------------------------
+
+    async def publish_disconnect(
+        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
+    ) -> DisconnectOutcome:
+        return await self._control.publish_disconnect(message, block_key, block_ms, block_value)
+
+    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
+        return await self._control.read_blocks(keys)
+
+    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
+        await self._control.put_ticket(key, value, ttl)
+
+    async def take_ticket(self, key: bytes) -> bytes | None:
+        return await self._control.take_ticket(key)
 
 
 def _not_started(*_: object) -> None:

@@ -22,7 +22,7 @@ _RUN_OF_20 = b"0" * 20
 # message. Bounded: publishers that invent types without end fall back to validating each.
 _FRAME_HEADS: dict[str, bytes] = {}
 MAX_CACHED_TYPES = 4096
-RESERVED_TYPES = frozenset({"connected", "heartbeat", "error", "close"})
+RESERVED_TYPES = frozenset({"connected", "heartbeat", "error", "close", "disconnected"})
 
 
 class EnvelopeError(ValueError):

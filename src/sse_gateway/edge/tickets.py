@@ -1,0 +1,105 @@
+"""`POST /v1/tickets`: a token (in the `Authorization` header) for a connect ticket.
+
+A page that cannot set headers on an EventSource puts a ticket in the stream URL instead of
+its token: `GET /v1/sse?ticket=…` takes it once, on any instance, within
+`TICKET_TTL_SECONDS` (edge.sse redeems it). Tokens live long and URLs end up in access
+logs, browser history and Referer headers; a used or expired ticket is worth nothing there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import json
+import logging
+import time
+
+from sse_gateway.broker.base import Broker, BrokerUnavailable
+from sse_gateway.edge.admission import unavailable
+from sse_gateway.edge.auth import AuthError
+from sse_gateway.edge.cors import CorsPolicy
+from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.edge.sse import StreamEndpoint
+from sse_gateway.wire.http import Request, Response, error_response, json_response
+from sse_gateway.wire.tickets import (
+    TicketClaims,
+    encode_claims,
+    new_ticket,
+    ticket_key,
+    ticket_ttl,
+)
+
+log = logging.getLogger("sse_gateway")
+
+PATH = "/v1/tickets"
+
+
+class TicketEndpoint:
+    def __init__(self, *, streams: StreamEndpoint, broker: Broker, cors: CorsPolicy) -> None:
+        """`streams` authenticates the token exactly as for a stream request."""
+        self._streams = streams
+        self._broker = broker
+        self._cors = cors
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def preflight(self, request: Request) -> Response:
+        return self._cors.preflight(request, "POST", "Authorization, X-Brand-ID")
+
+    def handle(self, reader: RequestReader, request: Request) -> None:
+        """Answers once the broker has stored the ticket (or refused to)."""
+        reader.begin_async()
+        task = asyncio.get_running_loop().create_task(self._respond(reader, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _respond(self, reader: RequestReader, request: Request) -> None:
+        try:
+            response = await self.issue(request)
+        except Exception:
+            log.exception("ticket issue failed")
+            response = error_response(500, "internal_error", "internal error")
+        reader.respond(response, keep_alive=request.keep_alive)
+        reader.end_async()
+
+    async def issue(self, request: Request) -> Response:
+        """200 `{"ticket", "expires_in"}`; 400, 401 and 403 as for a stream request; 503."""
+        try:
+            authorization = request.header(b"authorization")
+            if authorization is None:
+                # Only the header: the point is to keep tokens out of URLs.
+                raise AuthError(
+                    401, "missing_token", "POST /v1/tickets needs Authorization: Bearer <token>"
+                )
+            identity, cors, _ = self._streams.authenticate(request)
+        except AuthError as exc:
+            return self._streams.auth_refusal(request, exc)
+        now = time.time()
+        valid_until = _token_exp(authorization)
+        ticket = new_ticket()
+        ttl = ticket_ttl(valid_until, now)
+        claims = TicketClaims(identity.brand_id, identity.player_id, valid_until)
+        try:
+            await self._broker.put_ticket(ticket_key(ticket), encode_claims(claims), ttl)
+        except BrokerUnavailable as exc:
+            log.warning("ticket not stored: %s", exc)
+            return unavailable("broker_unavailable", headers=cors)
+        # A credential: no cache may keep it.
+        headers = [*cors, ("Cache-Control", "no-store")]
+        return json_response(200, {"ticket": ticket, "expires_in": ttl}, headers)
+
+
+def _token_exp(authorization: str) -> float | None:
+    """The `exp` of the (verified) token in `authorization`: the ticket must not outlive it."""
+    try:
+        payload = authorization.strip().partition(" ")[2].strip().split(".")[1]
+        claims = json.loads(binascii.a2b_base64(_pad(payload)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return float(exp)
+    return None
+
+
+def _pad(segment: str) -> bytes:
+    return (segment + "=" * (-len(segment) % 4)).translate(str.maketrans("-_", "+/")).encode()
