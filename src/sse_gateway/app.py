@@ -149,9 +149,13 @@ class Gateway:
 
     async def start(self) -> None:
         await self.broker.start(
-            self.fanout.on_message, self.recovery.on_broker_state, self.control.on_control
+            self.fanout.on_message, self._on_broker_state, self.control.on_control
         )
         self.heartbeats.start()
+
+    def _on_broker_state(self, up: bool) -> None:
+        self.recovery.on_broker_state(up)
+        self.control.on_broker_state(up)
 
     def ready_reason(self) -> str | None:
         if self.admission.draining:

@@ -235,6 +235,25 @@ def test_a_block_is_lengthened_never_shortened(
     assert block_ttl(r, brand, player) > 800
 
 
+def test_a_block_stored_while_an_instance_could_not_hear_closes_its_streams_after(
+    pair: tuple[Gateway, Gateway], r: redis.Redis, ids: Callable[..., str]
+) -> None:
+    """A disconnect published while an instance's Pub/Sub connection is down never reaches
+    it; once it is back, the blocks stored meanwhile close the streams they cover."""
+    a, b = pair
+    brand, player, other = ids("b"), ids("p"), ids("q")
+    with b.stream(brand, player) as client, b.stream(brand, other) as bystander:
+        # What a disconnect with a block stores; its message went by unheard.
+        r.set(f"SSE:block:{brand}:{player}", "{}", ex=60)
+        assert not client.wait_closed(0.3)
+        assert r.client_kill_filter(_type="pubsub") >= 2  # every instance drops and reconnects
+        data = assert_disconnected(client, "blocked", blocked=True)
+        assert "block_seconds" not in data
+        event_id = publish_event(a, brand, other, 7)
+        assert read_events(bystander, 1)[0].id == event_id
+    assert any("after a broker outage" in line and player in line for line in audit_lines(b))
+
+
 def test_every_use_is_audited(pair: tuple[Gateway, Gateway], ids: Callable[..., str]) -> None:
     a, _ = pair
     brand, player = ids("b"), ids("p")

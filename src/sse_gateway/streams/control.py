@@ -7,6 +7,9 @@ blocked(identity)     whether a block stops a new stream of this player: the blo
                       are read from the broker (the source of truth, shared by every
                       instance), the checks of one loop turn in one pipeline
 block_generation      bumped by each disconnect with a block applied here
+on_broker_state(up)   after a (re)connect, once the control channel is subscribed again:
+                      the blocks stored while this process could not hear it close the
+                      streams they cover (a disconnect without block is lost to it)
 
 A stream request whose check was answered "not blocked" and that opens only after a
 disconnect with a block came in here may have been checked before that block was stored:
@@ -20,13 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sse_gateway.broker.base import Broker
+from sse_gateway.broker.base import Broker, BrokerUnavailable
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.stream import spread_retry
-from sse_gateway.wire.control import Disconnect, InvalidField, block_keys, decode_control
+from sse_gateway.wire.control import (
+    CONTROL_CHANNEL,
+    Disconnect,
+    InvalidField,
+    block_keys,
+    decode_control,
+)
 from sse_gateway.wire.frames import dump_json, encode_disconnected
-from sse_gateway.wire.naming import Identity
+from sse_gateway.wire.naming import Identity, split_channel
 
 audit_log = logging.getLogger("sse_gateway.audit")
 log = logging.getLogger("sse_gateway")
@@ -70,19 +79,58 @@ class SessionControl:
         }
         if disconnect.block_seconds > 0:
             payload["block_seconds"] = disconnect.block_seconds
+        closed = self._close(disconnect.brand_id, disconnect.player_id, payload)
+        audit_log.info(
+            "disconnect applied: target=%s closed=%d block_seconds=%d",
+            disconnect.target,
+            closed,
+            disconnect.block_seconds,
+        )
+        return closed
+
+    def _close(self, brand_id: str, player_id: str | None, payload: dict[str, object]) -> int:
         data = dump_json(payload).encode("utf-8")
-        streams = self._hub.streams_of(disconnect.brand_id, disconnect.player_id)
+        streams = self._hub.streams_of(brand_id, player_id)
         for stream in streams:
             # A `retry:` of its own per stream: a brand's clients, closed together, must not
             # come back together (a blocked one is refused 403 `blocked` and stops).
             stream.close("kicked", final=encode_disconnected(data, spread_retry(self._retry_ms)))
-        audit_log.info(
-            "disconnect applied: target=%s closed=%d block_seconds=%d",
-            disconnect.target,
-            len(streams),
-            disconnect.block_seconds,
-        )
         return len(streams)
+
+    # --- after a broker outage ---------------------------------------------------------------
+
+    def on_broker_state(self, up: bool) -> None:
+        """The broker's state handler (beside `OutageRecovery`'s)."""
+        if up:
+            # Read once the control channel is subscribed again: a block stored after the
+            # read comes in as a message.
+            self._broker.when_subscribed(CONTROL_CHANNEL, self._sweep_soon)
+
+    def _sweep_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._sweep())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep(self) -> None:
+        players = [split_channel(channel.name) for channel in self._hub.channels()]
+        targets = [player for player in players if player is not None]
+        if not targets:
+            return
+        try:
+            blocked = await self._broker.read_blocks([block_keys(*who) for who in targets])
+        except BrokerUnavailable as exc:
+            log.warning("blocks not checked after the broker reconnected: %s", exc)
+            return
+        for (brand_id, player_id), is_blocked in zip(targets, blocked, strict=True):
+            if is_blocked:
+                # The disconnect's own reason went by while this process could not hear it.
+                closed = self._close(brand_id, player_id, {"reason": "blocked", "blocked": True})
+                audit_log.info(
+                    "disconnect applied after a broker outage: target=%s/%s closed=%d",
+                    brand_id,
+                    player_id,
+                    closed,
+                )
 
     # --- block checks ------------------------------------------------------------------------
 
