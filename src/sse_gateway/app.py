@@ -114,7 +114,7 @@ class Gateway:
         self.router = Router(
             settings,
             streams=streams,
-            tickets=TicketEndpoint(streams=streams, broker=broker, cors=cors),
+            tickets=TicketEndpoint(streams=streams, broker=broker, cors=cors, control=self.control),
             publish=publish,
             disconnect=disconnect,
             cors=cors,

@@ -570,6 +570,17 @@ def test_a_blocked_player_with_a_ticket_is_refused(
         )
     )
     assert_error(request(b.port, "GET", f"/v1/sse?ticket={ticket}"), 403, "blocked")
+    # A page that fetches its own tickets reads the block where an EventSource could not.
+    for gateway in pair:
+        token = gateway.token(brand, player)
+        response = request(
+            gateway.port,
+            "POST",
+            "/v1/tickets",
+            {"Authorization": f"Bearer {token}", "Origin": ORIGIN},
+        )
+        assert_error(response, 403, "blocked")
+        assert response.header("Access-Control-Allow-Origin") == ORIGIN
 
 
 def test_ticket_request_refusals(pair: tuple[Gateway, Gateway], ids: Callable[..., str]) -> None:

@@ -20,6 +20,7 @@ from sse_gateway.edge.auth import AuthError
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.sse import StreamEndpoint
+from sse_gateway.streams.control import SessionControl
 from sse_gateway.wire.http import Request, Response, error_response, json_response
 from sse_gateway.wire.tickets import (
     TicketClaims,
@@ -35,11 +36,19 @@ PATH = "/v1/tickets"
 
 
 class TicketEndpoint:
-    def __init__(self, *, streams: StreamEndpoint, broker: Broker, cors: CorsPolicy) -> None:
+    def __init__(
+        self,
+        *,
+        streams: StreamEndpoint,
+        broker: Broker,
+        cors: CorsPolicy,
+        control: SessionControl,
+    ) -> None:
         """`streams` authenticates the token exactly as for a stream request."""
         self._streams = streams
         self._broker = broker
         self._cors = cors
+        self._control = control
         self._tasks: set[asyncio.Task[None]] = set()
 
     def preflight(self, request: Request) -> Response:
@@ -62,7 +71,8 @@ class TicketEndpoint:
         reader.end_async()
 
     async def issue(self, request: Request) -> Response:
-        """200 `{"ticket", "expires_in"}`; 400, 401 and 403 as for a stream request; 503."""
+        """200 `{"ticket", "expires_in"}`; 400, 401 and 403 as for a stream request (403
+        `blocked` too); 503."""
         try:
             authorization = request.header(b"authorization")
             if authorization is None:
@@ -73,6 +83,16 @@ class TicketEndpoint:
             identity, cors, _ = self._streams.authenticate(request)
         except AuthError as exc:
             return self._streams.auth_refusal(request, exc)
+        try:
+            # A page that gets its tickets itself reconnects itself: it must be able to read
+            # that the player is blocked here (an EventSource cannot read a 403).
+            if await self._control.blocked(identity):
+                return error_response(
+                    403, "blocked", "streams for this player are blocked for now", cors
+                )
+        except BrokerUnavailable as exc:
+            log.warning("ticket not issued: block check failed: %s", exc)
+            return unavailable("broker_unavailable", headers=cors)
         now = time.time()
         valid_until = _token_exp(authorization)
         ticket = new_ticket()
