@@ -97,6 +97,13 @@ def block_ttl(r: redis.Redis, brand: str, player: str | None = None) -> int:
     return ttl
 
 
+def store_block(r: redis.Redis, key: str, seconds: int) -> None:
+    """What lua/disconnect.lua stores for a block, without its control message."""
+    seconds_now, micros = r.time()
+    r.set(key, "{}", ex=seconds)
+    r.zadd("SSE:blocks", {key: seconds_now * 1000 + micros // 1000 + seconds * 1000})
+
+
 def audit_lines(gateway: Gateway) -> list[str]:
     return [line for line in gateway.logs().splitlines() if "sse_gateway.audit" in line]
 
@@ -243,8 +250,9 @@ def test_a_block_stored_while_an_instance_could_not_hear_closes_its_streams_afte
     a, b = pair
     brand, player, other = ids("b"), ids("p"), ids("q")
     with b.stream(brand, player) as client, b.stream(brand, other) as bystander:
-        # What a disconnect with a block stores; its message went by unheard.
-        r.set(f"SSE:block:{brand}:{player}", "{}", ex=60)
+        # What a disconnect with a block stores (the key and its index entry); its message
+        # went by unheard.
+        store_block(r, f"SSE:block:{brand}:{player}", 60)
         assert not client.wait_closed(0.3)
         assert r.client_kill_filter(_type="pubsub") >= 2  # every instance drops and reconnects
         data = assert_disconnected(client, "blocked", blocked=True)
@@ -252,6 +260,36 @@ def test_a_block_stored_while_an_instance_could_not_hear_closes_its_streams_afte
         event_id = publish_event(a, brand, other, 7)
         assert read_events(bystander, 1)[0].id == event_id
     assert any("after a broker outage" in line and player in line for line in audit_lines(b))
+
+
+def test_an_instance_started_after_a_block_refuses_the_player(
+    pair: tuple[Gateway, Gateway],
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    r: redis.Redis,
+    ids: Callable[..., str],
+) -> None:
+    """A process learns the blocks in force from the index when it connects: it never
+    heard their control messages."""
+    a, _ = pair
+    brand, player, blocked_brand = ids("b"), ids("p"), ids("c")
+    target = {"brand_id": brand, "player_id": player, "reason": "r", "block_seconds": 300}
+    disconnected(post_disconnect(a, target))
+    disconnected(
+        post_disconnect(a, {"brand_id": blocked_brand, "reason": "r", "block_seconds": 300})
+    )
+    scores = dict(r.zrange("SSE:blocks", 0, -1, withscores=True))
+    assert f"SSE:block:{brand}:{player}".encode() in scores
+    assert f"SSE:block:{blocked_brand}".encode() in scores
+    late = gateway_factory(redis=redis_server)
+    assert_error(sse_get(late, brand, player), 403, "blocked")
+    assert_error(sse_get(late, blocked_brand, ids("p")), 403, "blocked")
+    with late.stream(brand, ids("other")):
+        pass
+    # Lifted by hand (the key only): served again, on every instance.
+    r.delete(f"SSE:block:{brand}:{player}")
+    for gateway in (*pair, late):
+        assert sse_get(gateway, brand, player).status == 200
 
 
 def test_every_use_is_audited(pair: tuple[Gateway, Gateway], ids: Callable[..., str]) -> None:

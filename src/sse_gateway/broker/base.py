@@ -75,7 +75,8 @@ class Broker(Protocol):
         message of a subscribed channel goes to `on_message` (on the event loop, in the order
         the broker received them), and every connect and disconnect to `on_state`. With
         `on_control`, the control channel is subscribed for as long as the broker runs, and
-        its messages go there (never to `on_message`)."""
+        its messages go there (never to `on_message`); `when_subscribed(CONTROL_CHANNEL, …)`
+        waits until it is active on the current connection."""
 
     async def close(self) -> None: ...
 
@@ -119,12 +120,17 @@ class Broker(Protocol):
     ) -> DisconnectOutcome:
         """Publishes a control message to every gateway process. With `block_ms` > 0, first
         (atomically, so that no reconnect can slip in between) makes `block_key` (the
-        target's block key) hold `block_value` for at least `block_ms` milliseconds: a block
-        is lengthened, never shortened. BrokerUnavailable."""
+        target's block key) hold `block_value` for at least `block_ms` milliseconds, and
+        indexes it (`read_block_index`): a block is lengthened, never shortened.
+        BrokerUnavailable."""
 
     async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
         """For each group of keys (a player's brand block key and its own): whether either
         exists. BrokerUnavailable."""
+
+    async def read_block_index(self) -> list[tuple[bytes, float]]:
+        """Every block in force, as (block key, seconds left; `math.inf`: no end), from the
+        index `publish_disconnect` keeps. BrokerUnavailable."""
 
     async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
         """Stores a connect ticket for `ttl` seconds. BrokerUnavailable."""

@@ -176,6 +176,10 @@ class MemoryBroker:
             receivers = 1
         return DisconnectOutcome(receivers, int(left * 1000) if left > 0 else None)
 
+    async def read_block_index(self) -> list[tuple[bytes, float]]:
+        now = self._clock()
+        return [(key, ends - now) for key, ends in self._blocks.items() if ends > now]
+
     async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
         now = self._clock()
         blocks = self._blocks

@@ -30,8 +30,7 @@ class PubSubProtocol(asyncio.Protocol):
 
     A `message` reply goes straight to `on_message(channel, payload)` (the gateway's message
     handler): it is nearly every reply, and this is the per-event path. Any other reply
-    (confirmations, PONG, replies to the handshake's commands, and the messages of
-    `control_channel`) goes to `on_reply(reply)`.
+    (confirmations, PONG, replies to the handshake's commands) goes to `on_reply(reply)`.
 
     At most `REPLIES_PER_TURN` replies are handled per event-loop turn. A read can hold
     thousands of messages (uvloop reads up to 256 KB at once); handling them all in one turn
@@ -40,15 +39,9 @@ class PubSubProtocol(asyncio.Protocol):
     read waits in the hiredis reader for the next turn.
     """
 
-    def __init__(
-        self,
-        on_message: MessageHandler,
-        on_reply: Callable[[object], None],
-        control_channel: bytes | None = None,
-    ) -> None:
+    def __init__(self, on_message: MessageHandler, on_reply: Callable[[object], None]) -> None:
         self.on_message = on_message
         self.on_reply = on_reply
-        self.control_channel = control_channel
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -76,7 +69,6 @@ class PubSubProtocol(asyncio.Protocol):
         reader = self.reader
         on_reply = self.on_reply
         on_message = self.on_message
-        control = self.control_channel
         budget = REPLIES_PER_TURN
         while budget:
             budget -= 1
@@ -104,12 +96,7 @@ class PubSubProtocol(asyncio.Protocol):
                 return
             try:
                 # Messages are nearly every reply: handled here, without `on_reply`'s dispatch.
-                if (
-                    type(reply) is list
-                    and len(reply) == 3
-                    and reply[0] == b"message"
-                    and reply[1] != control
-                ):
+                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
                     on_message(reply[1], reply[2])
                 else:
                     on_reply(reply)

@@ -7,8 +7,8 @@ it returns. The socket itself is a `PubSubProtocol` (see `pubsub.py`).
 
 Publishing goes through redis-py on a small blocking pool (at most `COMMAND_CONNECTIONS`
 sockets); history reads, batched by the caller into pipelines, have a hiredis-read connection
-of their own (`reads.py`). Session control: the control channel is one more channel of the
-Pub/Sub connection; disconnects, blocks and tickets are `control.py`'s.
+of their own (`reads.py`). Session control: the control channel is subscribed on the Pub/Sub
+connection too, as a pattern (see `start`); disconnects, blocks and tickets are `control.py`'s.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from sse_gateway.broker.base import (
     MessageHandler,
     StateHandler,
 )
-from sse_gateway.broker.control import ControlCommands
+from sse_gateway.broker.control import CONTROL_REPLY_KINDS, ControlCommands, ControlSubscription
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.reads import HistoryReads
 from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
@@ -50,9 +50,8 @@ BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
 
-# `message` replies get here only for the control channel: PubSubProtocol hands the others
-# to `_on_message` directly.
-_PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong", b"message"})
+# `message` replies never get here: PubSubProtocol hands them to `_on_message` directly.
+_PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong", *CONTROL_REPLY_KINDS})
 
 
 class RedisBroker:
@@ -73,7 +72,7 @@ class RedisBroker:
         self._address = address
         self._on_message: MessageHandler = _not_started
         self._on_state: StateHandler = _not_started
-        self._on_control: ControlHandler | None = None
+        self._control_channel: ControlSubscription | None = None
         self._book = SubscriptionBook()
         self._flush_scheduled = False
         self._protocol: PubSubProtocol | None = None
@@ -128,10 +127,7 @@ class RedisBroker:
         self._on_message = on_message
         self._on_state = on_state
         if on_control is not None:
-            self._on_control = on_control
-            # Wanted for as long as the broker runs: no stream ever unsubscribes it, and
-            # every reconnect subscribes it again with the players' channels.
-            self._book.subscribe(CONTROL_CHANNEL)
+            self._control_channel = ControlSubscription(on_control)
         self._task = asyncio.create_task(self._run(), name="redis-pubsub")
 
     async def close(self) -> None:
@@ -160,13 +156,12 @@ class RedisBroker:
         attempt = 0
         address = self._address
         ssl_context = ssl.create_default_context() if address.tls else None
-        control = CONTROL_CHANNEL if self._on_control is not None else None
         while not self._closing:
             protocol: PubSubProtocol | None = None
             try:
                 _, connected = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: PubSubProtocol(self._on_message, self._on_reply, control),
+                        lambda: PubSubProtocol(self._on_message, self._on_reply),
                         address.host,
                         address.port,
                         ssl=ssl_context,
@@ -252,12 +247,17 @@ class RedisBroker:
         self._connected = True
         self._last_pong = time.monotonic()
         self._flush_scheduled = False
+        if self._control_channel is not None and self._protocol is not None:
+            assert self._protocol.transport is not None
+            self._protocol.transport.write(ControlSubscription.COMMAND)
         self._write(self._book.on_connected())
         self._on_state(True)
 
     def _on_disconnected(self) -> None:
         was_connected = self._connected
         self._connected = False
+        if self._control_channel is not None:
+            self._control_channel.on_disconnected()
         self._protocol = None
         self._book.on_disconnected()
         for waiter in self._command_waiters:
@@ -284,6 +284,9 @@ class RedisBroker:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
+        if channel == CONTROL_CHANNEL and self._control_channel is not None:
+            self._control_channel.when_active(callback)
+            return
         if self._book.when_subscribed(channel, callback):
             callback()
 
@@ -321,9 +324,9 @@ class RedisBroker:
                 commands = self._book.unsubscribe_confirmed(reply[1])
                 if commands:
                     self._write(commands)
-            elif kind == b"message":
-                if self._on_control is not None and len(reply) == 3:
-                    self._on_control(reply[2])
+            elif kind in CONTROL_REPLY_KINDS:
+                if self._control_channel is not None:
+                    self._control_channel.on_reply(reply)
             else:
                 self._last_pong = time.monotonic()
             return
@@ -365,6 +368,9 @@ class RedisBroker:
 
     async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
         return await self._control.read_blocks(keys)
+
+    async def read_block_index(self) -> list[tuple[bytes, float]]:
+        return await self._control.read_block_index()
 
     async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
         await self._control.put_ticket(key, value, ttl)

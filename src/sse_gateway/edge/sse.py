@@ -3,8 +3,9 @@
 Authentication (token from `Authorization: Bearer` or `?token=`, or a connect ticket from
 `?ticket=`; brand claims), the `Last-Event-ID` check, the block check and admission happen
 here, at the edge; once all pass, the request reader hands its socket over and the stream
-lifecycle takes it from there. A ticket and the block check are read from the broker: the
-reader waits (`begin_async`) until they are answered.
+lifecycle takes it from there. A ticket is read from the broker, and so is the block check
+when the process's table of blocks cannot answer it alone (`SessionControl`): the reader
+waits (`begin_async`) until they are answered.
 """
 
 from __future__ import annotations
@@ -230,7 +231,10 @@ class StreamEndpoint:
         if refusal is not None:
             self._unavailable(reader, request, cors, refusal)
             return
-        self._check_block(reader, request, identity, cors, last_event_id, 1)
+        if self._control.surely_unblocked(identity):
+            self._hand_over(reader, request, identity, cors, last_event_id)
+        else:
+            self._check_block(reader, request, identity, cors, last_event_id, 1)
 
     def _check_block(
         self,
@@ -243,10 +247,11 @@ class StreamEndpoint:
     ) -> None:
         reader.begin_async()
         generation = self._control.block_generation
-        self._control.blocked(identity).add_done_callback(
+        self._control.check_blocked(
+            identity,
             partial(
                 self._checked, reader, request, identity, cors, last_event_id, attempt, generation
-            )
+            ),
         )
 
     def _checked(
@@ -258,20 +263,18 @@ class StreamEndpoint:
         last_event_id: str | None,
         attempt: int,
         generation: int,
-        future: asyncio.Future[bool],
+        blocked: bool,
+        failure: BaseException | None,
     ) -> None:
         if reader.closed or reader.transport is None:
-            if not future.cancelled():
-                future.exception()  # retrieved: the client left, nobody else will
-            return
+            return  # the client left while it waited
         try:
-            failure = None if future.cancelled() else future.exception()
-            if future.cancelled() or failure is not None:
+            if failure is not None:
                 if not isinstance(failure, BrokerUnavailable):
                     log.error("block check failed", exc_info=failure)
                 self._unavailable(reader, request, cors, "broker_unavailable")
                 return
-            if future.result():
+            if blocked:
                 # Not transient for the client: an EventSource fails for good on a 403, and
                 # must, or a blocked tab would come back every few seconds.
                 response = error_response(
@@ -287,6 +290,7 @@ class StreamEndpoint:
                     return
                 self._check_block(reader, request, identity, cors, last_event_id, attempt + 1)
                 return
+            self._control.forget(identity)
             # Checked again: streams may have opened (or a drain begun) while this waited.
             refusal = self._admission.stream_refusal(
                 self._lifecycle.open_streams, self._broker.connected

@@ -7,11 +7,13 @@ control channel `SSE::control` on its Pub/Sub connection, and the disconnect tra
 `decode_control`).
 
 A block lives in Redis as a key with a TTL: `SSE:block:{brand}` for a whole brand,
-`SSE:block:{brand}:{player}` for one player. Single colons, not the `SSE::` of the players'
-channels and history keys: ids cannot contain `:`, so no brand or player id can make a block
-key equal to a history key (with `SSE::block::…`, brand `block`'s player `x` would own the
-history key of a block on brand `x`). `SSE::control` has one `::` part where every player
-channel has two, so it is no player's channel either.
+`SSE:block:{brand}:{player}` for one player; the sorted set `SSE:blocks` indexes them by when
+they end, so that a gateway can learn every block in force in one read. Single colons, not
+the `SSE::` of the players' channels and history keys: ids cannot contain `:`, so no brand or
+player id can make a block key equal to a history key (with `SSE::block::…`, brand `block`'s
+player `x` would own the history key of a block on brand `x`), nor to `SSE:blocks`.
+`SSE::control` has one `::` part where every player channel has two, so it is no player's
+channel either.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sse_gateway.wire.naming import is_valid_id
 
 CONTROL_CHANNEL = b"SSE::control"
 BLOCK_PREFIX = "SSE:block:"
+BLOCK_INDEX = b"SSE:blocks"
 
 MAX_REASON_CHARS = 256
 MAX_REQUESTED_BY_CHARS = 128
