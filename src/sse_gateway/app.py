@@ -83,9 +83,7 @@ class Gateway:
             metrics=metrics,
             retry_ms=settings.retry_ms,
         )
-        self.control = SessionControl(
-            broker=broker, hub=self.hub, metrics=metrics, retry_ms=settings.retry_ms
-        )
+        self.control = SessionControl(broker=broker, hub=self.hub, retry_ms=settings.retry_ms)
         cors = CorsPolicy(settings.cors_origins)
         streams = StreamEndpoint(
             verifier=TokenVerifier(

@@ -189,7 +189,8 @@ class StreamEndpoint:
             try:
                 if claims is None:
                     raise _invalid_ticket()
-                # The stream lives as long as the ticket's token: `valid_until`.
+                # `claims.valid_until` is the token's `exp`: it bounded the ticket's TTL, and
+                # is what a stream opened with the token itself would end at.
                 identity = Identity(claims.brand_id, claims.player_id)
                 _check_brand_claims(request, query, identity)
             except AuthError as exc:

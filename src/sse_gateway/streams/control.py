@@ -34,7 +34,6 @@ from functools import partial
 from typing import Any
 
 from sse_gateway.broker.base import Broker, BrokerUnavailable
-from sse_gateway.metrics import Metrics
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.stream import spread_retry
 from sse_gateway.wire.control import (
@@ -59,13 +58,10 @@ INDEX_RETRY_SECONDS = 1.0
 
 
 class SessionControl:
-    def __init__(
-        self, *, broker: Broker, hub: ConnectionHub, metrics: Metrics, retry_ms: int
-    ) -> None:
+    def __init__(self, *, broker: Broker, hub: ConnectionHub, retry_ms: int) -> None:
         """`retry_ms` is SSE_RETRY_MS: the `retry:` of `event: disconnected`, spread."""
         self._broker = broker
         self._hub = hub
-        self._metrics = metrics
         self._retry_ms = retry_ms
         self.block_generation = 0
         self._table: dict[bytes, float] = {}
