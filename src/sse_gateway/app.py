@@ -3,8 +3,10 @@ behaviour of its own beyond start, drain and close.
 
     broker --on_message--> Fanout --> ConnectionHub --> Channel --> Stream --> socket
     broker --on_state----> OutageRecovery (refill each channel's gap from history)
+    broker --on_control--> SessionControl --> streams of the target closed (`disconnected`)
     socket --> RequestReader --> Router --> StreamEndpoint --> StreamLifecycle --> Stream
-                                       \\-> PublishEndpoint --> broker
+                                       \\-> PublishEndpoint, DisconnectEndpoint --> broker
+                                       \\-> TicketEndpoint --> broker
     metrics socket (SSE_METRICS_PORT) --> RequestReader --> MetricsRouter
 
 `docs/architecture.md` walks both paths function by function.
@@ -17,6 +19,7 @@ from sse_gateway.broker.memory import MemoryBroker
 from sse_gateway.broker.redis import RedisBroker
 from sse_gateway.edge.admission import Admission, connection_budget
 from sse_gateway.edge.auth import TokenVerifier
+from sse_gateway.edge.control_api import DisconnectEndpoint
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.keyring import KeyRing
 from sse_gateway.edge.protocol import RequestReader
@@ -24,8 +27,10 @@ from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.ratelimit import ConnectRateLimit
 from sse_gateway.edge.routes import MetricsRouter, Router
 from sse_gateway.edge.sse import StreamEndpoint
+from sse_gateway.edge.tickets import TicketEndpoint
 from sse_gateway.metrics import Metrics
 from sse_gateway.settings import Settings
+from sse_gateway.streams.control import SessionControl
 from sse_gateway.streams.fanout import Fanout
 from sse_gateway.streams.heartbeat import HeartbeatScheduler
 from sse_gateway.streams.history import HistoryReader
@@ -87,6 +92,7 @@ class Gateway:
             metrics=metrics,
             retry_ms=settings.retry_ms,
         )
+        self.control = SessionControl(broker=broker, hub=self.hub, retry_ms=settings.retry_ms)
         cors = CorsPolicy(settings.cors_origins)
         verifier = TokenVerifier(
             secret=settings.jwt_secret,
@@ -107,6 +113,7 @@ class Gateway:
             admission=self.admission,
             broker=broker,
             lifecycle=self.lifecycle,
+            control=self.control,
             metrics=metrics,
             retry_ms=settings.retry_ms,
             rate_limit=(
@@ -115,7 +122,7 @@ class Gateway:
                 else None
             ),
         )
-        publish = None
+        publish = disconnect = None
         if settings.publish_api_key is not None:
             publish = PublishEndpoint(
                 api_key=settings.publish_api_key,
@@ -123,10 +130,13 @@ class Gateway:
                 metrics=metrics,
                 max_event_bytes=settings.max_event_bytes,
             )
+            disconnect = DisconnectEndpoint(authorized=publish.authorized, broker=broker)
         self.router = Router(
             settings,
             streams=streams,
+            tickets=TicketEndpoint(streams=streams, broker=broker, cors=cors, control=self.control),
             publish=publish,
+            disconnect=disconnect,
             cors=cors,
             metrics=metrics,
             ready_reason=self.ready_reason,
@@ -167,9 +177,15 @@ class Gateway:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.broker.start(self.fanout.on_message, self.recovery.on_broker_state)
+        await self.broker.start(
+            self.fanout.on_message, self._on_broker_state, self.control.on_control
+        )
         self.heartbeats.start()
         await self.keys.start()
+
+    def _on_broker_state(self, up: bool) -> None:
+        self.recovery.on_broker_state(up)
+        self.control.on_broker_state(up)
 
     def ready_reason(self) -> str | None:
         if self.admission.draining:

@@ -500,6 +500,81 @@ def test_npm_eventsource_resumes_after_gateway_restart(
     assert not [e for e in records if e["kind"] == "error" and e["readyState"] == 2], records
 
 
+def kill_switch(gw: Gateway, brand: str, player: str, block_seconds: int) -> None:
+    body = {"brand_id": brand, "player_id": player, "reason": "account_locked"}
+    if block_seconds:
+        body["block_seconds"] = block_seconds  # type: ignore[assignment]
+    response = request(
+        gw.port,
+        "POST",
+        "/v1/disconnect",
+        {"Authorization": f"Bearer {PUBLISH_KEY}", "Content-Type": "application/json"},
+        json.dumps(body).encode(),
+    )
+    assert response.status == 200, response
+
+
+def test_npm_eventsource_stops_for_good_when_disconnected_with_a_block(
+    node_modules: Path,
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    ids: Callable[..., str],
+) -> None:
+    """The retry behaviour of the kill switch (issue 10 item 10): the EventSource gets
+    `event: disconnected`, reconnects by itself after its `retry:`, is refused 403 `blocked`
+    and gives up (readyState 2): no reconnect loop."""
+    gw = gateway_factory(
+        "--retry-ms", str(RETRY_MS), "--publish-api-key", PUBLISH_KEY, redis=redis_server
+    )
+    brand, player = ids("b"), ids("p")
+    url = stream_url(gw, brand, player)
+    with NodeClient("eventsource-client.mjs", url, "connected,disconnected") as client:
+        client.wait(lambda rs: events_of(rs, "connected"), 15, "connected")
+        kill_switch(gw, brand, player, block_seconds=600)
+        client.wait(
+            lambda rs: [r for r in rs if r["kind"] == "error" and r["readyState"] == 2],
+            RECONNECT_S,
+            "the EventSource to give up",
+        )
+        time.sleep(0.5)
+        records = client.records
+    [disconnected] = events_of(records, "disconnected")
+    assert json.loads(disconnected["data"]) == {
+        "reason": "account_locked",
+        "blocked": True,
+        "block_seconds": 600,
+    }
+    assert len(events_of(records, "connected")) == 1, records
+    errors = [r for r in records if r["kind"] == "error"]
+    # The end of the body (reconnecting: 0), then the 403 (closed for good: 2), and no more.
+    assert [e["readyState"] for e in errors] == [0, 2], records
+    assert errors[1]["code"] == 403, records
+    assert gw.metrics().value("sse_connections_rejected_total", reason="blocked") == 1
+
+
+def test_npm_eventsource_comes_back_after_a_disconnect_without_block(
+    node_modules: Path,
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    ids: Callable[..., str],
+) -> None:
+    """Without a block, a disconnect is a kick: the EventSource reconnects by itself after
+    `retry:` (SSE_RETRY_MS plus spread) and is served again."""
+    gw = gateway_factory(
+        "--retry-ms", str(RETRY_MS), "--publish-api-key", PUBLISH_KEY, redis=redis_server
+    )
+    brand, player = ids("b"), ids("p")
+    url = stream_url(gw, brand, player)
+    with NodeClient("eventsource-client.mjs", url, "connected,disconnected") as client:
+        client.wait(lambda rs: events_of(rs, "connected"), 15, "connected")
+        kill_switch(gw, brand, player, block_seconds=0)
+        client.wait(lambda rs: len(events_of(rs, "connected")) == 2, RECONNECT_S, "reconnected")
+        records = client.records
+    [disconnected] = events_of(records, "disconnected")
+    assert json.loads(disconnected["data"]) == {"reason": "account_locked", "blocked": False}
+    assert not [r for r in records if r["kind"] == "error" and r["readyState"] == 2], records
+
+
 def test_embedded_broker_resume_id_replays_what_came_after(
     gateway_factory: GatewayFactory, ids: Callable[..., str]
 ) -> None:

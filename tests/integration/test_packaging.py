@@ -16,6 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 
 DATA_FILES = (
     "sse_gateway/lua/publish.lua",  # read at import by sse_gateway.publish
+    "sse_gateway/lua/disconnect.lua",  # read at import by sse_gateway.broker.control
     "sse_gateway/static/demo.html",  # the --dev demo page
     "sse_gateway/py.typed",
 )

@@ -219,6 +219,7 @@ BAD_FIELDS: list[tuple[str, dict[str, Any]]] = [
     ("type", {"type": "heartbeat"}),
     ("type", {"type": "error"}),
     ("type", {"type": "close"}),
+    ("type", {"type": "disconnected"}),
 ]
 
 

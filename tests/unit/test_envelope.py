@@ -139,9 +139,8 @@ def test_reserved_type(event_type: str) -> None:
 
 
 def test_reserved_types_are_the_documented_ones() -> None:
-    assert (
-        frozenset({"connected", "heartbeat", "error", "close", "session_expired"}) == RESERVED_TYPES
-    )
+    reserved = {"connected", "heartbeat", "error", "close", "session_expired", "disconnected"}
+    assert frozenset(reserved) == RESERVED_TYPES
 
 
 def test_reserved_type_check_is_case_sensitive() -> None:

@@ -6,6 +6,10 @@ lets a connection write `connected` only once its channel's subscription is real
 
 A broker also keeps each player's history (a Redis stream, or memory for the embedded broker):
 `publish_events` appends and publishes, `read_history` reads entries back for replays.
+
+Session control (`wire.control`, `wire.tickets`) goes through the broker too: the control
+channel every gateway process listens to, blocks, and connect tickets, all shared by every
+instance on one Redis (in memory for the embedded broker).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ MessageHandler = Callable[[bytes, bytes], None]
 StateHandler = Callable[[bool], None]
 """Called with True when the broker connection is up, False when it is lost."""
 
+ControlHandler = Callable[[bytes], None]
+"""Called with the payload of every message of the control channel (`wire.control`)."""
+
 
 class HistoryEntry(NamedTuple):
     """One entry of a player's history stream, as `publish.lua` stores it."""
@@ -31,6 +38,16 @@ class HistoryEntry(NamedTuple):
     """The event type (field `t`)."""
     data: str
     """The event data as JSON text (field `d`), not yet checked."""
+
+
+class DisconnectOutcome(NamedTuple):
+    """What `Broker.publish_disconnect` did."""
+
+    receivers: int
+    """Gateway processes that received the control message (PUBLISH's answer)."""
+    block_ms: int | None
+    """The block now in force on the target: milliseconds left, -1 for one without expiry,
+    None for none."""
 
 
 class BrokerUnavailable(Exception):
@@ -48,10 +65,18 @@ class Broker(Protocol):
     def subscribed_count(self) -> int:
         """Channels wanted (subscribed, or to be once connected)."""
 
-    async def start(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+    async def start(
+        self,
+        on_message: MessageHandler,
+        on_state: StateHandler,
+        on_control: ControlHandler | None = None,
+    ) -> None:
         """Begins connecting; returns without waiting for the connection. From then on every
         message of a subscribed channel goes to `on_message` (on the event loop, in the order
-        the broker received them), and every connect and disconnect to `on_state`."""
+        the broker received them), and every connect and disconnect to `on_state`. With
+        `on_control`, the control channel is subscribed for as long as the broker runs, and
+        its messages go there (never to `on_message`); `when_subscribed(CONTROL_CHANNEL, …)`
+        waits until it is active on the current connection."""
 
     async def close(self) -> None: ...
 
@@ -89,3 +114,27 @@ class Broker(Protocol):
         """For each channel the id of the newest entry of its history (None when it is empty
         or gone), and the broker's clock (milliseconds) read before them: every entry added
         after the heads were read has a later id. BrokerUnavailable as `read_history`."""
+
+    async def publish_disconnect(
+        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
+    ) -> DisconnectOutcome:
+        """Publishes a control message to every gateway process. With `block_ms` > 0, first
+        (atomically, so that no reconnect can slip in between) makes `block_key` (the
+        target's block key) hold `block_value` for at least `block_ms` milliseconds, and
+        indexes it (`read_block_index`): a block is lengthened, never shortened.
+        BrokerUnavailable."""
+
+    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
+        """For each group of keys (a player's brand block key and its own): whether either
+        exists. BrokerUnavailable."""
+
+    async def read_block_index(self) -> list[tuple[bytes, float]]:
+        """Every block in force, as (block key, seconds left; `math.inf`: no end), from the
+        index `publish_disconnect` keeps. BrokerUnavailable."""
+
+    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
+        """Stores a connect ticket for `ttl` seconds. BrokerUnavailable."""
+
+    async def take_ticket(self, key: bytes) -> bytes | None:
+        """The value of a ticket, which is gone from then on (None: unknown, used or
+        expired); atomic across instances. BrokerUnavailable."""

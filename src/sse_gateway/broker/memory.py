@@ -1,7 +1,8 @@
 """Embedded in-memory broker: a single process, no Redis. For development and tests.
 
 It keeps history like the Redis broker does (capped per player, expiring after the last
-event), so publishing and Last-Event-ID replay behave the same without Redis.
+event), so publishing and Last-Event-ID replay behave the same without Redis; blocks and
+connect tickets too (in memory, expiring like Redis keys with a TTL).
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from sse_gateway.broker.base import HistoryEntry, MessageHandler, StateHandler
+from sse_gateway.broker.base import (
+    BrokerUnavailable,
+    ControlHandler,
+    DisconnectOutcome,
+    HistoryEntry,
+    MessageHandler,
+    StateHandler,
+)
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent
 from sse_gateway.wire.ids import StreamId, format_stream_id, parse_stream_id
 
 SWEEP_SECONDS = 60.0
+# Tickets live 30 s: this many outstanding ones is a client minting them in a loop, and
+# memory must not follow it.
+MAX_TICKETS = 100_000
 
 
 class _History:
@@ -29,8 +40,20 @@ class _History:
 
 
 class MemoryBroker:
-    def __init__(self, *, history_size: int = 100, history_ttl: float = 86_400.0) -> None:
+    def __init__(
+        self,
+        *,
+        history_size: int = 100,
+        history_ttl: float = 86_400.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock` (seconds) times blocks and tickets; tests give a fake one."""
         self._on_message: MessageHandler | None = None
+        self._on_control: ControlHandler | None = None
+        self._clock = clock
+        # Key -> when it expires (`clock`); a block without expiry is not made here.
+        self._blocks: dict[bytes, float] = {}
+        self._tickets: dict[bytes, tuple[bytes, float]] = {}
         self._channels: set[bytes] = set()
         self._running = False
         self._history: dict[bytes, _History] = {}
@@ -51,8 +74,14 @@ class MemoryBroker:
     def subscribed_count(self) -> int:
         return len(self._channels)
 
-    async def start(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+    async def start(
+        self,
+        on_message: MessageHandler,
+        on_state: StateHandler,
+        on_control: ControlHandler | None = None,
+    ) -> None:
         self._on_message = on_message
+        self._on_control = on_control
         self._running = True
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
         on_state(True)
@@ -131,8 +160,55 @@ class MemoryBroker:
                 heads.append(history.entries[-1][1].id)
         return heads, max(now_ms, int(time.time() * 1000))
 
+    # --- session control ---------------------------------------------------------------------
+
+    async def publish_disconnect(
+        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
+    ) -> DisconnectOutcome:
+        now = self._clock()
+        left = self._blocks.get(block_key, 0.0) - now
+        if block_ms > 0 and left * 1000 < block_ms:
+            self._blocks[block_key] = now + block_ms / 1000
+            left = block_ms / 1000
+        receivers = 0
+        if self._on_control is not None:
+            asyncio.get_running_loop().call_soon(self._on_control, message)
+            receivers = 1
+        return DisconnectOutcome(receivers, int(left * 1000) if left > 0 else None)
+
+    async def read_block_index(self) -> list[tuple[bytes, float]]:
+        now = self._clock()
+        return [(key, ends - now) for key, ends in self._blocks.items() if ends > now]
+
+    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
+        now = self._clock()
+        blocks = self._blocks
+        return [blocks.get(brand, 0.0) > now or blocks.get(own, 0.0) > now for brand, own in keys]
+
+    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
+        if len(self._tickets) >= MAX_TICKETS:
+            self._sweep_tickets()
+            if len(self._tickets) >= MAX_TICKETS:
+                raise BrokerUnavailable(f"{MAX_TICKETS} tickets outstanding")
+        self._tickets[key] = (value, self._clock() + ttl)
+
+    async def take_ticket(self, key: bytes) -> bytes | None:
+        found = self._tickets.pop(key, None)
+        if found is None or found[1] <= self._clock():
+            return None
+        return found[0]
+
+    def _sweep_tickets(self) -> None:
+        now = self._clock()
+        for key in [k for k, (_, expires) in self._tickets.items() if expires <= now]:
+            del self._tickets[key]
+
     def _sweep(self) -> None:
         now = time.monotonic()
         for channel in [c for c, h in self._history.items() if h.expires_at <= now]:
             del self._history[channel]
+        self._sweep_tickets()
+        clock_now = self._clock()
+        for key in [k for k, expires in self._blocks.items() if expires <= clock_now]:
+            del self._blocks[key]
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)

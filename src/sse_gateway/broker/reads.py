@@ -206,6 +206,30 @@ class HistoryReads:
                 heads.append(entries[0][0].decode("ascii") if entries else None)
         return heads, now_ms
 
+    async def count_existing(self, groups: list[tuple[bytes, bytes]]) -> list[int]:
+        """For each pair of keys: how many of them exist (EXISTS), in one pipeline per
+        `PIPELINE` pairs. BrokerUnavailable as the history reads."""
+        commands = [
+            b"*3\r\n$6\r\nEXISTS\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(a), a, len(b), b)
+            for a, b in groups
+        ]
+        counts: list[int] = []
+        for reply in await self._run(commands):
+            if not isinstance(reply, int):
+                raise BrokerUnavailable(f"redis answered EXISTS with {reply!r}")
+            counts.append(reply)
+        return counts
+
+    async def read_sorted_set(self, key: bytes) -> tuple[int, list[object]]:
+        """Redis' clock (ms) and `ZRANGE key 0 -1 WITHSCORES` (member, score, ...), read in
+        one pipeline. BrokerUnavailable as the history reads."""
+        command = encode_command(b"ZRANGE", key, b"0", b"-1", b"WITHSCORES")
+        time_reply, members = await self._run([_TIME, command])
+        if isinstance(members, Exception) or not isinstance(members, list):
+            raise BrokerUnavailable(f"redis answered ZRANGE {key!r} with {members!r}")
+        seconds, micros = cast(list[bytes], time_reply)
+        return int(seconds) * 1000 + int(micros) // 1000, members
+
     async def _run(self, commands: list[bytes]) -> list[object]:
         replies: list[object] = []
         for start in range(0, len(commands), self.PIPELINE):

@@ -7,7 +7,8 @@ it returns. The socket itself is a `PubSubProtocol` (see `pubsub.py`).
 
 Publishing goes through redis-py on a small blocking pool (at most `COMMAND_CONNECTIONS`
 sockets); history reads, batched by the caller into pipelines, have a hiredis-read connection
-of their own (`reads.py`).
+of their own (`reads.py`). Session control: the control channel is subscribed on the Pub/Sub
+connection too, as a pattern (see `start`); disconnects, blocks and tickets are `control.py`'s.
 """
 
 from __future__ import annotations
@@ -23,13 +24,22 @@ from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 
-from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry, MessageHandler, StateHandler
+from sse_gateway.broker.base import (
+    BrokerUnavailable,
+    ControlHandler,
+    DisconnectOutcome,
+    HistoryEntry,
+    MessageHandler,
+    StateHandler,
+)
+from sse_gateway.broker.control import CONTROL_REPLY_KINDS, ControlCommands, ControlSubscription
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.reads import HistoryReads
 from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent, PublishUnavailable
 from sse_gateway.publish.publisher import Publisher, async_no_retry, client_kwargs
 from sse_gateway.settings import RedisAddress
+from sse_gateway.wire.control import CONTROL_CHANNEL
 
 log = logging.getLogger("sse_gateway.broker")
 
@@ -41,7 +51,7 @@ BACKOFF_CAP = 5.0
 COMMAND_CONNECTIONS = 4
 
 # `message` replies never get here: PubSubProtocol hands them to `_on_message` directly.
-_PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong"})
+_PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong", *CONTROL_REPLY_KINDS})
 
 
 class RedisBroker:
@@ -62,6 +72,7 @@ class RedisBroker:
         self._address = address
         self._on_message: MessageHandler = _not_started
         self._on_state: StateHandler = _not_started
+        self._control_channel: ControlSubscription | None = None
         self._book = SubscriptionBook()
         self._flush_scheduled = False
         self._protocol: PubSubProtocol | None = None
@@ -91,6 +102,7 @@ class RedisBroker:
             history_ttl=int(history_ttl),
             max_event_bytes=max_event_bytes,
         )
+        self._control = ControlCommands(self._commands, self._reads)
 
     @property
     def connected(self) -> bool:
@@ -106,9 +118,16 @@ class RedisBroker:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, on_message: MessageHandler, on_state: StateHandler) -> None:
+    async def start(
+        self,
+        on_message: MessageHandler,
+        on_state: StateHandler,
+        on_control: ControlHandler | None = None,
+    ) -> None:
         self._on_message = on_message
         self._on_state = on_state
+        if on_control is not None:
+            self._control_channel = ControlSubscription(on_control)
         self._task = asyncio.create_task(self._run(), name="redis-pubsub")
 
     async def close(self) -> None:
@@ -228,12 +247,17 @@ class RedisBroker:
         self._connected = True
         self._last_pong = time.monotonic()
         self._flush_scheduled = False
+        if self._control_channel is not None and self._protocol is not None:
+            assert self._protocol.transport is not None
+            self._protocol.transport.write(ControlSubscription.COMMAND)
         self._write(self._book.on_connected())
         self._on_state(True)
 
     def _on_disconnected(self) -> None:
         was_connected = self._connected
         self._connected = False
+        if self._control_channel is not None:
+            self._control_channel.on_disconnected()
         self._protocol = None
         self._book.on_disconnected()
         for waiter in self._command_waiters:
@@ -260,6 +284,9 @@ class RedisBroker:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
+        if channel == CONTROL_CHANNEL and self._control_channel is not None:
+            self._control_channel.when_active(callback)
+            return
         if self._book.when_subscribed(channel, callback):
             callback()
 
@@ -297,6 +324,9 @@ class RedisBroker:
                 commands = self._book.unsubscribe_confirmed(reply[1])
                 if commands:
                     self._write(commands)
+            elif kind in CONTROL_REPLY_KINDS:
+                if self._control_channel is not None:
+                    self._control_channel.on_reply(reply)
             else:
                 self._last_pong = time.monotonic()
             return
@@ -328,6 +358,25 @@ class RedisBroker:
 
     async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
         return await self._reads.read_heads(channels)
+
+    # --- session control (broker/control.py) ------------------------------------------------
+
+    async def publish_disconnect(
+        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
+    ) -> DisconnectOutcome:
+        return await self._control.publish_disconnect(message, block_key, block_ms, block_value)
+
+    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
+        return await self._control.read_blocks(keys)
+
+    async def read_block_index(self) -> list[tuple[bytes, float]]:
+        return await self._control.read_block_index()
+
+    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
+        await self._control.put_ticket(key, value, ttl)
+
+    async def take_ticket(self, key: bytes) -> bytes | None:
+        return await self._control.take_ticket(key)
 
 
 def _not_started(*_: object) -> None:

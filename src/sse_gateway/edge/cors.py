@@ -55,8 +55,14 @@ class CorsPolicy:
             ),
         )
 
-    def preflight(self, request: Request) -> Response:
-        """The answer to `OPTIONS /v1/sse`."""
+    def preflight(
+        self,
+        request: Request,
+        methods: str = "GET",
+        allow_headers: str = "Authorization, Last-Event-ID, X-Brand-ID, Cache-Control",
+    ) -> Response:
+        """The answer to `OPTIONS /v1/sse` (or, with its methods and request headers, to the
+        preflight of another path)."""
         headers, refusal = self.check(request)
         if refusal is not None:
             return error_response(refusal.status, refusal.code, refusal.message)
@@ -64,11 +70,8 @@ class CorsPolicy:
             return error_response(400, "bad_request", "a CORS preflight needs an Origin header")
         headers = [
             *headers,
-            ("Access-Control-Allow-Methods", "GET"),
-            (
-                "Access-Control-Allow-Headers",
-                "Authorization, Last-Event-ID, X-Brand-ID, Cache-Control",
-            ),
+            ("Access-Control-Allow-Methods", methods),
+            ("Access-Control-Allow-Headers", allow_headers),
             ("Access-Control-Max-Age", "600"),
         ]
         return Response(204, b"", headers=headers)

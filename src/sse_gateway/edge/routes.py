@@ -1,7 +1,9 @@
 """Router: the request handler of every request reader; one branch per path.
 
-/v1/sse       GET: a stream (edge.sse); OPTIONS: the CORS preflight
-/v1/publish   POST, when SSE_PUBLISH_API_KEY is set (edge.publish_api)
+/v1/sse        GET: a stream (edge.sse); OPTIONS: the CORS preflight
+/v1/tickets    POST: a connect ticket for a token (edge.tickets); OPTIONS: the CORS preflight
+/v1/publish    POST, when SSE_PUBLISH_API_KEY is set (edge.publish_api)
+/v1/disconnect POST, when SSE_PUBLISH_API_KEY is set (edge.control_api)
 /healthz      200 while the process serves
 /readyz       200, or 503 with the reason (draining, broker_disconnected)
 /metrics      Prometheus text format (on the metrics listener instead when SSE_METRICS_PORT is set)
@@ -18,11 +20,15 @@ from collections.abc import Callable
 from importlib import resources
 
 from sse_gateway.edge.auth import make_token
+from sse_gateway.edge.control_api import PATH as DISCONNECT_PATH
+from sse_gateway.edge.control_api import DisconnectEndpoint
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PATH as PUBLISH_PATH
 from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.sse import StreamEndpoint
+from sse_gateway.edge.tickets import PATH as TICKETS_PATH
+from sse_gateway.edge.tickets import TicketEndpoint
 from sse_gateway.metrics import Metrics
 from sse_gateway.settings import Settings
 from sse_gateway.wire.http import Request, Response, error_response, json_response
@@ -30,6 +36,7 @@ from sse_gateway.wire.http import Request, Response, error_response, json_respon
 log = logging.getLogger("sse_gateway")
 
 _PLAIN_PATHS = {"/healthz", "/readyz", "/metrics"}
+_DISCONNECT = DISCONNECT_PATH.encode()
 _DEV_PATHS = {"/", "/demo"}
 
 
@@ -39,25 +46,31 @@ class Router:
         settings: Settings,
         *,
         streams: StreamEndpoint,
+        tickets: TicketEndpoint,
         publish: PublishEndpoint | None,
+        disconnect: DisconnectEndpoint | None = None,
         cors: CorsPolicy,
         metrics: Metrics,
         ready_reason: Callable[[], str | None],
         serve_metrics: bool = True,
     ) -> None:
-        """`publish` is None when publishing over HTTP is off; `ready_reason()` says why the
-        process is not ready (`/readyz`), or None; `serve_metrics` False: `/metrics` is 404
-        here (a metrics listener of its own serves it)."""
+        """`publish` and `disconnect` are None when the publish API key is not set;
+        `ready_reason()` says why the process is not ready (`/readyz`), or None;
+        `serve_metrics` False: `/metrics` is 404 here (a metrics listener of its own serves it)."""
         self._plain_paths = _PLAIN_PATHS if serve_metrics else _PLAIN_PATHS - {"/metrics"}
         self._settings = settings
         self._streams = streams
+        self._tickets = tickets
         self._publish = publish
+        self._disconnect = disconnect
         self._cors = cors
         self._metrics = metrics
         self._ready_reason = ready_reason
         self._demo_page: bytes | None = None
 
     def body_limit(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        if self._disconnect is not None and url.split(b"?", 1)[0] == _DISCONNECT:
+            return self._disconnect.body_limit(headers)
         return 0 if self._publish is None else self._publish.body_limit(url, headers)
 
     def handle(self, reader: RequestReader, request: Request) -> None:
@@ -76,6 +89,24 @@ class Router:
                     reader.respond(
                         _method_not_allowed("GET, OPTIONS"), keep_alive=False, head_only=head_only
                     )
+                return
+            if path == TICKETS_PATH:
+                if method == "POST":
+                    self._tickets.handle(reader, request)
+                elif method == "OPTIONS":
+                    reader.respond(self._tickets.preflight(request), keep_alive=request.keep_alive)
+                else:
+                    reader.respond(
+                        _method_not_allowed("POST, OPTIONS"), keep_alive=False, head_only=head_only
+                    )
+                return
+            if path == DISCONNECT_PATH and self._disconnect is not None:
+                if method != "POST":
+                    reader.respond(
+                        _method_not_allowed("POST"), keep_alive=False, head_only=head_only
+                    )
+                    return
+                self._disconnect.handle(reader, request)
                 return
             if path == PUBLISH_PATH and self._publish is not None:
                 if method != "POST":

@@ -3,7 +3,7 @@
 -- KEYS[1]  the player's channel, SSE::{brand_id}::{player_id}. The history stream has the
 --          same name (keys and channels are separate namespaces), so both hash to the same
 --          Redis Cluster slot.
--- ARGV[1]  event type, [A-Za-z0-9_.:-]{1,64}, not connected/heartbeat/error/close
+-- ARGV[1]  event type, [A-Za-z0-9_.:-]{1,64}, not connected/heartbeat/error/close/disconnected
 -- ARGV[2]  event data as JSON text
 -- ARGV[3]  history size (SSE_HISTORY_SIZE, default 100): how many events a client may miss
 --          and still recover. The stream keeps one more entry than that, so that the id of
@@ -47,7 +47,8 @@ if #event_type < 1 or #event_type > 64 or string.find(event_type, '^[%w_.:-]+$')
   return refuse('type must match [A-Za-z0-9_.:-]{1,64}')
 end
 if event_type == 'connected' or event_type == 'heartbeat' or event_type == 'error'
-    or event_type == 'close' or event_type == 'session_expired' then
+    or event_type == 'close' or event_type == 'session_expired'
+    or event_type == 'disconnected' then
   return refuse("type '" .. event_type .. "' is reserved by the gateway")
 end
 if not pcall(cjson.decode, ARGV[2]) then

@@ -14,6 +14,7 @@ from typing import Protocol
 from sse_gateway.broker.base import Broker
 from sse_gateway.streams.stream import HeldEvent
 from sse_gateway.wire.ids import StreamId, format_stream_id, parse_stream_id
+from sse_gateway.wire.naming import channel_name
 
 Held = list[HeldEvent]
 
@@ -180,3 +181,17 @@ class ConnectionHub:
 
     def streams(self) -> list[Subscriber]:
         return [stream for channel in self._channels.values() for stream in channel.streams]
+
+    def streams_of(self, brand_id: str, player_id: str | None = None) -> list[Subscriber]:
+        """The streams of one player, or of a whole brand (`player_id` None: every channel
+        is looked at, which a rare operator command can afford)."""
+        if player_id is not None:
+            channel = self._channels.get(channel_name(brand_id, player_id))
+            return [] if channel is None else list(channel.streams)
+        prefix = channel_name(brand_id, "")
+        return [
+            stream
+            for name, channel in self._channels.items()
+            if name.startswith(prefix)
+            for stream in channel.streams
+        ]

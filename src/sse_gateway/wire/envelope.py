@@ -22,7 +22,9 @@ _RUN_OF_20 = b"0" * 20
 # message. Bounded: publishers that invent types without end fall back to validating each.
 _FRAME_HEADS: dict[str, bytes] = {}
 MAX_CACHED_TYPES = 4096
-RESERVED_TYPES = frozenset({"connected", "heartbeat", "error", "close", "session_expired"})
+RESERVED_TYPES = frozenset(
+    {"connected", "heartbeat", "error", "close", "session_expired", "disconnected"}
+)
 
 
 class EnvelopeError(ValueError):

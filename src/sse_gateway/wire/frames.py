@@ -67,6 +67,15 @@ def encode_close(reason: str, message: str, retry_ms: int, event: str = "close")
     return f"event: {event}\nretry: {int(retry_ms)}\ndata: {data}\n\n".encode()
 
 
+def encode_disconnected(payload: bytes, retry_ms: int) -> bytes:
+    """The last frame of a stream closed by an operator (`POST /v1/disconnect`):
+    `event: disconnected`, `retry:` (milliseconds) and the payload, JSON on one line
+    (`{"reason": …, "blocked": …}`; JSON escapes every line break)."""
+    return (
+        f"event: disconnected\nretry: {int(retry_ms)}\ndata: ".encode("ascii") + payload + b"\n\n"
+    )
+
+
 # The size lines of chunks up to 4 KiB, made once: formatting one costs more than the rest of
 # a small event's chunk.
 _SIZE_LINES = [b"%x\r\n" % size for size in range(4096)]

@@ -1,0 +1,154 @@
+"""`POST /v1/disconnect` (when SSE_PUBLISH_API_KEY is set): the kill switch.
+
+Closes a player's streams, or a whole brand's, on every gateway process on the same Redis
+(through the control channel), each with `event: disconnected` as its last frame; with
+`block_seconds`, their new streams are refused (403 `blocked`) until the block ends. What a
+self-exclusion or an account lock needs, at once rather than when tokens expire.
+
+Every use is logged on `sse_gateway.audit`: who (`requested_by` as the caller gives it, and
+the remote address: the API key names no person), whom, why, what came of it; the record's
+time is when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from sse_gateway.broker.base import Broker, BrokerUnavailable
+from sse_gateway.edge.admission import unavailable
+from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.wire.control import (
+    Disconnect,
+    InvalidField,
+    block_key,
+    block_value,
+    disconnect_from_request,
+    encode_control,
+)
+from sse_gateway.wire.http import Request, Response, error_response, json_response
+
+audit_log = logging.getLogger("sse_gateway.audit")
+log = logging.getLogger("sse_gateway")
+
+PATH = "/v1/disconnect"
+MAX_BODY_BYTES = 8 * 1024
+_MAX_FORWARDED_CHARS = 256
+
+
+class DisconnectEndpoint:
+    def __init__(self, *, authorized: Callable[[str], bool], broker: Broker) -> None:
+        """`authorized(authorization header)`: the publish API's own key check."""
+        self._authorized = authorized
+        self._broker = broker
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def body_limit(self, headers: list[tuple[bytes, bytes]]) -> int:
+        """The body is kept only for an authorized request, never otherwise."""
+        authorization = dict(headers).get(b"authorization", b"").decode("latin-1")
+        return MAX_BODY_BYTES if self._authorized(authorization) else 0
+
+    def handle(self, reader: RequestReader, request: Request) -> None:
+        """Answers once the broker has stored the block and published the disconnect."""
+        who = _remote(reader, request)
+        reader.begin_async()
+        task = asyncio.get_running_loop().create_task(self._respond(reader, request, who))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _respond(self, reader: RequestReader, request: Request, who: str) -> None:
+        try:
+            response = await self.disconnect(request, who)
+        except Exception:
+            log.exception("disconnect failed")
+            response = error_response(500, "internal_error", "internal error")
+        reader.respond(response, keep_alive=request.keep_alive)
+        reader.end_async()
+
+    async def disconnect(self, request: Request, who: str) -> Response:
+        """200 `{"receivers", "blocked", "block_expires_in"}`; 400, 401 or 503.
+
+        `who` is the caller's address, as logged (`remote=… forwarded_for=…`)."""
+        if not self._authorized(request.header(b"authorization") or ""):
+            audit_log.warning("disconnect refused: invalid API key %s", who)
+            return error_response(
+                401,
+                "invalid_api_key",
+                "Authorization: Bearer <SSE_PUBLISH_API_KEY> required",
+                [("WWW-Authenticate", 'Bearer realm="sse-gateway-publish"')],
+            )
+        try:
+            body = json.loads(request.body)
+        except (ValueError, RecursionError):
+            audit_log.warning("disconnect refused: body is not JSON %s", who)
+            return error_response(400, "invalid_json", "request body is not JSON")
+        try:
+            command = disconnect_from_request(body)
+        except InvalidField as exc:
+            audit_log.warning("disconnect refused: %s %s", _quote(str(exc)), who)
+            return json_response(
+                400, {"error": "invalid_field", "message": str(exc), "field": exc.field}
+            )
+        key = block_key(command.brand_id, command.player_id)
+        try:
+            outcome = await self._broker.publish_disconnect(
+                encode_control(command),
+                key,
+                command.block_seconds * 1000,
+                block_value(command, time.time()),
+            )
+        except BrokerUnavailable as exc:
+            audit_log.error("disconnect failed: %s %s error=%s", _describe(command), who, exc)
+            return unavailable("broker_unavailable", f"not done: {exc}")
+        blocked = outcome.block_ms is not None
+        expires_in = None
+        if outcome.block_ms is not None and outcome.block_ms >= 0:
+            expires_in = -(-outcome.block_ms // 1000)  # whole seconds, rounded up
+        audit_log.info(
+            "disconnect: %s %s receivers=%d blocked=%s block_expires_in=%s",
+            _describe(command),
+            who,
+            outcome.receivers,
+            "yes" if blocked else "no",
+            "-" if expires_in is None else expires_in,
+        )
+        return json_response(
+            200,
+            {
+                "brand_id": command.brand_id,
+                "player_id": command.player_id,
+                "receivers": outcome.receivers,
+                "blocked": blocked,
+                "block_expires_in": expires_in,
+            },
+        )
+
+
+def _describe(command: Disconnect) -> str:
+    return (
+        f"brand={command.brand_id} player={command.player_id or '*'}"
+        f" reason={_quote(command.reason)} block_seconds={command.block_seconds}"
+        f" requested_by={_quote(command.requested_by or '')}"
+    )
+
+
+def _remote(reader: RequestReader, request: Request) -> str:
+    """The caller's address as logged: the peer, and `X-Forwarded-For` as given (unchecked:
+    the peer is who connected, the header is what a proxy, or the caller, says)."""
+    peer = None if reader.transport is None else reader.transport.get_extra_info("peername")
+    remote = peer[0] if isinstance(peer, tuple) and peer else "-"
+    forwarded = request.header(b"x-forwarded-for")
+    if forwarded is None:
+        return f"remote={remote}"
+    # ASCII-escaped: nothing checked what it holds (NEL, say).
+    quoted = json.dumps(forwarded[:_MAX_FORWARDED_CHARS])
+    return f"remote={remote} forwarded_for={quoted}"
+
+
+def _quote(text: str) -> str:
+    """Checked free text (no control characters) as a JSON string: spaces and quotes cannot
+    forge the fields of a log line."""
+    return json.dumps(text, ensure_ascii=False)
