@@ -563,8 +563,9 @@ def test_a_ticket_never_outlives_its_token(
     a, _ = pair
     token = a.token(ids("b"), ids("p"), ttl=10)
     body = issue(a, token)
-    assert 1 <= body["expires_in"] <= 10, body
-    assert 0 < r.ttl(ticket_key(body["ticket"])) <= 10
+    # The token itself is accepted until exp plus the 5 s clock leeway: so is its ticket.
+    assert 1 <= body["expires_in"] <= 15, body
+    assert 0 < r.ttl(ticket_key(body["ticket"])) <= 15
 
 
 def test_ticket_with_last_event_id_replays(
