@@ -12,7 +12,6 @@ time is when.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable
 
 from sse_gateway.broker.base import Broker, BrokerUnavailable
 from sse_gateway.edge.admission import unavailable
+from sse_gateway.edge.async_answer import AsyncAnswers
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.wire.control import (
     Disconnect,
@@ -44,7 +44,7 @@ class DisconnectEndpoint:
         """`authorized(authorization header)`: the publish API's own key check."""
         self._authorized = authorized
         self._broker = broker
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._answers = AsyncAnswers("disconnect")
 
     def body_limit(self, headers: list[tuple[bytes, bytes]]) -> int:
         """The body is kept only for an authorized request, never otherwise."""
@@ -54,19 +54,7 @@ class DisconnectEndpoint:
     def handle(self, reader: RequestReader, request: Request) -> None:
         """Answers once the broker has stored the block and published the disconnect."""
         who = _remote(reader, request)
-        reader.begin_async()
-        task = asyncio.get_running_loop().create_task(self._respond(reader, request, who))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _respond(self, reader: RequestReader, request: Request, who: str) -> None:
-        try:
-            response = await self.disconnect(request, who)
-        except Exception:
-            log.exception("disconnect failed")
-            response = error_response(500, "internal_error", "internal error")
-        reader.respond(response, keep_alive=request.keep_alive)
-        reader.end_async()
+        self._answers.answer(reader, request, self.disconnect(request, who))
 
     async def disconnect(self, request: Request, who: str) -> Response:
         """200 `{"receivers", "blocked", "block_expires_in"}`; 400, 401 or 503.

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 
 from sse_gateway.broker.base import Broker, BrokerUnavailable
 from sse_gateway.edge.admission import unavailable
+from sse_gateway.edge.async_answer import AsyncAnswers
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.metrics import Metrics
 from sse_gateway.publish.events import MAX_BATCH, InvalidEvent, PreparedEvent, event_from_mapping
@@ -28,7 +28,7 @@ class PublishEndpoint:
         self._metrics = metrics
         self._max_event_bytes = max_event_bytes
         self.max_body_bytes = min(64 << 20, (max_event_bytes + 512) * MAX_BATCH)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._answers = AsyncAnswers("publish")
 
     def authorized(self, authorization: str) -> bool:
         """`Bearer <SSE_PUBLISH_API_KEY>`, compared in constant time."""
@@ -46,19 +46,7 @@ class PublishEndpoint:
     def handle(self, reader: RequestReader, request: Request) -> None:
         """Answers once the broker has stored (or refused) the events; the reader holds any
         request pipelined behind this one until then."""
-        reader.begin_async()
-        task = asyncio.get_running_loop().create_task(self._respond(reader, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _respond(self, reader: RequestReader, request: Request) -> None:
-        try:
-            response = await self.publish(request)
-        except Exception:
-            log.exception("publish failed")
-            response = error_response(500, "internal_error", "internal error")
-        reader.respond(response, keep_alive=request.keep_alive)
-        reader.end_async()
+        self._answers.answer(reader, request, self.publish(request))
 
     async def publish(self, request: Request) -> Response:
         """202 `{"id", "receivers"}` (or `{"ids"}` for a batch); 400, 401, 413 or 503."""

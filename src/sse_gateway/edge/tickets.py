@@ -8,12 +8,12 @@ logs, browser history and Referer headers; a used or expired ticket is worth not
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from sse_gateway.broker.base import Broker, BrokerUnavailable
 from sse_gateway.edge.admission import unavailable
+from sse_gateway.edge.async_answer import AsyncAnswers
 from sse_gateway.edge.auth import AuthError
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.protocol import RequestReader
@@ -47,26 +47,14 @@ class TicketEndpoint:
         self._broker = broker
         self._cors = cors
         self._control = control
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._answers = AsyncAnswers("ticket issue")
 
     def preflight(self, request: Request) -> Response:
         return self._cors.preflight(request, "POST", "Authorization, X-Brand-ID")
 
     def handle(self, reader: RequestReader, request: Request) -> None:
         """Answers once the broker has stored the ticket (or refused to)."""
-        reader.begin_async()
-        task = asyncio.get_running_loop().create_task(self._respond(reader, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _respond(self, reader: RequestReader, request: Request) -> None:
-        try:
-            response = await self.issue(request)
-        except Exception:
-            log.exception("ticket issue failed")
-            response = error_response(500, "internal_error", "internal error")
-        reader.respond(response, keep_alive=request.keep_alive)
-        reader.end_async()
+        self._answers.answer(reader, request, self.issue(request))
 
     async def issue(self, request: Request) -> Response:
         """200 `{"ticket", "expires_in"}`; 400, 401 and 403 as for a stream request (403
