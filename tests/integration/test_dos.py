@@ -43,6 +43,21 @@ def raw_sockets(port: int, n: int, *, rcvbuf: int | None = None) -> Iterator[lis
         yield socks
 
 
+def endless(gw: Gateway, start: bytes) -> bytes:
+    """Sends `start`, then 8 MiB more of the same line that never ends; the answer's start."""
+    with raw_sockets(gw.port, 1) as (sock,):
+        sock.sendall(start)
+        sock.settimeout(5)
+        sent = 0
+        with suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
+            while sent < 8 * MiB:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        with suppress(ConnectionResetError, TimeoutError):
+            return sock.recv(4096)
+    return b""
+
+
 def healthz(gw: Gateway) -> int:
     return request(gw.port, "GET", "/healthz", timeout=5).status
 
@@ -86,17 +101,7 @@ def test_a_header_value_without_a_line_end_gets_431_early(
     # Before: 122.8 MiB buffered before the 408.
     gw = gateway_factory(redis=redis_server)
     before = rss_bytes(gw.pid)
-    with raw_sockets(gw.port, 1) as (sock,):
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Long: ")
-        sock.settimeout(5)
-        sent = 0
-        with suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
-            while sent < 8 * MiB:
-                sock.sendall(b"a" * 65536)
-                sent += 65536
-        answer = b""
-        with suppress(ConnectionResetError, TimeoutError):
-            answer = sock.recv(4096)
+    answer = endless(gw, b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Long: ")
     # The answer survives what the client kept sending (the gateway lingers, reading and
     # dropping it), and none of it stayed in memory.
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
@@ -231,20 +236,11 @@ def test_an_endless_trailer_gets_431_and_memory_stays_flat(
     # (httptools joins it quadratically), stalled the loop and dropped the Redis connection.
     gw = gateway_factory(redis=redis_server, env={"SSE_PUBLISH_API_KEY": "k"})
     before = rss_bytes(gw.pid)
-    with raw_sockets(gw.port, 1) as (sock,):
-        sock.sendall(
-            b"POST /v1/publish HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"1\r\na\r\n0\r\nX-Trailer: "
-        )
-        sock.settimeout(5)
-        sent = 0
-        with suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
-            while sent < 8 * MiB:
-                sock.sendall(b"t" * 65536)
-                sent += 65536
-        answer = b""
-        with suppress(ConnectionResetError, TimeoutError):
-            answer = sock.recv(4096)
+    answer = endless(
+        gw,
+        b"POST /v1/publish HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\na\r\n0\r\nX-Trailer: ",
+    )
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     assert rss_bytes(gw.pid) - before < 16 * MiB
     assert healthz(gw) == 200
