@@ -65,6 +65,10 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
     return 0
 
 
+def _drop(request: Request) -> None:
+    """What a stopped parser does with a request: nothing."""
+
+
 def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
 
@@ -101,7 +105,7 @@ class RequestParser:
         self._body_limit = body_limit
         self._on_request = on_request
         self._on_continue = on_continue
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
@@ -127,7 +131,8 @@ class RequestParser:
         Raises RequestRefused (the parser is then stopped). Bytes fed once `stop()` was
         called, even from within `on_request`, are ignored.
         """
-        if self.stopped:
+        parser = self._parser
+        if parser is None:
             return
         if self._head_raw == 0 and data.startswith(b"PRI * HTTP/2.0"):
             self.stop()  # the preface of HTTP/2 with prior knowledge (h2c)
@@ -141,7 +146,7 @@ class RequestParser:
         else:
             self._framing += len(data)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # an Upgrade header on an ordinary request: answered as plain HTTP
         except httptools.HttpParserError as exc:
@@ -168,11 +173,16 @@ class RequestParser:
             raise _too_large()
 
     def stop(self) -> None:
-        """Parses nothing more; forgets what may hold a token."""
+        """Parses nothing more; forgets what may hold a token, and the objects that would
+        keep a reader that handed its socket over alive in a reference cycle until the
+        garbage collector's next full pass."""
         self.stopped = True
         self._url = b""
         self._headers = []
         self._body = None
+        self._parser = None
+        self._on_request = _drop
+        self._on_continue = None
 
     def _refuse(self, refusal: RequestRefused) -> None:
         self._refusal = refusal
@@ -210,6 +220,7 @@ class RequestParser:
         if self.stopped:
             raise _Stopped
         parser = self._parser
+        assert parser is not None  # stopped parsers raise above
         self._head_raw = -1
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
@@ -249,6 +260,7 @@ class RequestParser:
         if self.stopped:
             raise _Stopped
         parser = self._parser
+        assert parser is not None  # stopped parsers raise above
         self._head_raw = 0  # the next request's head, on a keep-alive connection
         url = httptools.parse_url(self._url)
         request = Request(
