@@ -437,3 +437,24 @@ def test_cors_errors_to_an_allowed_origin_are_readable(
     assert response.header("Access-Control-Allow-Credentials") == "true"
     exposed = response.header("Access-Control-Expose-Headers") or ""
     assert {"WWW-Authenticate", "Retry-After"} <= {h.strip() for h in exposed.split(",")}
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status", "code"),
+    [
+        ("POST", "/v1/sse", 405, "method_not_allowed"),
+        ("GET", "/v1/tickets", 405, "method_not_allowed"),
+        ("GET", "/no/such/path", 404, "not_found"),
+        ("POST", "/healthz", 405, "method_not_allowed"),
+    ],
+)
+def test_cors_on_every_error_of_the_router_to_an_allowed_origin(
+    cors_gateway: Gateway, cors_page: str, method: str, target: str, status: int, code: str
+) -> None:
+    """Issue 10 item 14, "every response to an allowed origin": the router's own 404 and
+    405 too, not only the stream endpoint's refusals."""
+    response = request(cors_gateway.port, method, target, {"Origin": cors_page})
+    assert_error(response, status, code)
+    assert response.header("Access-Control-Allow-Origin") == cors_page
+    foreign = request(cors_gateway.port, method, target, {"Origin": "https://evil.example"})
+    assert foreign.header("Access-Control-Allow-Origin") is None

@@ -15,6 +15,7 @@ MetricsRouter: the handler of the metrics listener (SSE_METRICS_PORT): /metrics,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from importlib import resources
@@ -86,8 +87,8 @@ class Router:
                 elif method == "OPTIONS":
                     reader.respond(self._cors.preflight(request), keep_alive=request.keep_alive)
                 else:
-                    reader.respond(
-                        _method_not_allowed("GET, OPTIONS"), keep_alive=False, head_only=head_only
+                    self._error(
+                        reader, request, _method_not_allowed("GET, OPTIONS"), keep_alive=False
                     )
                 return
             if path == TICKETS_PATH:
@@ -96,44 +97,49 @@ class Router:
                 elif method == "OPTIONS":
                     reader.respond(self._tickets.preflight(request), keep_alive=request.keep_alive)
                 else:
-                    reader.respond(
-                        _method_not_allowed("POST, OPTIONS"), keep_alive=False, head_only=head_only
+                    self._error(
+                        reader, request, _method_not_allowed("POST, OPTIONS"), keep_alive=False
                     )
                 return
             if path == DISCONNECT_PATH and self._disconnect is not None:
                 if method != "POST":
-                    reader.respond(
-                        _method_not_allowed("POST"), keep_alive=False, head_only=head_only
-                    )
+                    self._error(reader, request, _method_not_allowed("POST"))
                     return
                 self._disconnect.handle(reader, request)
                 return
             if path == PUBLISH_PATH and self._publish is not None:
                 if method != "POST":
-                    reader.respond(
-                        _method_not_allowed("POST"), keep_alive=False, head_only=head_only
-                    )
+                    self._error(reader, request, _method_not_allowed("POST"))
                     return
                 self._publish.handle(reader, request)
                 return
             if path in self._plain_paths or (path in _DEV_PATHS and self._settings.dev):
                 if method not in ("GET", "HEAD"):
-                    reader.respond(_method_not_allowed("GET, HEAD"), keep_alive=False)
+                    self._error(reader, request, _method_not_allowed("GET, HEAD"))
                     return
                 reader.respond(self.plain(path), keep_alive=request.keep_alive, head_only=head_only)
                 return
-            reader.respond(
-                error_response(404, "not_found", f"no route for {path}"),
-                keep_alive=request.keep_alive,
-                head_only=head_only,
-            )
+            not_found = error_response(404, "not_found", f"no route for {path}")
+            self._error(reader, request, not_found, keep_alive=request.keep_alive)
         except Exception:
             log.exception("error handling %s %s", method, path)
-            reader.respond(
-                error_response(500, "internal_error", "internal error"),
-                keep_alive=False,
-                head_only=head_only,
-            )
+            internal = error_response(500, "internal_error", "internal error")
+            self._error(reader, request, internal)
+
+    def _error(
+        self,
+        reader: RequestReader,
+        request: Request,
+        response: Response,
+        *,
+        keep_alive: bool = False,
+    ) -> None:
+        """A 404, 405 or 500, with the CORS headers for an allowed origin: a page must be
+        able to read why (item 14 of issue 10: every answer to an allowed origin)."""
+        cors = self._cors.check(request).headers
+        if cors:
+            response = dataclasses.replace(response, headers=[*response.headers, *cors])
+        reader.respond(response, keep_alive=keep_alive, head_only=request.method == "HEAD")
 
     def plain(self, path: str) -> Response:
         if path == "/healthz":
