@@ -63,6 +63,9 @@ class Gateway:
         """`connection_limit` overrides SSE_CONNECTION_LIMIT (a worker's share of it); the
         limit in force is lowered to what `fd_limit` (open files) allows."""
         self.settings = settings
+        # SIGTERM came: `/readyz` says `draining`, everything else is served as before
+        # (SSE_SHUTDOWN_DELAY, until the drain begins).
+        self.leaving = False
         self.metrics = metrics = Metrics()
         self.broker = broker
         limit = connection_limit if connection_limit is not None else settings.connection_limit
@@ -188,11 +191,16 @@ class Gateway:
         self.control.on_broker_state(up)
 
     def ready_reason(self) -> str | None:
-        if self.admission.draining:
+        if self.leaving or self.admission.draining:
             return "draining"
         if not self.broker.connected:
             return "broker_disconnected"
         return None
+
+    def announce_shutdown(self) -> None:
+        """`/readyz` 503 `draining`, so load balancers stop sending new clients; the listener,
+        keep-alive and new streams are unchanged until `begin_drain`."""
+        self.leaving = True
 
     def begin_drain(self) -> None:
         """`/readyz` 503, no keep-alive, new streams refused (503 `draining`)."""

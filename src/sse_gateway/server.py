@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -146,13 +147,39 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         settings.keepalive_period,
     )
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_stop() -> None:
+        # A second SIGTERM/SIGINT (Ctrl-C twice, or the supervisor passing one on) ends
+        # the shutdown delay early; the drain still runs.
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop)
     await stop.wait()
+    await announce_shutdown(gateway, settings.shutdown_delay, hurry)
     await drain(gateway, server, settings.drain_seconds)
     if metrics_server is not None:  # open until the end: scrapes see the drain, /readyz 503
         metrics_server.close()
     return 0
+
+
+async def announce_shutdown(gateway: Gateway, delay: float, hurry: asyncio.Event) -> None:
+    """SSE_SHUTDOWN_DELAY (seconds; 0: none): not ready, yet serving as before, until `delay`
+    passes or `hurry` is set. A load balancer that has not seen the pod go (Kubernetes takes
+    endpoints out while SIGTERM is on its way) still connects and is served, not refused."""
+    if delay <= 0:
+        return
+    log.info("stopping: /readyz 503 draining, still serving for %.3gs (SSE_SHUTDOWN_DELAY)", delay)
+    # 0. /readyz 503 `draining`, on new connections too: the listener stays open. New
+    #    streams are served, not refused: a client the balancer sends here now gets its
+    #    events until the drain ends its stream with `event: close` and a spread `retry:`
+    #    (the same reconnect a refusal would cause, later and without a gap).
+    gateway.announce_shutdown()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), timeout=delay)
 
 
 async def drain(gateway: Gateway, server: asyncio.Server, drain_seconds: float) -> None:
@@ -249,7 +276,7 @@ def _supervise(settings: Settings) -> int:
             for pid in alive:
                 os.kill(pid, signal.SIGHUP)
         if stopping:
-            deadline = time.monotonic() + settings.drain_seconds + 2
+            deadline = time.monotonic() + settings.shutdown_delay + settings.drain_seconds + 2
             for process in workers:
                 process.join(max(0.0, deadline - time.monotonic()))
                 if process.is_alive():
@@ -270,7 +297,7 @@ def _supervise(settings: Settings) -> int:
                 )
                 on_signal(signal.SIGTERM, None)
                 for other in workers:
-                    other.join(settings.drain_seconds + 2)
+                    other.join(settings.shutdown_delay + settings.drain_seconds + 2)
                     if other.is_alive():
                         other.kill()
                         other.join(1)

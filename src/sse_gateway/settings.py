@@ -84,6 +84,7 @@ class Settings:
     retry_ms: int = 3000
     max_event_bytes: int = 65_536
     drain_seconds: float = 10.0
+    shutdown_delay: float = 0.0
     cors_origins: frozenset[str] = frozenset()
     publish_api_key: str | None = field(default=None, repr=False)
     history_size: int = 100
@@ -144,6 +145,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("retry_ms", "SSE_RETRY_MS", "--retry-ms", "retry: sent to clients"),
     Option("max_event_bytes", "SSE_MAX_EVENT_BYTES", "--max-event-bytes", "max message size"),
     Option("drain_seconds", "SSE_DRAIN_SECONDS", "--drain-seconds", "SIGTERM drain time"),
+    Option(
+        "shutdown_delay",
+        "SSE_SHUTDOWN_DELAY",
+        "--shutdown-delay",
+        "after SIGTERM, /readyz 503 while still serving, before the drain, e.g. 5s; 0: none",
+    ),
     Option("cors_origins", "SSE_CORS_ORIGINS", "--cors-origins", "comma-separated origins"),
     Option(
         "publish_api_key", "SSE_PUBLISH_API_KEY", "--publish-api-key", "enables POST /v1/publish"
@@ -274,6 +281,11 @@ def parse_value(attr: str, text: str) -> Any:
         seconds = parse_duration(text)
         if seconds > 3600:
             raise ValueError("must be at most 1h")
+        return seconds
+    if attr == "shutdown_delay":
+        seconds = parse_duration(text)
+        if seconds > 600:
+            raise ValueError("must be at most 10m")
         return seconds
     if attr == "cors_origins":
         origins = frozenset(o.strip().rstrip("/") for o in text.split(",") if o.strip())

@@ -186,6 +186,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
         "SSE_RETRY_MS": "0",
         "SSE_MAX_EVENT_BYTES": "64",
         "SSE_DRAIN_SECONDS": "2s",
+        "SSE_SHUTDOWN_DELAY": "1500ms",
         "SSE_CORS_ORIGINS": "https://a.example, http://b.example:8080/",
         "SSE_PUBLISH_API_KEY": "k",
         "SSE_HISTORY_SIZE": "250",
@@ -214,6 +215,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
     assert settings.retry_ms == 0
     assert settings.max_event_bytes == 64
     assert settings.drain_seconds == 2.0
+    assert settings.shutdown_delay == 1.5
     assert settings.cors_origins == frozenset({"https://a.example", "http://b.example:8080"})
     assert settings.publish_api_key == "k"
     assert settings.history_size == 250
@@ -268,6 +270,14 @@ def test_metrics_host_without_metrics_port_is_refused() -> None:
         load_settings({"SSE_METRICS_HOST": "10.0.0.5"}, {}, dev=False)
     assert info.value.variable == "SSE_METRICS_HOST"
     assert "SSE_METRICS_PORT" in info.value.reason
+
+
+def test_shutdown_delay_defaults_to_none_and_is_bounded() -> None:
+    assert load_settings({}, {}, dev=False).shutdown_delay == 0.0
+    for bad in ("11m", "-1s", "soon"):
+        with pytest.raises(SettingsError) as info:
+            load_settings({"SSE_SHUTDOWN_DELAY": bad}, {}, dev=False)
+        assert info.value.variable == "SSE_SHUTDOWN_DELAY"
 
 
 def test_flag_set_to_none_falls_back_to_env() -> None:
