@@ -181,12 +181,20 @@ class RedisBroker:
                 finally:
                     pinger.cancel()
                 if not self._closing:
-                    log.warning("redis pubsub connection lost; reconnecting")
+                    log.warning(
+                        "redis pubsub connection lost; reconnecting",
+                        extra={"event": "broker_lost"},
+                    )
             except asyncio.CancelledError:
                 raise
             except (OSError, TimeoutError, ConnectionError, RedisHandshakeError) as exc:
                 if attempt == 0 or attempt % 20 == 0:
-                    log.warning("redis unreachable at %s: %s", address.url(), exc or type(exc))
+                    log.warning(
+                        "redis unreachable at %s: %s",
+                        address.url(),
+                        exc or type(exc),
+                        extra={"event": "broker_unreachable"},
+                    )
                 if protocol is not None and protocol.transport is not None:
                     protocol.transport.abort()
             finally:
@@ -230,7 +238,11 @@ class RedisBroker:
         while True:
             await asyncio.sleep(PING_INTERVAL)
             if time.monotonic() - self._last_pong > PING_TIMEOUT:
-                log.warning("redis pubsub: no PING reply for %.0fs; reconnecting", PING_TIMEOUT)
+                log.warning(
+                    "redis pubsub: no PING reply for %.0fs; reconnecting",
+                    PING_TIMEOUT,
+                    extra={"event": "broker_lost", "reason": "ping_timeout"},
+                )
                 if protocol.transport is not None:
                     protocol.transport.abort()
                 return
@@ -240,9 +252,17 @@ class RedisBroker:
 
     def _on_connected(self) -> None:
         if self._ever_connected:
-            log.info("redis pubsub reconnected; resubscribing %d channels", self.subscribed_count)
+            log.info(
+                "redis pubsub reconnected; resubscribing %d channels",
+                self.subscribed_count,
+                extra={"event": "broker_connected", "channels": self.subscribed_count},
+            )
         else:
-            log.info("redis pubsub connected to %s", self._address.url())
+            log.info(
+                "redis pubsub connected to %s",
+                self._address.url(),
+                extra={"event": "broker_connected", "channels": 0},
+            )
         self._ever_connected = True
         self._connected = True
         self._last_pong = time.monotonic()
