@@ -145,6 +145,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         gateway.broker.description,
         gateway.connection_limit,
         settings.keepalive_period,
+        extra={"event": "listening"},
     )
     stop = asyncio.Event()
     hurry = asyncio.Event()

@@ -42,6 +42,11 @@ from sse_gateway.settings import RedisAddress
 from sse_gateway.wire.control import CONTROL_CHANNEL
 
 log = logging.getLogger("sse_gateway.broker")
+# `extra=` fields of the JSON log lines (logs.py).
+_LOST = {"event": "broker_lost"}
+_NO_PONG = {"event": "broker_lost", "reason": "ping_timeout"}
+_DOWN = {"event": "broker_unreachable"}
+_CONNECTED = {"event": "broker_connected", "channels": 0}
 
 CONNECT_TIMEOUT = 5.0
 PING_INTERVAL = 5.0
@@ -181,12 +186,13 @@ class RedisBroker:
                 finally:
                     pinger.cancel()
                 if not self._closing:
-                    log.warning("redis pubsub connection lost; reconnecting")
+                    log.warning("redis pubsub connection lost; reconnecting", extra=_LOST)
             except asyncio.CancelledError:
                 raise
             except (OSError, TimeoutError, ConnectionError, RedisHandshakeError) as exc:
                 if attempt == 0 or attempt % 20 == 0:
-                    log.warning("redis unreachable at %s: %s", address.url(), exc or type(exc))
+                    reason = exc or type(exc)
+                    log.warning("redis unreachable at %s: %s", address.url(), reason, extra=_DOWN)
                 if protocol is not None and protocol.transport is not None:
                     protocol.transport.abort()
             finally:
@@ -230,7 +236,8 @@ class RedisBroker:
         while True:
             await asyncio.sleep(PING_INTERVAL)
             if time.monotonic() - self._last_pong > PING_TIMEOUT:
-                log.warning("redis pubsub: no PING reply for %.0fs; reconnecting", PING_TIMEOUT)
+                message = "redis pubsub: no PING reply for %.0fs; reconnecting"
+                log.warning(message, PING_TIMEOUT, extra=_NO_PONG)
                 if protocol.transport is not None:
                     protocol.transport.abort()
                 return
@@ -240,9 +247,11 @@ class RedisBroker:
 
     def _on_connected(self) -> None:
         if self._ever_connected:
-            log.info("redis pubsub reconnected; resubscribing %d channels", self.subscribed_count)
+            count = self.subscribed_count
+            extra = {"event": "broker_connected", "channels": count}
+            log.info("redis pubsub reconnected; resubscribing %d channels", count, extra=extra)
         else:
-            log.info("redis pubsub connected to %s", self._address.url())
+            log.info("redis pubsub connected to %s", self._address.url(), extra=_CONNECTED)
         self._ever_connected = True
         self._connected = True
         self._last_pong = time.monotonic()

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sse_gateway.broker.base import Broker, BrokerUnavailable
 from sse_gateway.edge.admission import unavailable
@@ -54,14 +55,24 @@ class DisconnectEndpoint:
     def handle(self, reader: RequestReader, request: Request) -> None:
         """Answers once the broker has stored the block and published the disconnect."""
         who = _remote(reader, request)
-        self._answers.answer(reader, request, self.disconnect(request, who))
+        self._answers.answer(
+            reader, request, self.disconnect(request, who, _remote_fields(reader, request))
+        )
 
-    async def disconnect(self, request: Request, who: str) -> Response:
+    async def disconnect(
+        self, request: Request, who: str, fields: dict[str, Any] | None = None
+    ) -> Response:
         """200 `{"receivers", "blocked", "block_expires_in"}`; 400, 401 or 503.
 
-        `who` is the caller's address, as logged (`remote=… forwarded_for=…`)."""
+        `who` is the caller's address, as logged (`remote=… forwarded_for=…`); `fields` the
+        same as structured log fields (`remote`, `forwarded_for`)."""
+        refused = {"event": "disconnect_refused", **(fields or {})}
         if not self._authorized(request.header(b"authorization") or ""):
-            audit_log.warning("disconnect refused: invalid API key %s", who)
+            audit_log.warning(
+                "disconnect refused: invalid API key %s",
+                who,
+                extra={**refused, "reason": "invalid_api_key"},
+            )
             return error_response(
                 401,
                 "invalid_api_key",
@@ -71,12 +82,21 @@ class DisconnectEndpoint:
         try:
             body = json.loads(request.body)
         except (ValueError, RecursionError):
-            audit_log.warning("disconnect refused: body is not JSON %s", who)
+            audit_log.warning(
+                "disconnect refused: body is not JSON %s",
+                who,
+                extra={**refused, "reason": "invalid_json"},
+            )
             return error_response(400, "invalid_json", "request body is not JSON")
         try:
             command = disconnect_from_request(body)
         except InvalidField as exc:
-            audit_log.warning("disconnect refused: %s %s", _quote(str(exc)), who)
+            audit_log.warning(
+                "disconnect refused: %s %s",
+                _quote(str(exc)),
+                who,
+                extra={**refused, "reason": "invalid_field", "field": exc.field},
+            )
             return json_response(
                 400, {"error": "invalid_field", "message": str(exc), "field": exc.field}
             )
@@ -89,7 +109,18 @@ class DisconnectEndpoint:
                 block_value(command, time.time()),
             )
         except BrokerUnavailable as exc:
-            audit_log.error("disconnect failed: %s %s error=%s", _describe(command), who, exc)
+            audit_log.error(
+                "disconnect failed: %s %s error=%s",
+                _describe(command),
+                who,
+                exc,
+                extra={
+                    "event": "disconnect_failed",
+                    **_command_fields(command),
+                    **(fields or {}),
+                    "error": str(exc),
+                },
+            )
             return unavailable("broker_unavailable", f"not done: {exc}")
         blocked = outcome.block_ms is not None
         expires_in = None
@@ -102,6 +133,14 @@ class DisconnectEndpoint:
             outcome.receivers,
             "yes" if blocked else "no",
             "-" if expires_in is None else expires_in,
+            extra={
+                "event": "disconnect",
+                **_command_fields(command),
+                **(fields or {}),
+                "receivers": outcome.receivers,
+                "blocked": blocked,
+                "block_expires_in": expires_in,
+            },
         )
         return json_response(
             200,
@@ -121,6 +160,28 @@ def _describe(command: Disconnect) -> str:
         f" reason={_quote(command.reason)} block_seconds={command.block_seconds}"
         f" requested_by={_quote(command.requested_by or '')}"
     )
+
+
+def _command_fields(command: Disconnect) -> dict[str, Any]:
+    """The command as log fields: `reason` is the caller's free text, `player` null for a
+    whole brand."""
+    return {
+        "brand": command.brand_id,
+        "player": command.player_id,
+        "reason": command.reason,
+        "block_seconds": command.block_seconds,
+        "requested_by": command.requested_by,
+    }
+
+
+def _remote_fields(reader: RequestReader, request: Request) -> dict[str, Any]:
+    """`_remote` as log fields: `remote`, and `forwarded_for` when the header was given."""
+    peer = None if reader.transport is None else reader.transport.get_extra_info("peername")
+    fields: dict[str, Any] = {"remote": peer[0] if isinstance(peer, tuple) and peer else None}
+    forwarded = request.header(b"x-forwarded-for")
+    if forwarded is not None:
+        fields["forwarded_for"] = forwarded[:_MAX_FORWARDED_CHARS]
+    return fields
 
 
 def _remote(reader: RequestReader, request: Request) -> str:

@@ -85,23 +85,35 @@ class KeyRing:
         the file was refused (ERROR, and the keys in force stay). True when it was put in
         force. Needs the running loop (JWKS tasks start and stop here)."""
         if self._path is None:
-            log.info("SIGHUP: no SSE_JWT_KEYS_FILE to reload")
+            log.info("SIGHUP: no SSE_JWT_KEYS_FILE to reload", extra={"event": "keys_reload"})
             return False
         try:
             brands = load_jwt_keys(self._path)
             self._verifier.set_brand_keys(brands)
         except (ValueError, TypeError, jwt.PyJWTError) as exc:
             log.error(
-                "SSE_JWT_KEYS_FILE %s not reloaded, the keys in force stay: %s", self._path, exc
+                "SSE_JWT_KEYS_FILE %s not reloaded, the keys in force stay: %s",
+                self._path,
+                exc,
+                extra={"event": "keys_reload_failed"},
             )
             return False
         changes = describe_changes(self._brands, brands)
         self._brands = brands
         self._jwks.configure(jwks_sources(brands))
         if not changes:
-            log.info("SSE_JWT_KEYS_FILE %s reloaded: no change", self._path)
+            log.info(
+                "SSE_JWT_KEYS_FILE %s reloaded: no change",
+                self._path,
+                extra={"event": "keys_reload"},
+            )
         for change in changes:
-            log.info("SSE_JWT_KEYS_FILE %s reloaded: %s", self._path, change)
+            log.info(
+                "SSE_JWT_KEYS_FILE %s reloaded: %s",
+                self._path,
+                change,
+                extra={"event": "keys_reload"},
+            )
         return True
 
     async def close(self) -> None:

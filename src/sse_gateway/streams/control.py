@@ -105,6 +105,14 @@ class SessionControl:
             disconnect.target,
             closed,
             disconnect.block_seconds,
+            extra={
+                "event": "disconnect_applied",
+                "brand": disconnect.brand_id,
+                "player": disconnect.player_id,
+                "reason": disconnect.reason,
+                "closed": closed,
+                "block_seconds": disconnect.block_seconds,
+            },
         )
         return closed
 
@@ -253,6 +261,13 @@ class SessionControl:
                     brand_id,
                     player_id,
                     closed,
+                    extra={
+                        "event": "disconnect_applied",
+                        "brand": brand_id,
+                        "player": player_id,
+                        "reason": "blocked",
+                        "closed": closed,
+                    },
                 )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:

@@ -137,11 +137,18 @@ class StreamLifecycle:
         if identity.valid_until is not None:
             self.expiry.add(stream, identity.valid_until)
         if conn_log.isEnabledFor(logging.INFO):
+            conn_id = self.connection_id(conn_no)
             conn_log.info(
                 "stream open id=%s brand=%s player=%s",
-                self.connection_id(conn_no),
+                conn_id,
                 identity.brand_id,
                 identity.player_id,
+                extra={
+                    "event": "stream_open",
+                    "conn": conn_id,
+                    "brand": identity.brand_id,
+                    "player": identity.player_id,
+                },
             )
         self._hub.join(stream, partial(self._ready, stream, identity, last_event_id))
         return stream
@@ -230,10 +237,19 @@ class StreamLifecycle:
         stream.close("replay_failed", final=farewell("replay_failed", self._settings.retry_ms))
 
     def _failed(self, stream: Stream, reason: str, what: str) -> None:
+        conn_id = self.connection_id(stream.conn_no)
+        brand_player = split_channel(stream.channel) or (None, None)
         conn_log.exception(
             "stream %s: %s failed; closing it with a retry",
-            self.connection_id(stream.conn_no),
+            conn_id,
             what,
+            extra={
+                "event": "stream_failed",
+                "conn": conn_id,
+                "brand": brand_player[0],
+                "player": brand_player[1],
+                "reason": reason,
+            },
         )
         stream.close(reason, final=farewell(reason, self._settings.retry_ms))
 
@@ -286,14 +302,24 @@ class StreamLifecycle:
         if not conn_log.isEnabledFor(level):
             return
         brand_player = split_channel(stream.channel) or ("?", "?")
+        conn_id = self.connection_id(stream.conn_no)
+        duration = time.monotonic() - stream.opened_at
         conn_log.log(
             level,
             "stream close id=%s brand=%s player=%s duration=%.3fs reason=%s",
-            self.connection_id(stream.conn_no),
+            conn_id,
             brand_player[0],
             brand_player[1],
-            time.monotonic() - stream.opened_at,
+            duration,
             reason,
+            extra={
+                "event": "stream_close",
+                "conn": conn_id,
+                "brand": brand_player[0],
+                "player": brand_player[1],
+                "reason": reason,
+                "duration": round(duration, 3),
+            },
         )
 
     def socket_closed(self, stream: Stream) -> None:

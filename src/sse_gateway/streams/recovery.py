@@ -58,7 +58,10 @@ class OutageRecovery:
                 self._metrics.broker_reconnects += 1
             self._ever_connected = True
             return
-        log.warning("broker disconnected: open streams stay open, new ones get 503")
+        log.warning(
+            "broker disconnected: open streams stay open, new ones get 503",
+            extra={"event": "broker_disconnected"},
+        )
         for channel in self._hub.channels():
             generation = channel.hold()
             self._broker.when_subscribed(channel.name, partial(self._refill, channel, generation))
