@@ -173,7 +173,11 @@ async def announce_shutdown(gateway: Gateway, delay: float, hurry: asyncio.Event
     endpoints out while SIGTERM is on its way) still connects and is served, not refused."""
     if delay <= 0:
         return
-    log.info("stopping: /readyz 503 draining, still serving for %.3gs (SSE_SHUTDOWN_DELAY)", delay)
+    log.info(
+        "stopping: /readyz 503 draining, still serving for %.3gs (SSE_SHUTDOWN_DELAY)",
+        delay,
+        extra={"event": "shutdown_delay"},
+    )
     # 0. /readyz 503 `draining`, on new connections too: the listener stays open. New
     #    streams are served, not refused: a client the balancer sends here now gets its
     #    events until the drain ends its stream with `event: close` and a spread `retry:`
@@ -187,7 +191,12 @@ async def drain(gateway: Gateway, server: asyncio.Server, drain_seconds: float) 
     """Stop accepting, report not-ready, close every stream, all within the drain period."""
     started = time.monotonic()
     lifecycle = gateway.lifecycle
-    log.info("draining: %d streams, at most %.3gs", lifecycle.open_streams, drain_seconds)
+    log.info(
+        "draining: %d streams, at most %.3gs",
+        lifecycle.open_streams,
+        drain_seconds,
+        extra={"event": "draining"},
+    )
     # 1. Not ready, no keep-alive, no new stream: a stream request already read is refused
     #    `draining` (with a `close` event and `retry:` an EventSource survives, or 503).
     gateway.begin_drain()
@@ -206,7 +215,8 @@ async def drain(gateway: Gateway, server: asyncio.Server, drain_seconds: float) 
         await asyncio.wait_for(gateway.close(), timeout=max(0.2, deadline - time.monotonic()))
     except Exception as exc:  # a broken broker connection must not fail the shutdown
         log.debug("while closing the broker: %r", exc)
-    log.info("drained in %.2fs", time.monotonic() - started)
+    took = time.monotonic() - started
+    log.info("drained in %.2fs", took, extra={"event": "drained", "duration": round(took, 3)})
 
 
 def _format_address(sock: socket.socket) -> str:
