@@ -120,7 +120,7 @@ class RequestReader(asyncio.Protocol):
         try:  # _parse, inlined: once per request on the connect path
             self.parser.feed(data)
         except RequestRefused as refused:
-            self._refuse(refused.response)
+            self._refuse(refused)
 
     def _wait_turn(self) -> None:
         """Waits (the socket paused) for a loop turn with request budget left."""
@@ -150,12 +150,19 @@ class RequestReader(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except RequestRefused as refused:
-            self._refuse(refused.response)
+            self._refuse(refused)
             return False
         return not self.closed
 
-    def _refuse(self, response: Response) -> None:
-        """Answers a malformed request and closes, after the answers owed before it."""
+    def _refuse(self, refused: RequestRefused) -> None:
+        """Answers a malformed request and closes, after the answers owed before it.
+
+        Counted in `sse_connections_rejected_total` under its code whatever the path, as
+        `request_timeout` and `connection_limit` are: a refusal may come before the path is
+        known (a malformed request line), and one that knows it is not worth parsing it for
+        (docs/api.md, "Metrics")."""
+        self.admission.metrics.rejected[refused.code] += 1
+        response = refused.response
         if self.busy or self.requests:
             self.refusal, self.deferred = response, b""
             self._pause_reading()
