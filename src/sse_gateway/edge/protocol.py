@@ -155,19 +155,13 @@ class RequestReader(asyncio.Protocol):
         return not self.closed
 
     def _refuse(self, refused: RequestRefused) -> None:
-        """Answers a malformed request and closes, after the answers owed before it.
-
-        Counted in `sse_connections_rejected_total` under its code whatever the path, as
-        `request_timeout` and `connection_limit` are: a refusal may come before the path is
-        known (a malformed request line), and one that knows it is not worth parsing it for
-        (docs/api.md, "Metrics")."""
+        """Counts and answers a malformed request; closes after the answers owed before it."""
         self.admission.metrics.rejected[refused.code] += 1
-        response = refused.response
         if self.busy or self.requests:
-            self.refusal, self.deferred = response, b""
+            self.refusal, self.deferred = refused.response, b""
             self._pause_reading()
         else:
-            self.respond(response, keep_alive=False)
+            self.respond(refused.response, keep_alive=False)
 
     def _resume(self) -> None:
         self.waiting_turn = False

@@ -28,7 +28,8 @@ BodyLimit = Callable[[bytes, list[tuple[bytes, bytes]]], int]
 
 class RequestRefused(Exception):
     """The request breaks a rule: answer `response` (whose error code is `code`), then close
-    the connection."""
+    the connection. The reader counts it under `code` in sse_connections_rejected_total
+    whatever the path, which may not be known yet (a malformed request line)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(status)
