@@ -124,7 +124,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "SSE_HOST", "--host", "listen address"),
     Option("port", "SSE_PORT", "--port", "listen port"),
     Option("metrics_port", "SSE_METRICS_PORT", "--metrics-port", "/metrics here, not on --port"),
-    Option("metrics_host", "SSE_METRICS_HOST", "--metrics-host", "its address (127.0.0.1)"),
+    Option("metrics_host", "SSE_METRICS_HOST", "--metrics-host", "its listen address"),
     Option("jwt_secret", "SSE_JWT_SECRET", "--jwt-secret", "HS256 secret for every brand"),
     Option("jwt_keys_file", "SSE_JWT_KEYS_FILE", "--jwt-keys-file", "per-brand keys (JSON)"),
     Option("jwt_audience", "SSE_JWT_AUDIENCE", "--jwt-audience", "required aud"),

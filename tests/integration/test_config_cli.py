@@ -146,6 +146,9 @@ def test_serve_help_lists_every_flag() -> None:
     for option in OPTIONS:
         assert option.flag in result.stdout, option.flag
     assert "--dev" in result.stdout
+    shown = " ".join(result.stdout.split())  # argparse wraps lines at any space
+    assert "(env SSE_CONNECTION_LIMIT; default 50000)" in shown, result.stdout
+    assert "(env SSE_HEADER_TIMEOUT; default 10s)" in shown, result.stdout
 
 
 def test_token_command(
