@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from sse_gateway import __version__
 from sse_gateway.edge.auth import make_token, random_secret
 from sse_gateway.logs import configure_logging
-from sse_gateway.settings import OPTIONS, Settings, SettingsError, load_settings
+from sse_gateway.settings import OPTIONS, Settings, SettingsError, load_settings, parse_value
 
 log = logging.getLogger("sse_gateway")
 
@@ -76,7 +76,39 @@ def _help(option: object) -> str:
     from sse_gateway.settings import Option
 
     assert isinstance(option, Option)
-    return f"{option.help} (env {option.env})"
+    default = default_text(option.attr)
+    if default is None:
+        return f"{option.help} (env {option.env})"
+    return f"{option.help} (env {option.env}; default {default})"
+
+
+def default_text(attr: str) -> str | None:
+    """The default of setting `attr` as it would be typed (`10s`, `50000`, `INFO`), or None
+    when it has none to show (unset, empty). What is shown always parses back to the default."""
+    value = getattr(Settings(), attr)
+    if value is None or value == () or value == frozenset() or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        number = str(int(value)) if value.is_integer() else repr(value)
+        duration = _duration_text(value)
+        try:
+            if parse_value(attr, duration) == value:
+                return duration
+        except ValueError:
+            pass  # not a duration (a rate)
+        return number
+    return str(value)
+
+
+def _duration_text(seconds: float) -> str:
+    """`10s`, `5m`, `24h`, `500ms`: the largest unit that divides `seconds` exactly."""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds == 0:
+        return "0s"
+    milliseconds = seconds * 1000
+    return f"{int(milliseconds) if milliseconds.is_integer() else milliseconds}ms"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

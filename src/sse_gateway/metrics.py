@@ -63,7 +63,7 @@ class Metrics:
         labelled("sse_connections_closed_total", "SSE streams closed.", "reason", self.closed)
         labelled(
             "sse_connections_rejected_total",
-            "Requests refused on /v1/sse.",
+            "Requests refused on /v1/sse, and by the HTTP layer on any path, by error code.",
             "reason",
             self.rejected,
         )

@@ -33,7 +33,9 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
 
 
 class SettingsError(ValueError):
-    """A configuration value that cannot be used; the CLI exits with status 2."""
+    """A configuration value that cannot be used; the CLI exits with status 2. `variable` is
+    the name the user gave it under: the `serve` flag (`--workers`) or the environment
+    variable (`SSE_WORKERS`)."""
 
     def __init__(self, variable: str, value: str, reason: str) -> None:
         super().__init__(f"{variable}: invalid value {value!r}: {reason}")
@@ -123,7 +125,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "SSE_HOST", "--host", "listen address"),
     Option("port", "SSE_PORT", "--port", "listen port"),
     Option("metrics_port", "SSE_METRICS_PORT", "--metrics-port", "/metrics here, not on --port"),
-    Option("metrics_host", "SSE_METRICS_HOST", "--metrics-host", "its address (127.0.0.1)"),
+    Option("metrics_host", "SSE_METRICS_HOST", "--metrics-host", "its listen address"),
     Option("jwt_secret", "SSE_JWT_SECRET", "--jwt-secret", "HS256 secret for every brand"),
     Option("jwt_keys_file", "SSE_JWT_KEYS_FILE", "--jwt-keys-file", "per-brand keys (JSON)"),
     Option("jwt_audience", "SSE_JWT_AUDIENCE", "--jwt-audience", "required aud"),
@@ -330,11 +332,19 @@ def _shown(attr: str, raw: str) -> str:
     return raw
 
 
+def _both_names(attr: str) -> str:
+    """A setting the user did not give, named both ways: `SSE_PORT (--port)`."""
+    option = next(o for o in OPTIONS if o.attr == attr)
+    return f"{option.env} ({option.flag})"
+
+
 def load_settings(
     env: Mapping[str, str], flags: Mapping[str, str | None], *, dev: bool
 ) -> Settings:
-    """Builds the settings from env vars, then flags (flag wins). Raises SettingsError."""
+    """Builds the settings from env vars, then flags (flag wins). Raises SettingsError, which
+    names each setting as the user gave it: the flag, or the env var."""
     values: dict[str, Any] = {"dev": dev}
+    given: dict[str, str] = {}  # attr -> the flag or env var its value came from
     for option in OPTIONS:
         raw = flags.get(option.attr)
         name = option.flag
@@ -352,20 +362,25 @@ def load_settings(
             values[option.attr] = parse_value(option.attr, raw)
         except ValueError as exc:
             raise SettingsError(name, _shown(option.attr, raw), str(exc)) from exc
+        given[option.attr] = name
+
     if values.get("workers", 1) > 1 and "redis" not in values:
         raise SettingsError(
-            "SSE_WORKERS",
+            given["workers"],
             str(values["workers"]),
-            "the embedded broker lives in one process; set EVENTS_REDIS_STORAGE to use workers",
+            f"the embedded broker lives in one process; set {_both_names('redis')} to use workers",
         )
     if (metrics_port := values.get("metrics_port")) is None and "metrics_host" in values:
-        raise SettingsError("SSE_METRICS_HOST", values["metrics_host"], "needs SSE_METRICS_PORT")
+        raise SettingsError(
+            given["metrics_host"], values["metrics_host"], f"needs {_both_names('metrics_port')}"
+        )
     if metrics_port and metrics_port == values.get("port", Settings().port):
-        raise SettingsError("SSE_METRICS_PORT", str(metrics_port), "must differ from SSE_PORT")
+        port = given.get("port") or f"{_both_names('port')}, default {Settings().port}"
+        raise SettingsError(given["metrics_port"], str(metrics_port), f"must differ from {port}")
     keys_file = values.get("jwt_keys_file")
     if keys_file is not None:
         try:
             values["jwt_keys"] = load_jwt_keys(keys_file)
         except ValueError as exc:
-            raise SettingsError("SSE_JWT_KEYS_FILE", keys_file, str(exc)) from exc
+            raise SettingsError(given["jwt_keys_file"], keys_file, str(exc)) from exc
     return Settings(**values)

@@ -66,6 +66,24 @@ def test_invalid_setting_exits_2_naming_it(
     assert "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "env", "named", "not_named"),
+    [
+        (["--workers", "2"], {}, "--workers: invalid value '2'", "SSE_WORKERS"),
+        ([], {"SSE_WORKERS": "2"}, "SSE_WORKERS: invalid value '2'", "--workers:"),
+        (["--metrics-host", "127.0.0.1"], {}, "--metrics-host: invalid value", "SSE_METRICS_HOST"),
+    ],
+)
+def test_a_setting_is_named_as_the_user_gave_it(
+    flags: list[str], env: dict[str, str], named: str, not_named: str
+) -> None:
+    # Issue 12: `serve --workers 2` without Redis said `SSE_WORKERS: invalid value`.
+    result = serve("--jwt-secret", DEFAULT_SECRET, *flags, env=env)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert named in result.stderr, result.stderr
+    assert not_named not in result.stderr, result.stderr
+
+
 def test_no_jwt_setting_exits_2() -> None:
     result = serve()
     assert result.returncode == 2, (result.returncode, result.stderr)
@@ -128,6 +146,9 @@ def test_serve_help_lists_every_flag() -> None:
     for option in OPTIONS:
         assert option.flag in result.stdout, option.flag
     assert "--dev" in result.stdout
+    shown = " ".join(result.stdout.split())  # argparse wraps lines at any space
+    assert "(env SSE_CONNECTION_LIMIT; default 50000)" in shown, result.stdout
+    assert "(env SSE_HEADER_TIMEOUT; default 10s)" in shown, result.stdout
 
 
 def test_token_command(

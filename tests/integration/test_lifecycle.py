@@ -92,6 +92,35 @@ def test_metrics_reflect_open_streams(
     assert rejected.value("sse_connections_rejected_total", reason="invalid_token") == 1
 
 
+def test_refusals_of_the_http_layer_count_under_their_code(
+    gateway_factory: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """Issue 12: 405, 408, 431, 505 and malformed requests on /v1/sse were answered, not counted."""
+    gateway = gateway_factory("--header-timeout", "500ms", redis=redis_server)
+    port = gateway.port
+    assert_error(
+        request(port, "POST", "/v1/sse", {"Content-Length": "0"}), 405, "method_not_allowed"
+    )
+    assert_error(
+        request(port, "GET", "/v1/sse", raw=b"GET /v1/sse HTTP\x00/1.1\r\n\r\n"), 400, "bad_request"
+    )
+    big = {"X-Big": "a" * (20 * 1024)}
+    assert_error(request(port, "GET", "/v1/sse", big), 431, "request_header_fields_too_large")
+    http2 = b"GET /v1/sse HTTP/2.0\r\nHost: gw\r\n\r\n"
+    assert_error(request(port, "GET", "/v1/sse", raw=http2), 505, "http_version_not_supported")
+    unfinished = b"GET /v1/sse HTTP/1.1\r\nHost: gw\r\n"
+    assert_error(request(port, "GET", "/v1/sse", raw=unfinished), 408, "request_timeout")
+    metrics = gateway.metrics()
+    for code in (
+        "method_not_allowed",
+        "bad_request",
+        "request_header_fields_too_large",
+        "http_version_not_supported",
+        "request_timeout",
+    ):
+        assert metrics.value("sse_connections_rejected_total", reason=code) == 1, code
+
+
 def test_logs_one_line_per_connection_and_never_the_token(
     gateway_factory: GatewayFactory, redis_server: RedisServer, ids: Callable[..., str]
 ) -> None:

@@ -137,8 +137,8 @@ def test_a_taken_metrics_port_fails_the_start() -> None:
 @pytest.mark.parametrize(
     ("flags", "variable"),
     [
-        (["--port", "9311", "--metrics-port", "9311"], "SSE_METRICS_PORT"),
-        (["--metrics-host", "0.0.0.0"], "SSE_METRICS_HOST"),
+        (["--port", "9311", "--metrics-port", "9311"], "--metrics-port: invalid value"),
+        (["--metrics-host", "0.0.0.0"], "--metrics-host: invalid value"),
     ],
 )
 def test_metrics_settings_that_cannot_work_exit_2(flags: list[str], variable: str) -> None:

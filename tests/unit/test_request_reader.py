@@ -1149,3 +1149,58 @@ async def test_no_100_continue_ahead_of_an_answer_still_owed() -> None:
         + b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
     )
     assert conn.transport.writes == []
+
+
+# --- refusals count in sse_connections_rejected_total ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", "bad_request"),  # no path known yet
+        (b"GET /v1/sse HTTP/1.1\r\nBad Header Name: x\r\n\r\n", "bad_request"),
+        (b"GET /v1/sse HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "bad_request"),
+        (_with_header_bytes(MAX_HEADER_BYTES + 1), "request_header_fields_too_large"),
+        (b"GET /v1/sse" + b"a" * MAX_HEADER_BYTES, "request_header_fields_too_large"),
+        (b"GET /v1/sse HTTP/2.0\r\nHost: gw\r\n\r\n", "http_version_not_supported"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "http_version_not_supported"),
+        (post("/v1/publish", b"0123456789X"), "payload_too_large"),
+    ],
+)
+@run_in_loop
+async def test_every_refusal_of_the_http_layer_counts_under_its_code(raw: bytes, code: str) -> None:
+    # Issue 12: 400, 431, 505 (and 413) were answered but never counted.
+    conn = Conn(FakeHandler(body_limit=10))
+    conn.feed(raw)
+    [(_, _, body)] = conn.responses()
+    assert error_code(body) == code
+    assert conn.metrics.rejected == {code: 1}
+
+
+@run_in_loop
+async def test_a_refusal_behind_an_async_request_counts_once() -> None:
+    conn = Conn(FakeHandler(action=lambda reader, request: reader.begin_async()))
+    conn.feed(get("/v1/sse") + b"GET /x HTTP\x00/1.1\r\n\r\n")
+    assert conn.metrics.rejected == {"bad_request": 1}  # counted when refused, not when sent
+    conn.reader.respond(OK, keep_alive=True)
+    conn.reader.end_async()
+    assert [status for status, _, _ in conn.responses()] == [200, 400]
+    assert conn.metrics.rejected == {"bad_request": 1}
+
+
+@run_in_loop
+async def test_a_request_timeout_counts_as_request_timeout() -> None:
+    conn = Conn()
+    conn.feed(b"GET /v1/sse HTTP/1.1\r\nHost: g")
+    await advance(HEADER_TIMEOUT + 0.1)
+    assert [status for status, _, _ in conn.responses()] == [408]
+    assert conn.metrics.rejected == {"request_timeout": 1}
+
+
+@run_in_loop
+async def test_answered_requests_count_no_refusal() -> None:
+    conn = Conn(FakeHandler(action=answer(keep_alive=True)))
+    conn.feed(get("/v1/sse") + get("/healthz"))
+    await turns(2)
+    assert [status for status, _, _ in conn.responses()] == [200, 200]
+    assert conn.metrics.rejected == {}

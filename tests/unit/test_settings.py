@@ -248,28 +248,63 @@ def test_metrics_port_is_off_by_default_and_binds_loopback_when_set() -> None:
 
 
 @pytest.mark.parametrize(
-    ("env", "flags"),
+    ("env", "flags", "name", "other"),
     [
-        ({"SSE_METRICS_PORT": "8080"}, {}),
-        ({"SSE_PORT": "9000", "SSE_METRICS_PORT": "9000"}, {}),
-        ({}, {"port": "9000", "metrics_port": "9000"}),
+        ({"SSE_METRICS_PORT": "8080"}, {}, "SSE_METRICS_PORT", "SSE_PORT (--port), default 8080"),
+        ({"SSE_PORT": "9000", "SSE_METRICS_PORT": "9000"}, {}, "SSE_METRICS_PORT", "SSE_PORT"),
+        ({}, {"port": "9000", "metrics_port": "9000"}, "--metrics-port", "--port"),
+        ({"SSE_PORT": "9000"}, {"metrics_port": "9000"}, "--metrics-port", "SSE_PORT"),
     ],
 )
 def test_metrics_port_must_differ_from_the_public_port(
-    env: dict[str, str], flags: dict[str, str]
+    env: dict[str, str], flags: dict[str, str], name: str, other: str
 ) -> None:
     with pytest.raises(SettingsError) as info:
         load_settings(env, flags, dev=False)
-    assert info.value.variable == "SSE_METRICS_PORT"
-    assert "SSE_PORT" in info.value.reason
+    assert info.value.variable == name
+    assert info.value.reason == f"must differ from {other}"
 
 
-def test_metrics_host_without_metrics_port_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("env", "flags", "name"),
+    [
+        ({"SSE_METRICS_HOST": "10.0.0.5"}, {}, "SSE_METRICS_HOST"),
+        ({}, {"metrics_host": "10.0.0.5"}, "--metrics-host"),
+    ],
+)
+def test_metrics_host_without_metrics_port_is_refused(
+    env: dict[str, str], flags: dict[str, str], name: str
+) -> None:
     """It would do nothing: /metrics stays on the public port."""
     with pytest.raises(SettingsError) as info:
-        load_settings({"SSE_METRICS_HOST": "10.0.0.5"}, {}, dev=False)
-    assert info.value.variable == "SSE_METRICS_HOST"
-    assert "SSE_METRICS_PORT" in info.value.reason
+        load_settings(env, flags, dev=False)
+    assert info.value.variable == name
+    assert "SSE_METRICS_PORT (--metrics-port)" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "name"),
+    [
+        ({"SSE_WORKERS": "2"}, {}, "SSE_WORKERS"),
+        ({}, {"workers": "2"}, "--workers"),
+        ({"SSE_WORKERS": "3"}, {"workers": "2"}, "--workers"),  # the flag wins, and is named
+    ],
+)
+def test_workers_without_redis_names_what_the_user_typed(
+    env: dict[str, str], flags: dict[str, str], name: str
+) -> None:
+    # Issue 12: `serve --workers 2` without Redis said `SSE_WORKERS: invalid value`.
+    with pytest.raises(SettingsError) as info:
+        load_settings(env, flags, dev=False)
+    assert info.value.variable == name
+    assert str(info.value).startswith(f"{name}: invalid value '2': ")
+    assert "EVENTS_REDIS_STORAGE (--redis)" in info.value.reason
+
+
+def test_an_unreadable_keys_file_given_as_a_flag_names_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({}, {"jwt_keys_file": str(tmp_path / "missing.json")}, dev=False)
+    assert info.value.variable == "--jwt-keys-file"
 
 
 def test_shutdown_delay_defaults_to_none_and_is_bounded() -> None:

@@ -120,7 +120,7 @@ class RequestReader(asyncio.Protocol):
         try:  # _parse, inlined: once per request on the connect path
             self.parser.feed(data)
         except RequestRefused as refused:
-            self._refuse(refused.response)
+            self._refuse(refused)
 
     def _wait_turn(self) -> None:
         """Waits (the socket paused) for a loop turn with request budget left."""
@@ -150,17 +150,18 @@ class RequestReader(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except RequestRefused as refused:
-            self._refuse(refused.response)
+            self._refuse(refused)
             return False
         return not self.closed
 
-    def _refuse(self, response: Response) -> None:
-        """Answers a malformed request and closes, after the answers owed before it."""
+    def _refuse(self, refused: RequestRefused) -> None:
+        """Counts and answers a malformed request; closes after the answers owed before it."""
+        self.admission.metrics.rejected[refused.code] += 1
         if self.busy or self.requests:
-            self.refusal, self.deferred = response, b""
+            self.refusal, self.deferred = refused.response, b""
             self._pause_reading()
         else:
-            self.respond(response, keep_alive=False)
+            self.respond(refused.response, keep_alive=False)
 
     def _resume(self) -> None:
         self.waiting_turn = False

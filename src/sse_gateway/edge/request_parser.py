@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import httptools
 
-from sse_gateway.wire.http import Request, Response, ambiguous_head, error_response
+from sse_gateway.wire.http import Request, ambiguous_head, error_response
 
 MAX_HEADER_BYTES = 16 * 1024
 # The raw head may exceed what the callbacks count (line ends, "HTTP/1.1", spaces) by this much.
@@ -27,11 +27,14 @@ BodyLimit = Callable[[bytes, list[tuple[bytes, bytes]]], int]
 
 
 class RequestRefused(Exception):
-    """The request breaks a rule: answer `response`, then close the connection."""
+    """The request breaks a rule: answer `response` (whose error code is `code`), then close
+    the connection. The reader counts it under `code` in sse_connections_rejected_total
+    whatever the path, which may not be known yet (a malformed request line)."""
 
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.status)
-        self.response = response
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status)
+        self.code = code
+        self.response = error_response(status, code, message)
 
 
 class _Stopped(Exception):
@@ -40,20 +43,19 @@ class _Stopped(Exception):
 
 def _too_large() -> RequestRefused:
     return RequestRefused(
-        error_response(
-            431,
-            "request_header_fields_too_large",
-            f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
-        )
+        431,
+        "request_header_fields_too_large",
+        f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
     )
 
 
-_BODY_TOO_LARGE = error_response(413, "payload_too_large", "request body is too large")
+def _body_too_large() -> RequestRefused:
+    return RequestRefused(413, "payload_too_large", "request body is too large")
 
 
 def _version_refused() -> RequestRefused:
     return RequestRefused(
-        error_response(505, "http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served")
+        505, "http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served"
     )
 
 
@@ -161,9 +163,7 @@ class RequestParser:
                 return  # stopped from on_request: the rest is not ours to parse
             self.stop()
             if refusal is None:
-                refusal = RequestRefused(
-                    error_response(400, "bad_request", "malformed HTTP request")
-                )
+                refusal = RequestRefused(400, "bad_request", "malformed HTTP request")
             raise refusal from exc
         if self._head_raw < 0 and self._framing - self._body_seen > MAX_HEADER_BYTES + (
             FRAMING_PER_BODY_BYTE * self._body_seen
@@ -227,13 +227,13 @@ class RequestParser:
             self._refuse(_version_refused())
         refusal = ambiguous_head(self._headers, version)
         if refusal is not None:
-            self._refuse(RequestRefused(error_response(400, "bad_request", refusal)))
+            self._refuse(RequestRefused(400, "bad_request", refusal))
         # Only a body the handler asks for is kept; any other is read and dropped.
         if parser.get_method() == b"POST":
             limit = self._body_limit(self._url, self._headers)
             if limit > 0:
                 if _content_length(self._headers) > limit:  # refused before it is sent
-                    self._refuse(RequestRefused(_BODY_TOO_LARGE))
+                    self._refuse(_body_too_large())
                 self._body = bytearray()
                 self._body_left = limit
                 if (
@@ -254,7 +254,7 @@ class RequestParser:
         self._body_left -= len(chunk)
         if self._body_left < 0:
             self._body = None
-            self._refuse(RequestRefused(_BODY_TOO_LARGE))
+            self._refuse(_body_too_large())
 
     def on_message_complete(self) -> None:
         if self.stopped:

@@ -87,6 +87,7 @@ class Router:
                 elif method == "OPTIONS":
                     reader.respond(self._cors.preflight(request), keep_alive=request.keep_alive)
                 else:
+                    self._metrics.rejected["method_not_allowed"] += 1
                     self._error(
                         reader, request, _method_not_allowed("GET, OPTIONS"), keep_alive=False
                     )
