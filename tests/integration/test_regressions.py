@@ -446,8 +446,9 @@ def test_pubsub_reconnect_after_beyond_64_bit_id_does_not_freeze_others(
 
 
 @pytest.mark.parametrize("via", ["flag", "env"])
-def test_workers_without_redis_exit_2_naming_sse_workers(via: str) -> None:
-    """The embedded broker lives in one process: workers would not see each other's events."""
+def test_workers_without_redis_exit_2_naming_what_was_typed(via: str) -> None:
+    """The embedded broker lives in one process: workers would not see each other's events.
+    The error names the flag or the variable, as given (issue 12, "small truths")."""
     flags = ["--port", str(free_port()), "--jwt-secret", DEFAULT_SECRET]
     env: dict[str, str] = {}
     if via == "flag":
@@ -458,7 +459,7 @@ def test_workers_without_redis_exit_2_naming_sse_workers(via: str) -> None:
         code, err, _ = wait_exit(proc, log, timeout=20)
     assert code is not None, f"serve --workers 2 without Redis is still running: {err[-500:]}"
     assert code == 2, f"exit {code}: {err[-500:]}"
-    assert "SSE_WORKERS" in err, err[-500:]
+    assert ("--workers" if via == "flag" else "SSE_WORKERS") in err, err[-500:]
 
 
 @pytest.mark.timeout(60)

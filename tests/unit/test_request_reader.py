@@ -1204,3 +1204,13 @@ async def test_answered_requests_count_no_refusal() -> None:
     await turns(2)
     assert [status for status, _, _ in conn.responses()] == [200, 200]
     assert conn.metrics.rejected == {}
+
+
+@run_in_loop
+@pytest.mark.parametrize("target", [b"ig", b"host:", b"[::1"])
+async def test_a_request_target_httptools_cannot_parse_is_400(target: bytes) -> None:
+    # Fuzzing: `CONNECT ig HTTP/1.1` made parse_url raise out of data_received.
+    conn = Conn()
+    conn.feed(b"CONNECT " + target + b" HTTP/1.1\r\nHost: gw\r\n\r\n")
+    [(status, _, body)] = conn.responses()
+    assert status == 400 and error_code(body) == "bad_request"

@@ -262,7 +262,10 @@ class RequestParser:
         parser = self._parser
         assert parser is not None  # stopped parsers raise above
         self._head_raw = 0  # the next request's head, on a keep-alive connection
-        url = httptools.parse_url(self._url)
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:  # e.g. CONNECT's authority form
+            self._refuse(RequestRefused(400, "bad_request", "malformed request target"))
         request = Request(
             method=parser.get_method().decode("ascii", "replace"),
             path=url.path.decode("latin-1") if url.path else "/",
