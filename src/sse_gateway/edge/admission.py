@@ -4,14 +4,15 @@
   send nothing cannot lock out anyone else: streams (SSE_CONNECTION_LIMIT, lowered to what the
   open-file limit allows) and request readers (sockets that are not streams: a request being
   read, answered, or awaited on a keep-alive connection; `connection_budget`). When readers are
-  at their budget, a new socket evicts the reader that has waited longest for a request (a
-  slowloris socket, an idle keep-alive one); only when every reader is busy with a request is
-  the new socket answered 503 and closed at once.
+  at their budget, a new socket evicts the reader that has waited longest on its client (a
+  slowloris socket, an idle keep-alive one, one that does not read its answers or pipelines);
+  only when every reader has one request waiting on the gateway is the new socket answered 503
+  and closed at once.
 - The header timeout (SSE_HEADER_TIMEOUT): how long a reader waits for a complete request.
-- The request budget: at most `REQUESTS_PER_TICK` reads of requests are parsed per event-loop
-  turn (several requests pipelined in one read count once); the rest wait a turn with their
-  socket paused, so Pub/Sub delivery, heartbeats and health checks
-  keep running through a storm of 10,000 (re)connects.
+- The request budget: at most `REQUESTS_PER_TICK` requests are handled per event-loop turn
+  (and at most 8 of one connection: `protocol.PIPELINED_PER_TURN`); the rest wait a turn with
+  their socket paused, so Pub/Sub delivery, heartbeats and health checks keep running through
+  a storm of 10,000 (re)connects or of pipelined requests.
 - Draining: after SIGTERM no keep-alive and no new stream.
 """
 
@@ -48,6 +49,12 @@ _UNAVAILABLE_MESSAGES = {
 }
 
 
+def default_readers(stream_limit: int) -> int:
+    """The reader budget for a stream limit, before the open-file limit is taken into account:
+    an eighth of it, within `MIN_READERS`..`MAX_READERS`."""
+    return min(MAX_READERS, max(MIN_READERS, stream_limit // 8))
+
+
 class ConnectionBudget(NamedTuple):
     """What one process holds at most: `streams` and request `readers` (sockets)."""
 
@@ -59,7 +66,7 @@ def connection_budget(configured: int, fd_limit: int) -> ConnectionBudget:
     """The budgets of a process with stream limit `configured` and `fd_limit` open files:
     streams + readers + FD_RESERVE never exceed `fd_limit`."""
     available = max(2, fd_limit - FD_RESERVE)
-    readers = min(MAX_READERS, max(MIN_READERS, configured // 8))
+    readers = default_readers(configured)
     readers = max(1, min(readers, available // 4))
     return ConnectionBudget(max(1, min(configured, available - readers)), readers)
 
@@ -176,7 +183,7 @@ class Admission:
         defaults to `connection_budget`'s; `header_timeout` (seconds) is SSE_HEADER_TIMEOUT."""
         self.connection_limit = connection_limit
         if reader_budget is None:
-            reader_budget = min(MAX_READERS, max(MIN_READERS, connection_limit // 8))
+            reader_budget = default_readers(connection_limit)
         self.reader_budget = reader_budget
         self.socket_budget = connection_limit + reader_budget
         self.header_timeout = header_timeout

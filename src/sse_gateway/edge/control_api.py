@@ -22,6 +22,8 @@ from sse_gateway.broker.base import Broker, BrokerUnavailable
 from sse_gateway.edge.admission import unavailable
 from sse_gateway.edge.async_answer import AsyncAnswers
 from sse_gateway.edge.protocol import RequestReader
+from sse_gateway.edge.publish_api import invalid_api_key
+from sse_gateway.edge.ratelimit import peer_host
 from sse_gateway.wire.control import (
     Disconnect,
     InvalidField,
@@ -54,10 +56,9 @@ class DisconnectEndpoint:
 
     def handle(self, reader: RequestReader, request: Request) -> None:
         """Answers once the broker has stored the block and published the disconnect."""
-        who = _remote(reader, request)
-        self._answers.answer(
-            reader, request, self.disconnect(request, who, _remote_fields(reader, request))
-        )
+        fields = _remote_fields(reader, request)
+        who = _remote(fields)
+        self._answers.answer(reader, request, self.disconnect(request, who, fields))
 
     async def disconnect(
         self, request: Request, who: str, fields: dict[str, Any] | None = None
@@ -73,12 +74,7 @@ class DisconnectEndpoint:
                 who,
                 extra={**refused, "reason": "invalid_api_key"},
             )
-            return error_response(
-                401,
-                "invalid_api_key",
-                "Authorization: Bearer <SSE_PUBLISH_API_KEY> required",
-                [("WWW-Authenticate", 'Bearer realm="sse-gateway-publish"')],
-            )
+            return invalid_api_key()
         try:
             body = json.loads(request.body)
         except (ValueError, RecursionError):
@@ -175,26 +171,22 @@ def _command_fields(command: Disconnect) -> dict[str, Any]:
 
 
 def _remote_fields(reader: RequestReader, request: Request) -> dict[str, Any]:
-    """`_remote` as log fields: `remote`, and `forwarded_for` when the header was given."""
-    peer = None if reader.transport is None else reader.transport.get_extra_info("peername")
-    fields: dict[str, Any] = {"remote": peer[0] if isinstance(peer, tuple) and peer else None}
+    """The caller's address as log fields: `remote` (the peer), and `forwarded_for` as given
+    (unchecked: the peer is who connected, the header is what a proxy, or the caller, says)."""
+    fields: dict[str, Any] = {"remote": peer_host(reader.transport)}
     forwarded = request.header(b"x-forwarded-for")
     if forwarded is not None:
         fields["forwarded_for"] = forwarded[:_MAX_FORWARDED_CHARS]
     return fields
 
 
-def _remote(reader: RequestReader, request: Request) -> str:
-    """The caller's address as logged: the peer, and `X-Forwarded-For` as given (unchecked:
-    the peer is who connected, the header is what a proxy, or the caller, says)."""
-    peer = None if reader.transport is None else reader.transport.get_extra_info("peername")
-    remote = peer[0] if isinstance(peer, tuple) and peer else "-"
-    forwarded = request.header(b"x-forwarded-for")
-    if forwarded is None:
-        return f"remote={remote}"
+def _remote(fields: dict[str, Any]) -> str:
+    """`_remote_fields` as the text line shows them."""
+    remote = f"remote={fields['remote'] or '-'}"
+    if "forwarded_for" not in fields:
+        return remote
     # ASCII-escaped: nothing checked what it holds (NEL, say).
-    quoted = json.dumps(forwarded[:_MAX_FORWARDED_CHARS])
-    return f"remote={remote} forwarded_for={quoted}"
+    return f"{remote} forwarded_for={json.dumps(fields['forwarded_for'])}"
 
 
 def _quote(text: str) -> str:

@@ -19,6 +19,16 @@ log = logging.getLogger("sse_gateway")
 PATH = "/v1/publish"
 
 
+def invalid_api_key() -> Response:
+    """The 401 of the publish key's APIs (publish, disconnect)."""
+    return error_response(
+        401,
+        "invalid_api_key",
+        "Authorization: Bearer <SSE_PUBLISH_API_KEY> required",
+        [("WWW-Authenticate", 'Bearer realm="sse-gateway-publish"')],
+    )
+
+
 class PublishEndpoint:
     def __init__(
         self, *, api_key: str, broker: Broker, metrics: Metrics, max_event_bytes: int
@@ -51,12 +61,7 @@ class PublishEndpoint:
     async def publish(self, request: Request) -> Response:
         """202 `{"id", "receivers"}` (or `{"ids"}` for a batch); 400, 401, 413 or 503."""
         if not self.authorized(request.header(b"authorization") or ""):
-            return error_response(
-                401,
-                "invalid_api_key",
-                "Authorization: Bearer <SSE_PUBLISH_API_KEY> required",
-                [("WWW-Authenticate", 'Bearer realm="sse-gateway-publish"')],
-            )
+            return invalid_api_key()
         try:
             body = json.loads(request.body)
         except (ValueError, RecursionError):

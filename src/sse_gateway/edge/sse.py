@@ -234,21 +234,33 @@ class StreamEndpoint:
             )
             self._refuse(reader, response, "invalid_last_event_id")
             return
-        refusal = self._admission.stream_refusal(
-            self._lifecycle.open_streams, self._broker.connected
-        )
-        if refusal is not None:
-            self._unavailable(reader, request, cors, refusal)
-            return
-        if self._lifecycle.player_at_cap(identity):
-            limit = self._lifecycle.max_connections_per_player
-            response = too_many_connections(limit, accepts_event_stream(request), cors)
-            self._refuse(reader, response, "too_many_connections")
+        if self._refused_now(reader, request, identity, cors):
             return
         if self._control.surely_unblocked(identity):
             self._hand_over(reader, request, identity, cors, last_event_id)
         else:
             self._check_block(reader, request, identity, cors, last_event_id, 1)
+
+    def _refused_now(
+        self,
+        reader: RequestReader,
+        request: Request,
+        identity: Identity,
+        cors: Sequence[tuple[str, str]],
+    ) -> bool:
+        """Refuses (and True) when the process or the player has no room for a stream now."""
+        refusal = self._admission.stream_refusal(
+            self._lifecycle.open_streams, self._broker.connected
+        )
+        if refusal is not None:
+            self._unavailable(reader, request, cors, refusal)
+            return True
+        if self._lifecycle.player_at_cap(identity):
+            limit = self._lifecycle.max_connections_per_player
+            response = too_many_connections(limit, accepts_event_stream(request), cors)
+            self._refuse(reader, response, "too_many_connections")
+            return True
+        return False
 
     def _check_block(
         self,
@@ -306,11 +318,7 @@ class StreamEndpoint:
                 return
             self._control.forget(identity)
             # Checked again: streams may have opened (or a drain begun) while this waited.
-            refusal = self._admission.stream_refusal(
-                self._lifecycle.open_streams, self._broker.connected
-            )
-            if refusal is not None:
-                self._unavailable(reader, request, cors, refusal)
+            if self._refused_now(reader, request, identity, cors):
                 return
             self._hand_over(reader, request, identity, cors, last_event_id)
         except Exception:

@@ -157,6 +157,8 @@ class SessionControl:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def done(blocked: bool, failure: BaseException | None) -> None:
+            if future.done():
+                return  # the awaiting task was cancelled (its client left)
             if failure is not None:
                 future.set_exception(failure)
             else:
@@ -251,6 +253,9 @@ class SessionControl:
             blocked = await self._broker.read_blocks([block_keys(*who) for who in targets])
         except BrokerUnavailable as exc:
             log.warning("blocked streams not closed after the broker reconnected: %s", exc)
+            return
+        except Exception:  # a background task: nobody else would hear of it
+            log.exception("blocked streams not closed after the broker reconnected")
             return
         for (brand_id, player_id), is_blocked in zip(targets, blocked, strict=True):
             if is_blocked:
