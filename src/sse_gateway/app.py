@@ -28,7 +28,7 @@ from sse_gateway.edge.ratelimit import ConnectRateLimit
 from sse_gateway.edge.routes import MetricsRouter, Router
 from sse_gateway.edge.sse import StreamEndpoint
 from sse_gateway.edge.tickets import TicketEndpoint
-from sse_gateway.metrics import Metrics
+from sse_gateway.metrics import EventLoopLag, Metrics
 from sse_gateway.settings import Settings
 from sse_gateway.streams.control import SessionControl
 from sse_gateway.streams.fanout import Fanout
@@ -66,7 +66,7 @@ class Gateway:
         # SIGTERM came: `/readyz` says `draining`, everything else is served as before
         # (SSE_SHUTDOWN_DELAY, until the drain begins).
         self.leaving = False
-        self.metrics = metrics = Metrics()
+        self.metrics = metrics = Metrics(settings.metrics_max_brands)
         self.broker = broker
         limit = connection_limit if connection_limit is not None else settings.connection_limit
         budget = connection_budget(limit, fd_limit)
@@ -78,6 +78,7 @@ class Gateway:
         )
         self.hub = ConnectionHub(broker)
         self.heartbeats = HeartbeatScheduler(settings.keepalive_period)
+        self.loop_lag = EventLoopLag()
         history = HistoryReader(broker, settings.history_size, metrics, settings.history_ttl)
         self.lifecycle = StreamLifecycle(
             settings,
@@ -153,10 +154,27 @@ class Gateway:
 
     def _register_gauges(self) -> None:
         m = self.metrics
-        m.gauge("sse_connections", "Open SSE streams.", lambda: self.lifecycle.open_streams)
-        m.gauge("sse_connection_limit", "Effective stream limit.", lambda: self.connection_limit)
-        m.gauge("sse_broker_connected", "1 when the broker is connected.", self._broker_up)
-        m.gauge("sse_subscribed_channels", "Channels with local clients.", self._channel_count)
+        broker = self.broker
+        m.gauge("connection_limit", "The stream limit in force.", lambda: self.connection_limit)
+        m.gauge("broker_connected", "1 while the broker is connected.", self._broker_up)
+        m.gauge("broker_subscribed_channels", "Channels with local streams.", self._channel_count)
+        m.gauge("event_loop_lag_seconds", "How late a periodic timer fired.", self._lag)
+        m.counter(
+            "broker_subscribe_batches_total",
+            "SUBSCRIBE commands sent.",
+            lambda: broker.subscribe_batches,
+        )
+        m.counter(
+            "broker_unsubscribe_batches_total",
+            "UNSUBSCRIBE commands sent.",
+            lambda: broker.unsubscribe_batches,
+        )
+        m.counter(
+            "heartbeats_sent_total", "Heartbeat frames written.", lambda: self.heartbeats.sent
+        )
+
+    def _lag(self) -> float:
+        return self.loop_lag.lag
 
     def _broker_up(self) -> float:
         return 1.0 if self.broker.connected else 0.0
@@ -184,6 +202,7 @@ class Gateway:
             self.fanout.on_message, self._on_broker_state, self.control.on_control
         )
         self.heartbeats.start()
+        self.loop_lag.start()
         await self.keys.start()
 
     def _on_broker_state(self, up: bool) -> None:
@@ -216,6 +235,7 @@ class Gateway:
 
     async def close(self) -> None:
         self.heartbeats.stop()
+        self.loop_lag.stop()
         self.lifecycle.expiry.stop()
         await self.keys.close()
         await self.broker.close()

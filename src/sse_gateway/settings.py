@@ -76,6 +76,7 @@ class Settings:
     port: int = 8080
     metrics_port: int | None = None  # a listener of its own for /metrics (+ /healthz, /readyz)
     metrics_host: str = "127.0.0.1"
+    metrics_max_brands: int = 100
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_keys_file: str | None = None
     jwt_keys: Mapping[str, BrandKeys] = field(default_factory=dict, repr=False)
@@ -126,6 +127,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "SSE_PORT", "--port", "listen port"),
     Option("metrics_port", "SSE_METRICS_PORT", "--metrics-port", "/metrics here, not on --port"),
     Option("metrics_host", "SSE_METRICS_HOST", "--metrics-host", "its listen address"),
+    Option(
+        "metrics_max_brands",
+        "SSE_METRICS_MAX_BRANDS",
+        "--metrics-max-brands",
+        "brands with a metric label of their own; the rest are `other`",
+    ),
     Option("jwt_secret", "SSE_JWT_SECRET", "--jwt-secret", "HS256 secret for every brand"),
     Option("jwt_keys_file", "SSE_JWT_KEYS_FILE", "--jwt-keys-file", "per-brand keys (JSON)"),
     Option("jwt_audience", "SSE_JWT_AUDIENCE", "--jwt-audience", "required aud"),
@@ -246,6 +253,8 @@ def parse_value(attr: str, text: str) -> Any:
         return seconds
     if attr == "max_connections_per_player":
         return _positive_int(text, minimum=0)
+    if attr == "metrics_max_brands":
+        return _positive_int(text, minimum=0, maximum=10_000)
     if attr == "workers":
         return _positive_int(text, maximum=64)
     if attr in ("port", "metrics_port"):

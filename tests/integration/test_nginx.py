@@ -546,7 +546,7 @@ def test_gateway_answers_pass_through_unchanged(
 
     assert request(proxy.port, "GET", "/healthz").status == 200
     metrics = request(proxy.port, "GET", "/metrics")
-    assert metrics.status == 200 and b"sse_connections" in metrics.body
+    assert metrics.status == 200 and b"sse_gateway_connections" in metrics.body
     publish_via(proxy.port, brand, player, 99)  # 202 through the proxy
 
 

@@ -298,14 +298,14 @@ def test_accepted_means_delivered_near_the_size_limit(
         huge = post(gateway, [event(brand, player, "n", "x" * 900)] * 2000)
         assert_error(huge, 413, "payload_too_large")
     assert outcomes.get(202) and outcomes.get(413), outcomes
-    assert gateway.metrics().value("sse_invalid_messages_total", reason="too_large") == 0
+    assert gateway.metrics().value("sse_gateway_events_dropped_total", reason="too_large") == 0
 
 
 def test_published_counter(gw: Gateway, ids: Callable[..., str]) -> None:
-    before = gw.metrics().value("sse_events_published_total")
+    before = gw.metrics().value("sse_gateway_events_published_total")
     accepted(post(gw, [event(ids("b"), ids("p"), "n", n) for n in range(3)]))
     accepted(post(gw, event(ids("b"), ids("p"), "n", 0)))
-    assert gw.metrics().value("sse_events_published_total") == before + 4
+    assert gw.metrics().value("sse_gateway_events_published_total") == before + 4
 
 
 # --------------------------------------------------------------------------- Redis down

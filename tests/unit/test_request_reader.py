@@ -1151,7 +1151,7 @@ async def test_no_100_continue_ahead_of_an_answer_still_owed() -> None:
     assert conn.transport.writes == []
 
 
-# --- refusals count in sse_connections_rejected_total ---------------------------------------
+# --- refusals count in sse_gateway_connections_rejected_total ------------------------------------
 
 
 @pytest.mark.parametrize(

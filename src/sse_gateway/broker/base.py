@@ -65,6 +65,15 @@ class Broker(Protocol):
     def subscribed_count(self) -> int:
         """Channels wanted (subscribed, or to be once connected)."""
 
+    @property
+    def subscribe_batches(self) -> int:
+        """SUBSCRIBE commands written so far (each carries a batch of channels); 0 for a
+        broker that sends no commands."""
+
+    @property
+    def unsubscribe_batches(self) -> int:
+        """UNSUBSCRIBE commands written so far."""
+
     async def start(
         self,
         on_message: MessageHandler,

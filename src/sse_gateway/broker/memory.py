@@ -71,6 +71,14 @@ class MemoryBroker:
         return "embedded in-memory broker (single process)"
 
     @property
+    def subscribe_batches(self) -> int:
+        return 0  # in-process: no commands
+
+    @property
+    def unsubscribe_batches(self) -> int:
+        return 0
+
+    @property
     def subscribed_count(self) -> int:
         return len(self._channels)
 
@@ -123,7 +131,8 @@ class MemoryBroker:
             history.entries.append((stream_id, HistoryEntry(event_id, event.type, event.data_json)))
             history.expires_at = now + self._history_ttl
             envelope = (
-                f'{{"type":{json.dumps(event.type)},"data":{event.data_json},"id":"{event_id}"}}'
+                f'{{"type":{json.dumps(event.type)},"data":{event.data_json},'
+                f'"id":"{event_id}","ts":{time.time():.6f}}}'
             )
             receivers = 0
             if event.channel in self._channels and self._on_message is not None:

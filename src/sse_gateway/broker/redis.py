@@ -89,6 +89,7 @@ class RedisBroker:
         self._last_pong = 0.0
         self._ever_connected = False
         self._clock_offset_ms = 0.0
+        self.subscribe_batches = self.unsubscribe_batches = 0
         kwargs = client_kwargs(address)
         ssl_enabled = kwargs.pop("ssl")
         pool = aioredis.BlockingConnectionPool(
@@ -313,6 +314,9 @@ class RedisBroker:
         protocol.transport.write(
             b"".join([encode_command(verb, *channels) for verb, channels in commands])
         )
+        subscribes = sum(b"UNSUB" not in verb for verb, _ in commands)  # SSUBSCRIBE too
+        self.subscribe_batches += subscribes
+        self.unsubscribe_batches += len(commands) - subscribes
 
     # --- replies -----------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@
 /v1/disconnect POST, when SSE_PUBLISH_API_KEY is set (edge.control_api)
 /healthz      200 while the process serves
 /readyz       200, or 503 with the reason (draining, broker_disconnected)
-/metrics      Prometheus text format (on the metrics listener instead when SSE_METRICS_PORT is set)
+/metrics      Prometheus text format or OpenMetrics (docs/metrics.md; on the metrics listener
+              instead when SSE_METRICS_PORT is set)
 /, /demo      the demo page, in dev mode only
 
 MetricsRouter: the handler of the metrics listener (SSE_METRICS_PORT): /metrics, /healthz and
@@ -30,7 +31,7 @@ from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.sse import StreamEndpoint
 from sse_gateway.edge.tickets import PATH as TICKETS_PATH
 from sse_gateway.edge.tickets import TicketEndpoint
-from sse_gateway.metrics import Metrics
+from sse_gateway.metrics import Exposition, Metrics
 from sse_gateway.settings import Settings
 from sse_gateway.wire.http import Request, Response, error_response, json_response
 
@@ -66,6 +67,7 @@ class Router:
         self._disconnect = disconnect
         self._cors = cors
         self._metrics = metrics
+        self._exposition = Exposition(metrics)
         self._ready_reason = ready_reason
         self._demo_page: bytes | None = None
 
@@ -118,7 +120,8 @@ class Router:
                 if method not in ("GET", "HEAD"):
                     self._error(reader, request, _method_not_allowed("GET, HEAD"))
                     return
-                reader.respond(self.plain(path), keep_alive=request.keep_alive, head_only=head_only)
+                response = self.plain(path, request.header(b"accept"))
+                reader.respond(response, keep_alive=request.keep_alive, head_only=head_only)
                 return
             not_found = error_response(404, "not_found", f"no route for {path}")
             self._error(reader, request, not_found, keep_alive=request.keep_alive)
@@ -142,7 +145,8 @@ class Router:
             response = dataclasses.replace(response, headers=[*response.headers, *cors])
         reader.respond(response, keep_alive=keep_alive, head_only=request.method == "HEAD")
 
-    def plain(self, path: str) -> Response:
+    def plain(self, path: str, accept: str | None = None) -> Response:
+        """`accept`: the request's Accept header (`/metrics` answers OpenMetrics when asked)."""
         if path == "/healthz":
             return json_response(200, {"status": "ok"})
         if path == "/readyz":
@@ -151,9 +155,8 @@ class Router:
                 return json_response(200, {"status": "ready"})
             return json_response(503, {"status": "not_ready", "reason": reason})
         if path == "/metrics":
-            return Response(
-                200, self._metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
-            )
+            body, content_type = self._exposition.render(accept)
+            return Response(200, body, content_type=content_type)
         return Response(200, self.demo_page(), content_type="text/html; charset=utf-8")
 
     def demo_page(self) -> bytes:
@@ -188,7 +191,7 @@ class MetricsRouter:
             return
         else:
             try:
-                response = self._router.plain(path)
+                response = self._router.plain(path, request.header(b"accept"))
             except Exception:  # a gauge that fails to read must not take the socket down
                 log.exception("error handling %s %s", request.method, path)
                 response = error_response(500, "internal_error", "internal error")
