@@ -1,8 +1,9 @@
 """The Grafana dashboard and the Prometheus alerts in deploy/ work with the gateway's metrics.
 
 promtool (Debian's `prometheus` package, installed by `make deps`) checks the rules, runs their
-unit tests (deploy/prometheus/alerts_test.yml) and parses every dashboard query. Every metric
-name the files use must be one docs/metrics.md documents, the names the gateway promises.
+unit tests (deploy/prometheus/alerts_test.yml), and runs every dashboard query on series made up
+from docs/metrics.md's tables. Every metric name and label value the files use must be one
+docs/metrics.md documents: those are the names the gateway promises.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -63,23 +64,37 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
 # --------------------------------------------------------------------------- names
 
 
-def documented_metrics() -> dict[str, str]:
-    """{metric name: type} from the tables of docs/metrics.md (type "" where the row has none)."""
-    found: dict[str, str] = {}
+class Documented(NamedTuple):
+    """A row of docs/metrics.md's tables: the type ("" where the row gives none), its labels."""
+
+    kind: str
+    labels: tuple[str, ...]
+
+
+def documented_metrics() -> dict[str, Documented]:
+    """{metric name: Documented} from the tables of docs/metrics.md (columns by their header)."""
+    found: dict[str, Documented] = {}
+    header: list[str] = []
     for line in METRICS_DOC.read_text().splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if not line.startswith("|") or len(cells) < 2:
+        if not line.startswith("|"):
+            header = []
             continue
-        for name in re.findall(r"`([a-zA-Z_:][a-zA-Z0-9_:]*)`", cells[0]):
-            found[name] = cells[1]
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not header:
+            header = cells
+            continue
+        row = dict(zip(header, cells, strict=False))
+        labels = tuple(re.findall(r"`(\w+)`", row.get("Labels", "")))
+        for name in re.findall(r"`([a-zA-Z_:][a-zA-Z0-9_:]*)`", row.get("Name", "")):
+            found[name] = Documented(row.get("Type", ""), labels)
     return found
 
 
 def allowed_names() -> set[str]:
     """The names a query may use: the documented ones, and a histogram's three series."""
     names: set[str] = set()
-    for name, kind in documented_metrics().items():
-        if kind == "histogram":
+    for name, documented in documented_metrics().items():
+        if documented.kind == "histogram":
             names.update(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
         else:
             names.add(name)
@@ -111,9 +126,11 @@ def test_the_name_reader_finds_metrics_and_nothing_else() -> None:
 
 def test_the_metrics_document_is_read() -> None:
     documented = documented_metrics()
-    assert documented["sse_gateway_delivery_latency_seconds"] == "histogram"
-    assert documented["sse_gateway_connections"] == "gauge"
-    assert "process_max_fds" in documented
+    assert documented["sse_gateway_delivery_latency_seconds"] == ("histogram", ("event",))
+    assert documented["sse_gateway_connections"] == ("gauge", ("brand",))
+    assert documented["sse_gateway_connections_closed_total"] == ("counter", ("reason",))
+    assert documented["sse_gateway_event_loop_lag_seconds"] == ("gauge", ())
+    assert documented["process_max_fds"] == ("", ())
     allowed = allowed_names()
     assert "sse_gateway_delivery_latency_seconds_bucket" in allowed
     assert "sse_gateway_delivery_latency_seconds" not in allowed
@@ -210,6 +227,87 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     result = run_promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+# Label values of the series made up for the queries to run on (names from docs/metrics.md).
+SAMPLE_LABEL_VALUES = {
+    "brand": ("acme", "other"),
+    "reason": ("client", "slow_consumer"),
+    "outcome": ("recovered", "covered"),
+    "event": ("bet",),
+}
+
+
+def sample_series() -> list[dict[str, str]]:
+    """promtool input series shaped as docs/metrics.md says: one instance, every documented
+    metric with its labels; counters grow, a histogram has three buckets, _sum and _count."""
+    series = []
+    for name, documented in documented_metrics().items():
+        combos: list[dict[str, str]] = [{"job": "sse-gateway", "instance": "a:8080"}]
+        for label in documented.labels:
+            combos = [{**c, label: v} for c in combos for v in SAMPLE_LABEL_VALUES[label]]
+        for labels in combos:
+            shaped: list[tuple[str, dict[str, str], str]]
+            if documented.kind == "histogram":
+                shaped = [
+                    (f"{name}_bucket", {**labels, "le": le}, f"0+{n}x40")
+                    for le, n in (("0.05", 90), ("0.5", 100), ("+Inf", 100))
+                ]
+                shaped += [(f"{name}_sum", labels, "0+5x40"), (f"{name}_count", labels, "0+100x40")]
+            elif name.endswith("_total"):
+                shaped = [(name, labels, "0+60x40")]
+            else:
+                shaped = [(name, labels, "1000x40" if name.endswith("max_fds") else "50x40")]
+            for metric, metric_labels, values in shaped:
+                matchers = ", ".join(f'{k}="{v}"' for k, v in metric_labels.items())
+                series.append({"series": f"{metric}{{{matchers}}}", "values": values})
+    return series
+
+
+def test_every_dashboard_query_returns_series_on_documented_metrics(tmp_path: Path) -> None:
+    """A label or a join (on (job, instance)) that the documented series do not have would
+    leave a panel empty: each query must return at least one series on them."""
+    cases = []
+    for expr in dashboard_exprs().values():
+        for pattern, value in GRAFANA_VARIABLES:
+            expr = pattern.sub(value, expr)
+        # count() of a non-empty result is >= 1, so clamped it is 1 (NaN samples count too);
+        # promtool prints the query of a failing case
+        cases.append(
+            {
+                "expr": f"clamp_max(count({expr}), 1)",
+                "eval_time": "30m",
+                "exp_samples": [{"labels": "{}", "value": 1}],
+            }
+        )
+    test_file = tmp_path / "dashboard_test.yml"
+    test_file.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {"interval": "1m", "input_series": sample_series(), "promql_expr_test": cases}
+                ],
+            }
+        )
+    )
+    result = run_promtool("test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_label_values_the_files_match_on_are_documented() -> None:
+    doc = METRICS_DOC.read_text()
+    exprs = list(dashboard_exprs().values()) + [rule["expr"] for rule in alert_rules()]
+    matched = {
+        (label, value)
+        for expr in exprs
+        for label, value in re.findall(r'(\w+)=~?"([^"$]+)"', expr)
+        if label not in ("job", "instance")
+    }
+    assert ("reason", "slow_consumer") in matched
+    missing = {pair for pair in matched if f"`{pair[1]}`" not in doc}
+    assert not missing, f"label values not in docs/metrics.md: {missing}"
 
 
 # --------------------------------------------------------------------------- alerts
