@@ -245,7 +245,8 @@ def sample_series() -> list[dict[str, str]]:
     for name, documented in documented_metrics().items():
         combos: list[dict[str, str]] = [{"job": "sse-gateway", "instance": "a:8080"}]
         for label in documented.labels:
-            combos = [{**c, label: v} for c in combos for v in SAMPLE_LABEL_VALUES[label]]
+            values = SAMPLE_LABEL_VALUES.get(label, ("x",))  # a label added later: any value
+            combos = [{**c, label: v} for c in combos for v in values]
         for labels in combos:
             shaped: list[tuple[str, dict[str, str], str]]
             if documented.kind == "histogram":
