@@ -133,6 +133,14 @@ class Broker(Protocol):
         indexes it (`read_block_index`): a block is lengthened, never shortened.
         BrokerUnavailable."""
 
+    async def publish_control(self, message: bytes) -> int:
+        """Publishes `message` on the control channel (this process hears it too); returns
+        the gateway processes that received it. BrokerUnavailable."""
+
+    async def count_subscribers(self, channel: bytes) -> int:
+        """Gateway processes subscribed to `channel` now (`PUBSUB NUMSUB`; the embedded
+        broker: 1 or 0). BrokerUnavailable."""
+
     async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
         """For each group of keys (a player's brand block key and its own): whether either
         exists. BrokerUnavailable."""

@@ -185,6 +185,15 @@ class MemoryBroker:
             receivers = 1
         return DisconnectOutcome(receivers, int(left * 1000) if left > 0 else None)
 
+    async def publish_control(self, message: bytes) -> int:
+        if self._on_control is None:
+            return 0
+        asyncio.get_running_loop().call_soon(self._on_control, message)
+        return 1
+
+    async def count_subscribers(self, channel: bytes) -> int:
+        return 1 if channel in self._channels else 0
+
     async def read_block_index(self) -> list[tuple[bytes, float]]:
         now = self._clock()
         return [(key, ends - now) for key, ends in self._blocks.items() if ends > now]

@@ -27,12 +27,16 @@ import redis.asyncio as aioredis
 from sse_gateway.broker.base import (
     BrokerUnavailable,
     ControlHandler,
-    DisconnectOutcome,
     HistoryEntry,
     MessageHandler,
     StateHandler,
 )
-from sse_gateway.broker.control import CONTROL_REPLY_KINDS, ControlCommands, ControlSubscription
+from sse_gateway.broker.control import (
+    CONTROL_REPLY_KINDS,
+    ControlCommands,
+    ControlMethods,
+    ControlSubscription,
+)
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.reads import HistoryReads
 from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
@@ -59,10 +63,11 @@ COMMAND_CONNECTIONS = 4
 _PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong", *CONTROL_REPLY_KINDS})
 
 
-class RedisBroker:
+class RedisBroker(ControlMethods):
     """The broker for EVENTS_REDIS_STORAGE: one Pub/Sub connection, redis-py for commands.
 
-    Each method keeps the contract written on `broker.base.Broker`. Source of truth: Redis
+    Each method keeps the contract written on `broker.base.Broker`; those of session control
+    are `ControlMethods`' (broker/control.py). Source of truth: Redis
     (the player's history stream and its Pub/Sub channel, both named `SSE::{brand}::{player}`).
     """
 
@@ -371,25 +376,6 @@ class RedisBroker:
 
     async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
         return await self._reads.read_heads(channels)
-
-    # --- session control (broker/control.py) ------------------------------------------------
-
-    async def publish_disconnect(
-        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
-    ) -> DisconnectOutcome:
-        return await self._control.publish_disconnect(message, block_key, block_ms, block_value)
-
-    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
-        return await self._control.read_blocks(keys)
-
-    async def read_block_index(self) -> list[tuple[bytes, float]]:
-        return await self._control.read_block_index()
-
-    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
-        await self._control.put_ticket(key, value, ttl)
-
-    async def take_ticket(self, key: bytes) -> bytes | None:
-        return await self._control.take_ticket(key)
 
 
 def _not_started(*_: object) -> None:

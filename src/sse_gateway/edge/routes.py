@@ -4,6 +4,8 @@
 /v1/tickets    POST: a connect ticket for a token (edge.tickets); OPTIONS: the CORS preflight
 /v1/publish    POST, when SSE_PUBLISH_API_KEY is set (edge.publish_api)
 /v1/disconnect POST, when SSE_PUBLISH_API_KEY is set (edge.control_api)
+/v1/players/{brand}/{player}, /v1/stats
+               GET, when SSE_PUBLISH_API_KEY is set (edge.presence_api)
 /healthz      200 while the process serves
 /readyz       200, or 503 with the reason (draining, broker_disconnected)
 /metrics      Prometheus text format or OpenMetrics (docs/metrics.md; on the metrics listener
@@ -25,6 +27,7 @@ from sse_gateway.edge.auth import make_token
 from sse_gateway.edge.control_api import PATH as DISCONNECT_PATH
 from sse_gateway.edge.control_api import DisconnectEndpoint
 from sse_gateway.edge.cors import CorsPolicy
+from sse_gateway.edge.presence_api import PLAYERS_PREFIX, STATS_PATH, PresenceEndpoint
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PATH as PUBLISH_PATH
 from sse_gateway.edge.publish_api import PublishEndpoint
@@ -51,12 +54,13 @@ class Router:
         tickets: TicketEndpoint,
         publish: PublishEndpoint | None,
         disconnect: DisconnectEndpoint | None = None,
+        presence: PresenceEndpoint | None = None,
         cors: CorsPolicy,
         metrics: Metrics,
         ready_reason: Callable[[], str | None],
         serve_metrics: bool = True,
     ) -> None:
-        """`publish` and `disconnect` are None when the publish API key is not set;
+        """`publish`, `disconnect` and `presence` are None when the publish API key is not set;
         `ready_reason()` says why the process is not ready (`/readyz`), or None;
         `serve_metrics` False: `/metrics` is 404 here (a metrics listener of its own serves it)."""
         self._plain_paths = _PLAIN_PATHS if serve_metrics else _PLAIN_PATHS - {"/metrics"}
@@ -65,6 +69,7 @@ class Router:
         self._tickets = tickets
         self._publish = publish
         self._disconnect = disconnect
+        self._presence = presence
         self._cors = cors
         self._metrics = metrics
         self._exposition = Exposition(metrics)
@@ -109,6 +114,16 @@ class Router:
                     self._error(reader, request, _method_not_allowed("POST"))
                     return
                 self._disconnect.handle(reader, request)
+                return
+            if self._presence is not None and (
+                path == STATS_PATH or path.startswith(PLAYERS_PREFIX)
+            ):
+                if method != "GET":
+                    self._error(reader, request, _method_not_allowed("GET"))
+                elif path == STATS_PATH:
+                    reader.respond(self._presence.stats(request), keep_alive=request.keep_alive)
+                else:
+                    self._presence.handle_player(reader, request)
                 return
             if path == PUBLISH_PATH and self._publish is not None:
                 if method != "POST":

@@ -93,6 +93,11 @@ class StreamLifecycle:
         self.expiry: SessionExpiry[Stream] = SessionExpiry(self._expired)
         """Closes each stream when its token expires (one timer for all)."""
 
+    @property
+    def instance(self) -> str:
+        """This process's id (`/v1/stats`, presence replies): every connection id begins with it."""
+        return self._conn_prefix
+
     def connection_id(self, conn_no: int) -> str:
         """Unique across workers and restarts: a per-process prefix, then a fixed-width count."""
         return f"{self._conn_prefix}{conn_no:010x}"
