@@ -9,9 +9,11 @@ import socket
 import time
 from collections.abc import Callable
 
+from prometheus_client.parser import text_string_to_metric_families
 from support.procs import Gateway, GatewayFactory, Metrics, RedisServer, free_port, wait_for
 from support.sse import request
 
+from integration.test_deploy_monitoring import documented_metrics
 from sse_gateway.publish import Event, SyncPublisher
 
 KEY = "metrics-run-publish-key-0123456789"
@@ -181,3 +183,29 @@ def test_drain_is_counted_before_the_process_exits(
                 break
             seen = Metrics.parse(body).value(CLOSED, reason="drain")
         assert seen == 1
+
+
+def test_every_documented_metric_is_served_and_every_served_one_is_documented(
+    gateway: Gateway, ids: Callable[..., str]
+) -> None:
+    """docs/metrics.md is what the dashboard and alerts are checked against
+    (test_deploy_monitoring): here it is checked against a running gateway."""
+    with gateway.stream(ids("b"), ids("p")):
+        families = {
+            family.name: family.type
+            for family in text_string_to_metric_families(gateway.metrics_text())
+        }
+    documented = documented_metrics()
+    for name, doc in documented.items():
+        # The text parser names a counter family without its `_total`.
+        if doc.kind in ("counter", ""):
+            name = name.removesuffix("_total")
+        if doc.kind:
+            assert families.get(name) == doc.kind, (name, families.get(name))
+        else:  # prometheus-client's process collector: the document does not give the type
+            assert name in families, name
+    ours = {name for name in families if name.startswith("sse_gateway_")}
+    undocumented = {
+        name for name in ours if name not in documented and f"{name}_total" not in documented
+    }
+    assert not undocumented, f"served but not in docs/metrics.md: {undocumented}"
