@@ -5,6 +5,7 @@ do is counted. Scraped and read with prometheus-client's parser (support.procs.M
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -209,3 +210,46 @@ def test_every_documented_metric_is_served_and_every_served_one_is_documented(
         name for name in ours if name not in documented and f"{name}_total" not in documented
     }
     assert not undocumented, f"served but not in docs/metrics.md: {undocumented}"
+
+
+def test_publish_lua_stamps_each_envelope_with_redis_time(
+    redis_server: RedisServer, publisher: SyncPublisher, ids: Callable[..., str]
+) -> None:
+    brand, player = ids("b"), ids("p")
+    r = redis_server.client()
+    pubsub = r.pubsub()
+    pubsub.subscribe(f"SSE::{brand}::{player}")
+    try:
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        seconds, micros = r.time()
+        published = publisher.publish(brand, player, "t", {"n": 1})
+        message = pubsub.get_message(timeout=5)
+        assert message is not None and message["type"] == "message"
+        envelope = json.loads(message["data"])
+        assert envelope["id"] == published
+        # Microseconds, written by hand (cjson would round to 14 digits): six decimals.
+        assert re.fullmatch(rb".*\"ts\":\d{10}\.\d{6}\}", message["data"])
+        assert seconds + micros / 1e6 <= envelope["ts"] < seconds + micros / 1e6 + 5
+        # The stamp is not part of the history entry: replays never carry it.
+        assert set(r.xrange(f"SSE::{brand}::{player}")[0][1]) == {b"t", b"d"}
+    finally:
+        pubsub.close()
+
+
+def test_the_embedded_broker_stamps_too(
+    gateway_factory: GatewayFactory, ids: Callable[..., str]
+) -> None:
+    gw = gateway_factory("--publish-api-key", KEY)  # no Redis: the embedded broker
+    brand, player = ids("b"), ids("p")
+    with gw.stream(brand, player) as live:
+        answer = gw.request(
+            "POST",
+            "/v1/publish",
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            body=json.dumps(
+                {"brand_id": brand, "player_id": player, "type": "t", "data": 1}
+            ).encode(),
+        )
+        assert answer.status == 202, answer
+        live.wait_event("t")
+    assert gw.metrics().value(LATENCY + "_count", event="t") == 1
