@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -166,7 +165,7 @@ class RedisBroker(ControlMethods):
         loop = asyncio.get_running_loop()
         attempt = 0
         address = self._address
-        ssl_context = ssl.create_default_context() if address.tls else None
+        ssl_context = address.ssl_context()
         while not self._closing:
             protocol: PubSubProtocol | None = None
             try:

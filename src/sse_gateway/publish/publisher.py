@@ -57,6 +57,9 @@ def client_kwargs(address: RedisAddress) -> dict[str, Any]:
         "username": address.username,
         "password": address.password,
         "ssl": address.tls,
+        "ssl_ca_certs": address.ssl_ca_certs,
+        "ssl_certfile": address.ssl_certfile,
+        "ssl_keyfile": address.ssl_keyfile,
         "socket_connect_timeout": 5.0,
         "socket_timeout": 5.0,
     }
