@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from support.procs import REPO, GatewayFactory, RedisServer, free_port
 from support.sse import request
 
+from sse_gateway.cli import build_parser
 from sse_gateway.settings import OPTIONS, Settings, load_settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -191,6 +193,15 @@ def test_container_ports_are_the_gateway_listeners() -> None:
     assert int(annotations["prometheus.io/port"]) == settings.metrics_port
     (service_port,) = load("service.yaml")["spec"]["ports"]
     assert service_port["targetPort"] == "http", "the Service exposes the public port only"
+
+
+def test_container_runs_the_gateway_serve_command() -> None:
+    """The command is the package's console script (pyproject.toml) and `serve` one of its
+    subcommands: the gateway is process 1, with no shell to swallow SIGTERM and SIGHUP."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    spec = container()
+    assert spec["command"] == ["sse-gateway"] and "sse-gateway" in scripts
+    assert build_parser().parse_args(spec["args"]).command == "serve"
 
 
 def test_probes_use_the_gateway_health_paths() -> None:

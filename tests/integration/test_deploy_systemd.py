@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from support.procs import REPO
 
+from sse_gateway.cli import EXIT_USAGE, build_parser
 from sse_gateway.settings import OPTIONS, Settings, load_settings, parse_duration
 
 pytestmark = pytest.mark.timeout(60)
@@ -143,7 +144,11 @@ def test_verify_reports_a_broken_unit(tmp_path: Path) -> None:
 def test_service_basics() -> None:
     # The gateway does not speak sd_notify: `notify` would time out every start.
     assert service("Type") == ["exec"]
-    assert service("ExecStart")[0].split()[1:] == ["serve"]
+    binary, *args = service("ExecStart")[0].split()
+    assert Path(binary).name == "sse-gateway" and args == ["serve"]
+    assert build_parser().parse_args(args).command == "serve"
+    # Exit 2 is a configuration error (EXIT_USAGE): a restart cannot fix it.
+    assert service("RestartPreventExitStatus") == [str(EXIT_USAGE)]
     assert service("KillSignal") == ["SIGTERM"]
     # The supervisor passes SIGTERM on; a second one from systemd would end the delay.
     assert service("KillMode") == ["mixed"]
