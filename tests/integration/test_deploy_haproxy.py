@@ -1,7 +1,8 @@
 """The HAProxy snippet of docs/operations.md ("Load balancers: HAProxy, cloud, HTTP/2"), run
 by real HAProxy in front of a real gateway: it is a valid configuration, and a stream
 through it arrives uncompressed and carries each event before the next one is published
-(nothing held back), and heartbeats. Skipped where haproxy is not installed (Debian: `apt-get install haproxy`).
+(nothing held back), and heartbeats. Skipped where haproxy is not installed (Debian:
+`apt-get install haproxy`).
 """
 
 from __future__ import annotations
