@@ -18,6 +18,7 @@ behaviour of its own beyond start, drain and close.
 from __future__ import annotations
 
 from sse_gateway.broker.base import Broker
+from sse_gateway.broker.cluster import ClusterBroker
 from sse_gateway.broker.memory import MemoryBroker
 from sse_gateway.broker.redis import RedisBroker
 from sse_gateway.edge.admission import Admission, connection_budget
@@ -46,9 +47,17 @@ from sse_gateway.streams.stats import GatewayStats
 
 
 def broker_from_settings(settings: Settings) -> Broker:
-    """RedisBroker for EVENTS_REDIS_STORAGE, else the embedded MemoryBroker."""
+    """RedisBroker for EVENTS_REDIS_STORAGE (ClusterBroker for a redis+cluster:// one), else
+    the embedded MemoryBroker."""
     if settings.redis is None:
         return MemoryBroker(history_size=settings.history_size, history_ttl=settings.history_ttl)
+    if settings.redis.mode == "cluster":
+        return ClusterBroker(
+            settings.redis,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            max_event_bytes=settings.max_event_bytes,
+        )
     return RedisBroker(
         settings.redis,
         history_size=settings.history_size,
@@ -101,6 +110,7 @@ class Gateway:
             history=history,
             metrics=metrics,
             retry_ms=settings.retry_ms,
+            per_channel=isinstance(broker, ClusterBroker),
         )
         self.control = SessionControl(broker=broker, hub=self.hub, retry_ms=settings.retry_ms)
         self.presence = Presence(
@@ -221,9 +231,17 @@ class Gateway:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.broker.start(
-            self.fanout.on_message, self._on_broker_state, self.presence.on_control
-        )
+        if isinstance(self.broker, ClusterBroker):  # a shard's lost channels: refilled alone
+            await self.broker.start(
+                self.fanout.on_message,
+                self._on_broker_state,
+                self.presence.on_control,
+                on_channels_lost=self.recovery.on_channels_lost,
+            )
+        else:
+            await self.broker.start(
+                self.fanout.on_message, self._on_broker_state, self.presence.on_control
+            )
         self.heartbeats.start()
         self.loop_lag.start()
         self.stats.start()

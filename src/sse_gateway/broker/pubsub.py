@@ -28,7 +28,8 @@ def encode_command(*args: bytes) -> bytes:
 class PubSubProtocol(asyncio.Protocol):
     """Owns the Pub/Sub socket; hands each parsed reply to one of two handlers.
 
-    A `message` reply goes straight to `on_message(channel, payload)` (the gateway's message
+    A `message` reply (`smessage` with `message_kind=b"smessage"`) goes straight to
+    `on_message(channel, payload)` (the gateway's message
     handler): it is nearly every reply, and this is the per-event path. Any other reply
     (confirmations, PONG, replies to the handshake's commands) goes to `on_reply(reply)`.
 
@@ -39,8 +40,15 @@ class PubSubProtocol(asyncio.Protocol):
     read waits in the hiredis reader for the next turn.
     """
 
-    def __init__(self, on_message: MessageHandler, on_reply: Callable[[object], None]) -> None:
+    def __init__(
+        self,
+        on_message: MessageHandler,
+        on_reply: Callable[[object], None],
+        message_kind: bytes = b"message",
+    ) -> None:
         self.on_message = on_message
+        # b"smessage" on a Redis Cluster shard's connection (sharded Pub/Sub).
+        self.message_kind = message_kind
         self.on_reply = on_reply
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
@@ -69,6 +77,7 @@ class PubSubProtocol(asyncio.Protocol):
         reader = self.reader
         on_reply = self.on_reply
         on_message = self.on_message
+        message_kind = self.message_kind
         budget = REPLIES_PER_TURN
         while budget:
             budget -= 1
@@ -96,7 +105,7 @@ class PubSubProtocol(asyncio.Protocol):
                 return
             try:
                 # Messages are nearly every reply: handled here, without `on_reply`'s dispatch.
-                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                if type(reply) is list and len(reply) == 3 and reply[0] == message_kind:
                     on_message(reply[1], reply[2])
                 else:
                     on_reply(reply)

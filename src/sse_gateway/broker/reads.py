@@ -229,6 +229,11 @@ class HistoryReads:
         seconds, micros = cast(list[bytes], time_reply)
         return int(seconds) * 1000 + int(micros) // 1000, members
 
+    async def run(self, commands: list[bytes]) -> list[object]:
+        """Read-only commands (RESP each), pipelined; their replies in order (an exception
+        object for WRONGTYPE). BrokerUnavailable as the history reads."""
+        return await self._run(commands)
+
     async def _run(self, commands: list[bytes]) -> list[object]:
         replies: list[object] = []
         for start in range(0, len(commands), self.PIPELINE):

@@ -47,9 +47,9 @@ class SubscriptionBook:
       `unsubscribe_confirmed`, and the commands they return are written before the callbacks run.
     - a lost connection is reported with `on_disconnected()`, a new one with `on_connected()`.
 
-    `subscribe_verb`/`unsubscribe_verb` are the command names written. A Redis Cluster shard's
-    book is meant to write b"SSUBSCRIBE"/b"SUNSUBSCRIBE"; reading the `ssubscribe` and
-    `smessage` replies that brings is the cluster work's, not done yet.
+    `subscribe_verb`/`unsubscribe_verb` are the command names written: a Redis Cluster shard's
+    book (broker/cluster.py) writes b"SSUBSCRIBE"/b"SUNSUBSCRIBE", and moves channels to another
+    shard's book with `subscribe_failed`, `forget` and `take_all`.
     """
 
     __slots__ = (
@@ -86,6 +86,10 @@ class SubscriptionBook:
     def wanted_count(self) -> int:
         """How many channels the gateway wants, confirmed or not."""
         return len(self._wanted)
+
+    def wanted(self) -> list[bytes]:
+        """Every channel the gateway wants of this connection."""
+        return list(self._wanted)
 
     @property
     def unconfirmed(self) -> int:
@@ -198,6 +202,43 @@ class SubscriptionBook:
         for channel in list(self._pending):
             if channel not in self._wanted:
                 del self._pending[channel]
+
+    # --- channels leaving this connection (Redis Cluster) ------------------------------------
+
+    def subscribe_failed(
+        self, channel: bytes
+    ) -> tuple[Sequence[SubscriptionCommand], Sequence[Callback]]:
+        """Redis refused the oldest SUBSCRIBE in flight for `channel` (an error reply, say
+        MOVED): as `subscribe_confirmed`, but the channel is not active; its waiters come back
+        for the adapter to carry to where the channel goes."""
+        commands = self._confirmed()
+        lists = self._inflight.get(channel)
+        if not lists:
+            return commands, _NO_CALLBACKS
+        callbacks = lists.popleft()
+        if not lists:
+            del self._inflight[channel]
+        return commands, callbacks
+
+    def forget(self, channel: bytes) -> list[Callback]:
+        """`channel` leaves this connection without a command (its slot moved elsewhere);
+        returns its waiters. Confirmations still due for it are counted as usual."""
+        self._wanted.discard(channel)
+        self._dirty.discard(channel)
+        self._sent.discard(channel)
+        waiters = self._pending.pop(channel, [])
+        for callbacks in self._inflight.pop(channel, ()):
+            waiters.extend(callbacks)
+        return waiters
+
+    def take_all(self) -> dict[bytes, list[Callback]]:
+        """After `on_disconnected`: every wanted channel with its waiters; the book is empty
+        afterwards (the connection is not coming back)."""
+        taken = {channel: self._pending.pop(channel, []) for channel in self._wanted}
+        self._wanted.clear()
+        self._dirty.clear()
+        self._pending.clear()
+        return taken
 
     # --- internals ---------------------------------------------------------------------------
 

@@ -9,9 +9,12 @@
 --          and still recover. The stream keeps one more entry than that, so that the id of
 --          the last event such a client saw is still there to prove nothing is missing.
 -- ARGV[4]  history TTL in whole seconds after the last event (SSE_HISTORY_TTL, default 86400)
+-- ARGV[5]  optional: the word `sharded` to publish with SPUBLISH (sharded Pub/Sub, Redis >= 7)
+--          instead of PUBLISH: on a Redis Cluster, so that the event reaches only the shard
+--          that owns the player's slot (gateways subscribe with SSUBSCRIBE there).
 --
 -- Returns {id, receivers}: the new entry's id (also the SSE `id:`), and how many
--- subscribers (gateway processes) received the PUBLISH.
+-- subscribers (gateway processes) received the PUBLISH (or SPUBLISH).
 --
 -- Every argument is checked before the first write: an error reply ("ERR sse-gateway
 -- publish: ...") means nothing was stored and nothing was published, so a retry cannot
@@ -35,8 +38,12 @@ local function whole_number(value, minimum, maximum)
   return number
 end
 
-if #KEYS ~= 1 or #ARGV ~= 4 then
-  return refuse('expects 1 key (the channel) and 4 arguments (type, data, size, ttl)')
+if #KEYS ~= 1 or (#ARGV ~= 4 and #ARGV ~= 5) then
+  return refuse('expects 1 key (the channel) and 4 arguments (type, data, size, ttl)'
+                .. ' and an optional 5th (sharded)')
+end
+if #ARGV == 5 and ARGV[5] ~= 'sharded' then
+  return refuse("the 5th argument, when given, must be 'sharded'")
 end
 local brand, player = string.match(KEYS[1], '^SSE::(.-)::(.*)$')
 if brand == nil or not valid_id(brand) or not valid_id(player) then
@@ -72,5 +79,5 @@ local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
 local envelope = '{"type":' .. cjson.encode(event_type) .. ',"data":' .. ARGV[2] ..
                  ',"id":"' .. id .. '","ts":' .. ts .. '}'
-local receivers = redis.call('PUBLISH', KEYS[1], envelope)
+local receivers = redis.call(#ARGV == 5 and 'SPUBLISH' or 'PUBLISH', KEYS[1], envelope)
 return {id, receivers}

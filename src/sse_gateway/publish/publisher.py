@@ -1,5 +1,8 @@
 """Publisher and SyncPublisher: history + PUBLISH in one Redis round trip per event.
 
+On a Redis Cluster (`redis+cluster://` URL) the client is redis-py's cluster client, which
+sends each event to the master of its player's slot, and the script publishes with SPUBLISH.
+
 Both run `lua/publish.lua` (called
 by its SHA, loaded when Redis does not know it yet): XADD to the player's history stream
 (capped, expiring), then PUBLISH the envelope with the new entry's id. Publishers in other
@@ -16,7 +19,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
 import redis.asyncio.retry
+import redis.cluster
 import redis.exceptions
 import redis.retry
 from redis.backoff import NoBackoff
@@ -65,6 +70,16 @@ def client_kwargs(address: RedisAddress) -> dict[str, Any]:
     }
 
 
+def cluster_kwargs(address: RedisAddress) -> dict[str, Any]:
+    """`client_kwargs` for redis-py's RedisCluster: no host, port or db (a cluster has only
+    db 0; its nodes come from the topology), slots without a master tolerated (a failover)."""
+    kwargs = client_kwargs(address)
+    for name in ("host", "port", "db"):
+        kwargs.pop(name)
+    kwargs["require_full_coverage"] = False
+    return kwargs
+
+
 def _result(reply: Any) -> PublishedEvent:
     if isinstance(reply, Exception):  # READONLY after a failover, OOM, NOPERM, WRONGTYPE...
         raise PublishUnavailable(f"redis refused the publish: {reply}")
@@ -85,10 +100,13 @@ class _PublisherBase:
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_ttl: int = DEFAULT_HISTORY_TTL,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        sharded: bool = False,
     ) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.max_event_bytes = max_event_bytes
+        # SPUBLISH instead of PUBLISH (publish.lua's 5th argument): on a Redis Cluster.
+        self.sharded = sharded
 
     def _prepare(self, brand_id: str, player_id: str, type: str, data: Any) -> PreparedEvent:
         return prepare_event(brand_id, player_id, type, data, max_event_bytes=self.max_event_bytes)
@@ -97,7 +115,7 @@ class _PublisherBase:
         return [event_from_mapping(e, max_event_bytes=self.max_event_bytes) for e in events]
 
     def _evalsha_args(self, event: PreparedEvent) -> tuple[Any, ...]:
-        return (
+        args = (
             PUBLISH_SCRIPT_SHA,
             1,
             event.channel,
@@ -106,6 +124,7 @@ class _PublisherBase:
             self.history_size,
             self.history_ttl,
         )
+        return (*args, "sharded") if self.sharded else args
 
 
 class Publisher(_PublisherBase):
@@ -116,13 +135,23 @@ class Publisher(_PublisherBase):
     and those events sent again; NOSCRIPT means they did not run.
     """
 
-    def __init__(self, client: aioredis.Redis, **options: Any) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, **options: Any) -> None:
         super().__init__(**options)
         self._client = client
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Publisher:
-        client = aioredis.Redis(**client_kwargs(parse_redis_address(url)), retry=async_no_retry())
+        """A `redis+cluster://` URL gives a cluster client that publishes with SPUBLISH."""
+        address = parse_redis_address(url)
+        if address.mode == "cluster":
+            options.setdefault("sharded", True)
+            cluster = aioredis.RedisCluster(
+                startup_nodes=[aioredis.cluster.ClusterNode(h, p) for h, p in address.all_nodes],
+                retry=async_no_retry(),
+                **cluster_kwargs(address),
+            )
+            return cls(cluster, **options)
+        client = aioredis.Redis(**client_kwargs(address), retry=async_no_retry())
         return cls(client, **options)
 
     async def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:
@@ -155,7 +184,7 @@ class Publisher(_PublisherBase):
     async def _send(self, events: list[PreparedEvent]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.evalsha(*self._evalsha_args(event))
+                pipe.execute_command("EVALSHA", *self._evalsha_args(event))
             return list(await pipe.execute(raise_on_error=False))
 
     async def aclose(self) -> None:
@@ -165,15 +194,26 @@ class Publisher(_PublisherBase):
 class SyncPublisher(_PublisherBase):
     """The same as Publisher, for code that is not async."""
 
-    def __init__(self, client: redis.Redis, **options: Any) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster, **options: Any) -> None:
         super().__init__(**options)
         self._client = client
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SyncPublisher:
-        client = redis.Redis(
-            **client_kwargs(parse_redis_address(url)), retry=redis.retry.Retry(NoBackoff(), 0)
-        )
+        """A `redis+cluster://` URL gives a cluster client that publishes with SPUBLISH."""
+        address = parse_redis_address(url)
+        if address.mode == "cluster":
+            options.setdefault("sharded", True)
+            cluster = redis.RedisCluster(
+                startup_nodes=[
+                    redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                    for h, p in address.all_nodes
+                ],
+                retry=redis.retry.Retry(NoBackoff(), 0),
+                **cluster_kwargs(address),
+            )
+            return cls(cluster, **options)
+        client = redis.Redis(**client_kwargs(address), retry=redis.retry.Retry(NoBackoff(), 0))
         return cls(client, **options)
 
     def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:
@@ -200,7 +240,7 @@ class SyncPublisher(_PublisherBase):
     def _send(self, events: list[PreparedEvent]) -> list[Any]:
         with self._client.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.evalsha(*self._evalsha_args(event))
+                pipe.execute_command("EVALSHA", *self._evalsha_args(event))
             return list(pipe.execute(raise_on_error=False))
 
     def close(self) -> None:

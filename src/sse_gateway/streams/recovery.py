@@ -7,12 +7,17 @@ faster than refills complete, each refill writes its read with the events held b
 resubscription and the next outage (no hole between them), and the newest refill writes the
 rest; a refill that a newer one already covered is ignored. When history provably lost events
 of the gap, the channel's streams are closed with `history_gap` instead of skipping them.
+
+On a Redis Cluster a shard's outage (or a slot that moved) loses the subscriptions of that
+shard's channels only: the broker reports those channels (`on_channels_lost`), and only they
+are held and refilled, the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from functools import partial
 
 from sse_gateway.broker.base import Broker, HistoryEntry
@@ -42,7 +47,11 @@ class OutageRecovery:
         history: HistoryReader,
         metrics: Metrics,
         retry_ms: int,
+        per_channel: bool = False,
     ) -> None:
+        """`per_channel`: the broker reports lost channels (`on_channels_lost`, a Redis
+        Cluster), and its going down loses nothing by itself."""
+        self._per_channel = per_channel
         self._broker = broker
         self._hub = hub
         self._history = history
@@ -58,6 +67,12 @@ class OutageRecovery:
                 self._metrics.broker_reconnects += 1
             self._ever_connected = True
             return
+        if self._per_channel:
+            log.warning(
+                "broker degraded: open streams stay open, new ones get 503",
+                extra={"event": "broker_disconnected"},
+            )
+            return
         log.warning(
             "broker disconnected: open streams stay open, new ones get 503",
             extra={"event": "broker_disconnected"},
@@ -65,6 +80,21 @@ class OutageRecovery:
         for channel in self._hub.channels():
             generation = channel.hold()
             self._broker.when_subscribed(channel.name, partial(self._refill, channel, generation))
+
+    def on_channels_lost(self, names: Iterable[bytes]) -> None:
+        """The subscriptions of these channels were lost (one shard of a Redis Cluster):
+        each is held, and refilled once subscribed again."""
+        for name in names:
+            channel = self._hub.get(name)
+            if channel is None:
+                continue
+            generation = channel.hold()
+            self._broker.when_subscribed(channel.name, partial(self._refill, channel, generation))
+
+    def _may_retry(self) -> bool:
+        # A single Redis' outage holds every channel anew (a newer refill covers the gap); a
+        # cluster broker can be down for another shard's sake while this channel is fine.
+        return self._per_channel or self._broker.connected
 
     def _current(self, channel: Channel, generation: int) -> bool:
         return channel.generation == generation and self._hub.get(channel.name) is channel
@@ -85,7 +115,7 @@ class OutageRecovery:
         if self._hub.get(channel.name) is not channel or not channel.pending(generation):
             return  # the channel is gone, or a newer refill already wrote what this one read
         if failed:
-            if self._current(channel, generation) and self._broker.connected:
+            if self._current(channel, generation) and self._may_retry():
                 # Only the read failed: try again shortly.
                 asyncio.get_running_loop().call_later(
                     REFILL_RETRY_SECONDS, self._refill, channel, generation
@@ -118,7 +148,7 @@ class OutageRecovery:
         if self._hub.get(channel.name) is not channel or not channel.pending(generation):
             return
         if future.cancelled() or future.exception() is not None:
-            if self._current(channel, generation) and self._broker.connected:
+            if self._current(channel, generation) and self._may_retry():
                 asyncio.get_running_loop().call_later(
                     REFILL_RETRY_SECONDS, self._refill, channel, generation
                 )
