@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 from support.cluster import RedisClusterProcesses
-from support.procs import GatewayFactory, wait_for
-from support.sse import SSEClient, assert_quiet, read_through
+from support.procs import Gateway, GatewayFactory, wait_for
+from support.sse import SSEClient, assert_quiet, is_event, read_through
 
 from sse_gateway.broker.slots import key_slot
-from sse_gateway.publish import SyncPublisher
+from sse_gateway.publish import PublishUnavailable, SyncPublisher
 from sse_gateway.wire.naming import channel_name
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,15 +65,19 @@ def test_players_over_every_shard_get_their_events_each_shard_only_its_own(
     clients: dict[str, SSEClient] = {p: gateway.player_stream(brand, p)[0] for p in players}
     publisher = SyncPublisher.from_url(cluster.url)
     try:
-        published = {p: [str(publisher.publish(brand, p, "tick", {"n": n})) for n in range(3)]
-                     for p in players}
+        published = {
+            p: [str(publisher.publish(brand, p, "tick", {"n": n})) for n in range(3)]
+            for p in players
+        }
         for player, client in clients.items():
             got = read_through(client, published[player][-1])
             assert [e.id for e in got] == published[player], player
             assert [e.json()["n"] for e in got] == [0, 1, 2]
         for port in cluster.masters():
             mine = {channel_name(brand, p) for p in players if owners[p] == port}
-            on_node = {c for c in shard_channels(cluster, port) if c.startswith(f"SSE::{brand}".encode())}
+            on_node = {
+                c for c in shard_channels(cluster, port) if c.startswith(f"SSE::{brand}".encode())
+            }
             assert on_node == mine, f"master {port} holds channels of other shards"
             with contextlib.closing(cluster.node(port).client()) as client:
                 assert client.execute_command("PUBSUB", "CHANNELS", f"SSE::{brand}*") == []
@@ -83,3 +88,172 @@ def test_players_over_every_shard_get_their_events_each_shard_only_its_own(
         publisher.close()
         for client in clients.values():
             client.close()
+
+
+class ClusterPublisher(threading.Thread):
+    """Publishes round-robin through the cluster Publisher until stopped; keeps the ids
+    Redis acknowledged, per player, and counts the publishes refused meanwhile."""
+
+    def __init__(self, url: str, brand: str, players: list[str], pause: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.brand, self.players, self.pause = url, brand, players, pause
+        self.acked: dict[str, list[str]] = {p: [] for p in players}
+        self.refused = 0
+        self.last_refusal = ""
+        self.stop_flag = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        publisher = SyncPublisher.from_url(self.url, history_size=5000)
+        n = 0
+        try:
+            while not self.stop_flag.is_set():
+                for player in self.players:
+                    try:
+                        event_id = publisher.publish(self.brand, player, "tick", {"n": n})
+                    except (PublishUnavailable, redis.RedisError) as exc:
+                        self.last_refusal = repr(exc)
+                        self.refused += 1  # not acknowledged: may or may not be stored
+                        time.sleep(0.05)
+                        continue
+                    self.acked[player].append(str(event_id))
+                n += 1
+                time.sleep(self.pause)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            publisher.close()
+
+    def finish(self) -> dict[str, list[str]]:
+        self.stop_flag.set()
+        self.join(30)
+        assert not self.is_alive(), "publisher did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.acked
+
+
+def collect(
+    gateway: Gateway, brand: str, player: str, client: SSEClient, last: str, timeout: float = 40
+) -> list[str]:
+    """Event ids the player receives up to `last`; a stream that ends is opened again with
+    Last-Event-ID (as a browser would)."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while last not in got:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{player}: {last} not received; got {len(got)} events"
+        try:
+            frame = client.next_frame(min(remaining, 5.0))
+        except TimeoutError:
+            continue
+        except EOFError:
+            client.close()
+            resume = got[-1] if got else None
+            client, _ = gateway.player_stream(brand, player, resume)
+            continue
+        if is_event(frame) and frame.id is not None:
+            got.append(frame.id)
+    client.close()
+    return got
+
+
+def assert_has_acked_in_order(got: list[str], acked: list[str], who: str) -> None:
+    assert len(got) == len(set(got)), f"{who}: duplicate events"
+    missing = [i for i in acked if i not in set(got)]
+    assert not missing, f"{who}: {len(missing)} of {len(acked)} acknowledged events missing"
+    position = {event_id: n for n, event_id in enumerate(got)}
+    assert [position[i] for i in acked] == sorted(position[i] for i in acked), f"{who}: order"
+
+
+def test_master_killed_while_publishing_every_acknowledged_event_arrives_in_order(
+    gateway_factory: GatewayFactory, fresh_cluster: RedisClusterProcesses, ids: Callable[..., str]
+) -> None:
+    cluster = fresh_cluster
+    gateway = gateway_factory("--history-size", "5000", redis=cluster.url)
+    brand = ids("b")
+    players = [ids("p") for _ in range(9)]
+    owners = {p: owner_port(cluster, channel_name(brand, p)) for p in players}
+    assert len(set(owners.values())) == 3
+    clients = {p: gateway.player_stream(brand, p)[0] for p in players}
+    victim = owners[players[0]]
+    publisher = ClusterPublisher(cluster.url, brand, players, pause=0.01)
+    publisher.start()
+    try:
+        wait_for(lambda: all(len(v) >= 10 for v in publisher.acked.values()), what="publishing")
+        cluster.node(victim).kill()
+        wait_for(lambda: victim not in cluster.masters(), timeout=30, what="the failover")
+        cluster.wait_healthy(30)
+        # publishing goes on after the failover, for every player
+        marks = {p: len(v) for p, v in publisher.acked.items()}
+        wait_for(
+            lambda: all(len(publisher.acked[p]) >= marks[p] + 10 for p in players),
+            timeout=30,
+            what=f"publishing after the failover ({publisher.last_refusal})",
+        )
+    finally:
+        acked = publisher.finish()
+    for player in players:
+        got = collect(gateway, brand, player, clients[player], acked[player][-1])
+        assert_has_acked_in_order(got, acked[player], f"{player} (master {owners[player]})")
+    # the lost shard's channels were refilled from history; the others were not touched
+    metrics = gateway.metrics()
+    assert metrics.value("sse_gateway_broker_reconnects_total") >= 1
+
+
+def move_slot(cluster: RedisClusterProcesses, slot: int, source: int, target: int) -> None:
+    """CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE of the slot's keys, SETSLOT NODE."""
+    src, dst = cluster.node(source).client(), cluster.node(target).client()
+    with contextlib.closing(src), contextlib.closing(dst):
+        src_id = src.execute_command("CLUSTER", "MYID").decode()
+        dst_id = dst.execute_command("CLUSTER", "MYID").decode()
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while True:
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for port in cluster.masters():
+            if port not in (source, target):
+                with contextlib.closing(cluster.node(port).client()) as other:
+                    other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+
+def test_slot_moved_while_publishing_nothing_lost_each_once_in_order(
+    gateway_factory: GatewayFactory, fresh_cluster: RedisClusterProcesses, ids: Callable[..., str]
+) -> None:
+    cluster = fresh_cluster
+    gateway = gateway_factory("--history-size", "5000", redis=cluster.url)
+    brand, player = ids("b"), ids("p")
+    channel = channel_name(brand, player)
+    source = owner_port(cluster, channel)
+    target = next(port for port in cluster.masters() if port != source)
+    client, _ = gateway.player_stream(brand, player)
+    publisher = ClusterPublisher(cluster.url, brand, [player], pause=0.005)
+    publisher.start()
+    try:
+        wait_for(lambda: len(publisher.acked[player]) >= 20, what="publishing")
+        move_slot(cluster, key_slot(channel), source, target)
+        assert owner_port(cluster, channel) == target
+        wait_for(
+            lambda: channel in shard_channels(cluster, target),
+            timeout=20,
+            what="the gateway to subscribe on the new owner",
+        )
+        mark = len(publisher.acked[player])
+        wait_for(lambda: len(publisher.acked[player]) >= mark + 20, what="publishing after")
+    finally:
+        acked = publisher.finish()
+    assert channel not in shard_channels(cluster, source)
+    got: list[str] = []
+    with client:
+        got = [e.id or "" for e in read_through(client, acked[player][-1])]
+        assert_quiet(client)
+    # nothing lost, each once, in order: exactly what was acknowledged (none was refused)
+    assert publisher.refused == 0
+    assert got == acked[player]
+    # the path taken: Redis pushed `sunsubscribe` for the moved slot, the gateway followed
+    assert "channels moved away" in gateway.logs()

@@ -57,6 +57,8 @@ class ClusterNodeProcess:
                     str(self.workdir / "nodes.conf"),
                     "--cluster-node-timeout",
                     "1000",
+                    "--repl-diskless-sync-delay",
+                    "0",
                     "--save",
                     "",
                     "--appendonly",
@@ -141,7 +143,18 @@ class RedisClusterProcesses:
             timeout=timeout,
         )
         self.wait_healthy(timeout)
+        self.wait_replicas_synced(timeout)
         return self
+
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Until every replica is in sync (health online): only then can one take over."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self._synced(node) for node in self.nodes if node.running):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replicas did not sync")
+            time.sleep(0.1)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until every live node says cluster_state:ok and all 16384 slots are served."""
@@ -152,6 +165,17 @@ class RedisClusterProcesses:
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster did not become healthy")
             time.sleep(0.1)
+
+    @staticmethod
+    def _synced(node: ClusterNodeProcess) -> bool:
+        try:
+            with contextlib.closing(node.client()) as c:
+                info = c.info("replication")
+        except redis.RedisError:
+            return False
+        if info.get("role") != "slave":
+            return True
+        return info.get("master_link_status") == "up" and not info.get("master_sync_in_progress")
 
     @staticmethod
     def _ok(node: ClusterNodeProcess) -> bool:

@@ -12,6 +12,7 @@ only and cannot be replayed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -178,6 +179,11 @@ class Publisher(_PublisherBase):
                 for index, reply in zip(missing, again, strict=True):
                     replies[index] = reply
         except _REDIS_DOWN as exc:
+            if isinstance(self._client, aioredis.RedisCluster):
+                # redis-py re-reads the slots only every few failures of one pipeline: a
+                # failover would otherwise be followed late, or not at all.
+                with contextlib.suppress(Exception):
+                    await self._client.nodes_manager.initialize()
             raise PublishUnavailable(f"redis unavailable: {exc}") from exc
         return [_result(reply) for reply in replies]
 
@@ -234,6 +240,9 @@ class SyncPublisher(_PublisherBase):
                 for index, reply in zip(missing, again, strict=True):
                     replies[index] = reply
         except _REDIS_DOWN as exc:
+            if isinstance(self._client, redis.RedisCluster):
+                with contextlib.suppress(Exception):  # as in Publisher
+                    self._client.nodes_manager.initialize()
             raise PublishUnavailable(f"redis unavailable: {exc}") from exc
         return [_result(reply) for reply in replies]
 
