@@ -14,7 +14,7 @@ instance on one Redis (in memory for the embedded broker).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NamedTuple, Protocol
 
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent
@@ -24,6 +24,10 @@ MessageHandler = Callable[[bytes, bytes], None]
 
 StateHandler = Callable[[bool], None]
 """Called with True when the broker connection is up, False when it is lost."""
+
+ChannelsLostHandler = Callable[[Collection[bytes]], None]
+"""Called with channels whose subscription was lost while the broker stays up (one shard of a
+Redis Cluster: `ClusterBroker.start`); they are held and refilled like after an outage."""
 
 ControlHandler = Callable[[bytes], None]
 """Called with the payload of every message of the control channel (`wire.control`)."""

@@ -2,12 +2,10 @@
 
 Each player channel is subscribed with `SSUBSCRIBE` on the master that owns its slot, through
 that master's `ShardConnection` (broker/shard.py, one `SubscriptionBook` each), so an event
-touches only its own shard. The topology comes from `CLUSTER SHARDS` (any node: the masters
-known, then the seeds), read at start, every `REFRESH_SECONDS`, and at once when something
-says it changed: a shard connection lost (a master down: after the failover its replica
-serves the slots), a channel pushed out by Redis (`sunsubscribe`: its slot moved), a
-subscription refused (MOVED). Channels without a live subscription wait in `_homeless`, with
-their `when_subscribed` waiters, until the topology routes them again.
+touches only its own shard. The topology (`CLUSTER SHARDS` of any node) is read at start,
+every `REFRESH_SECONDS`, and at once when a shard connection is lost (failover), Redis pushes
+`sunsubscribe` (the slot moved) or refuses a subscription (MOVED). Channels without a live
+subscription wait in `_homeless`, with their waiters, until the topology routes them again.
 
 Channels whose subscription was active and is lost are reported to `on_channels_lost` (the
 gateway's `OutageRecovery.on_channels_lost`): they are held and refilled from history once
@@ -30,7 +28,13 @@ import random
 import time
 from collections.abc import Callable, Collection
 
-from sse_gateway.broker.base import ControlHandler, HistoryEntry, MessageHandler, StateHandler
+from sse_gateway.broker.base import (
+    ChannelsLostHandler,
+    ControlHandler,
+    HistoryEntry,
+    MessageHandler,
+    StateHandler,
+)
 from sse_gateway.broker.cluster_commands import ClusterCommands, ClusterControlMethods
 from sse_gateway.broker.control import ControlSubscription
 from sse_gateway.broker.shard import ControlConnection, HandshakeError, ShardConnection
@@ -41,9 +45,6 @@ from sse_gateway.redis_address import RedisAddress
 from sse_gateway.wire.control import CONTROL_CHANNEL
 
 log = logging.getLogger("sse_gateway.broker")
-
-ChannelsLostHandler = Callable[[Collection[bytes]], None]
-"""Called with channels whose subscription was lost (one shard's), to be held and refilled."""
 
 REFRESH_SECONDS = 5.0
 BACKOFF_BASE = 0.05
@@ -112,11 +113,6 @@ class ClusterBroker(ClusterControlMethods):
     @property
     def unsubscribe_batches(self) -> int:
         return self._retired_batches[1] + sum(s.unsubscribe_batches for s in self._shards.values())
-
-    @property
-    def shard_nodes(self) -> list[Node]:
-        """The masters this process holds a subscriber connection to."""
-        return list(self._shards)
 
     async def start(
         self,

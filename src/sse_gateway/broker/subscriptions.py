@@ -209,15 +209,17 @@ class SubscriptionBook:
         self, channel: bytes
     ) -> tuple[Sequence[SubscriptionCommand], Sequence[Callback]]:
         """Redis refused the oldest SUBSCRIBE in flight for `channel` (an error reply, say
-        MOVED): as `subscribe_confirmed`, but the channel is not active; its waiters come back
-        for the adapter to carry to where the channel goes."""
+        MOVED): as `subscribe_confirmed`, but the channel is not active (and is not sent
+        again by itself); its waiters come back for the adapter to carry where it goes."""
         commands = self._confirmed()
         lists = self._inflight.get(channel)
         if not lists:
+            self._sent.discard(channel)
             return commands, _NO_CALLBACKS
         callbacks = lists.popleft()
         if not lists:
             del self._inflight[channel]
+            self._sent.discard(channel)  # not active, and no other SUBSCRIBE on its way
         return commands, callbacks
 
     def forget(self, channel: bytes) -> list[Callback]:
