@@ -226,9 +226,6 @@ class ClusterBroker(ClusterControlMethods):
 
     # --- what the shard connections say (ShardHandler) ---------------------------------------
 
-    def shard_up(self, shard: ShardConnection) -> None:
-        log.info("redis shard %s:%d: subscriber connected", *shard.node)
-
     def shard_lost(self, shard: ShardConnection, was_connected: bool) -> None:
         if self._shards.get(shard.node) is shard:
             del self._shards[shard.node]

@@ -162,8 +162,6 @@ class _Connection:
 class ShardHandler(Protocol):
     """What a ShardConnection reports to its broker (see ClusterBroker)."""
 
-    def shard_up(self, shard: ShardConnection) -> None: ...
-
     def shard_lost(self, shard: ShardConnection, was_connected: bool) -> None: ...
 
     def channels_moved(self, shard: ShardConnection, channels: list[bytes]) -> None: ...
@@ -206,7 +204,7 @@ class ShardConnection(_Connection):
                 return
             self.connected = was_connected = True
             self._write(self.book.on_connected())
-            self._handler.shard_up(self)
+            log.info("redis shard %s:%d: subscriber connected", *self.node)
             await self.run_until_lost()
             if not self.closing:
                 log.warning(

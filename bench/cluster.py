@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Deliveries/s on a Redis Cluster against a single Redis, side by side in one run.
+
+Both targets get the same job: one gateway (`--redis redis://…` or `redis+cluster://…`), N
+SSE streams (one player each, `bench/loadclient.py`), and events published as fast as one
+process can (publish.lua over raw pipelined sockets; on the cluster one socket per master,
+each event sent to its player's master with the `sharded` argument, so SPUBLISH). Measured:
+events received by the clients per second over the middle half of the publishing window,
+and the ratio cluster / single. The cluster is 3 masters + 3 replicas on loopback
+(`tests/support/cluster.py`); everything shares this machine's cores, so the figures compare
+the gateway's two read paths, not Redis deployments.
+
+    .venv/bin/python bench/cluster.py                 # 1,000 streams, 8 s per target, < 2 min
+    .venv/bin/python bench/cluster.py --players 2000 --seconds 15
+
+Every process it starts is stopped when it ends (try/finally, by PID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import secrets
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hiredis
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+
+import run as gw  # noqa: E402
+from loadclient import ClientConfig, LoadClient, player_id  # noqa: E402
+from support.cluster import RedisClusterProcesses  # noqa: E402
+from support.procs import RedisServer  # noqa: E402
+
+from sse_gateway.broker.pubsub import encode_command  # noqa: E402
+from sse_gateway.broker.slots import parse_shards  # noqa: E402
+from sse_gateway.publish.publisher import PUBLISH_SCRIPT, PUBLISH_SCRIPT_SHA  # noqa: E402
+
+BATCH = 200
+
+
+def publish_flood(
+    nodes: list[tuple[int, list[bytes]]], sharded: bool, seconds: float, out: Any
+) -> None:
+    """Publishes to every channel in turn, `BATCH` per pipeline per node, for `seconds`."""
+    sockets = []
+    for port, channels in nodes:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(encode_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT.encode()))
+        reader = hiredis.Reader()
+        while (reply := reader.gets()) is False:
+            reader.feed(sock.recv(65536))
+        sockets.append((sock, reader, channels))
+    extra = (b"sharded",) if sharded else ()
+    sha = PUBLISH_SCRIPT_SHA.encode()
+    published = 0
+    position = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for sock, reader, channels in sockets:
+            batch = []
+            for k in range(BATCH):
+                channel = channels[(position + k) % len(channels)]
+                data = b'{"t":%d}' % time.time_ns()
+                batch.append(
+                    encode_command(
+                        b"EVALSHA", sha, b"1", channel, b"bench", data, b"100", b"600", *extra
+                    )
+                )
+            sock.sendall(b"".join(batch))
+            got = 0
+            while got < BATCH:
+                reply = reader.gets()
+                if reply is False:
+                    reader.feed(sock.recv(1 << 20))
+                    continue
+                if isinstance(reply, Exception):
+                    raise RuntimeError(f"publish refused: {reply}")
+                got += 1
+            published += BATCH
+        position += BATCH
+    for sock, _, _ in sockets:
+        sock.close()
+    out.send(published)
+
+
+def measure(url: str, nodes: list[tuple[int, list[bytes]]], sharded: bool, args: Any) -> float:
+    port = gw.free_port()
+    secret = secrets.token_hex(32)
+    logdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    command = [sys.executable, "-m", "sse_gateway", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--redis", url, "--jwt-secret", secret]
+    gateway = gw.start_gateway(command, [], port, logdir, None)
+    lc = LoadClient(
+        ClientConfig(port=port, players=args.players, processes=1, jwt_secret=secret)
+    )
+    try:
+        lc.start()
+        report = lc.connect()
+        if report.connected != args.players:
+            raise RuntimeError(f"only {report.connected} of {args.players} streams connected")
+        lc.reset(measure_latency=False)
+        parent, child = multiprocessing.Pipe()
+        publisher = multiprocessing.Process(
+            target=publish_flood, args=(nodes, sharded, args.seconds, child), daemon=True
+        )
+        publisher.start()
+        time.sleep(args.seconds * 0.25)
+        first, t0 = lc.count(), time.monotonic()
+        time.sleep(args.seconds * 0.5)
+        second, t1 = lc.count(), time.monotonic()
+        publisher.join(args.seconds + 30)
+        published = parent.recv() if parent.poll(5) else 0
+        rate = (second - first) / (t1 - t0)
+        print(f"  {url.split('://')[0]:<14} published {published:,}; {rate:,.0f} deliveries/s")
+        return rate
+    finally:
+        lc.close()
+        gateway.stop()
+
+
+def cluster_nodes(cluster: RedisClusterProcesses, channels: list[bytes]) -> list[Any]:
+    with socket.create_connection(("127.0.0.1", cluster.nodes[0].port)) as sock:
+        sock.sendall(encode_command(b"CLUSTER", b"SHARDS"))
+        reader = hiredis.Reader()
+        while (reply := reader.gets()) is False:
+            reader.feed(sock.recv(1 << 20))
+    topology = parse_shards(reply)
+    by_port: dict[int, list[bytes]] = {}
+    for channel in channels:
+        owner = topology.owner_of(channel)
+        assert owner is not None
+        by_port.setdefault(owner[1], []).append(channel)
+    return sorted(by_port.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--players", type=int, default=1000, help="SSE streams (one player each)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="publishing time per target")
+    args = ap.parse_args()
+    channels = [f"SSE::bench::{player_id('p', i)}".encode() for i in range(args.players)]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    single = RedisServer(workdir / "single").start()
+    cluster = RedisClusterProcesses(workdir / "cluster").start()
+    try:
+        print(f"{args.players:,} streams, {args.seconds:g} s of publishing per target")
+        one = measure(single.url, [(single.port, channels)], False, args)
+        many = measure(cluster.url, cluster_nodes(cluster, channels), True, args)
+        print(f"| deliveries/s | single Redis {one:,.0f} | Redis Cluster {many:,.0f} |", end=" ")
+        print(f"ratio {many / one:.2f} |")
+    finally:
+        cluster.stop()
+        single.stop()
+
+
+if __name__ == "__main__":
+    main()
