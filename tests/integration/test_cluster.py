@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from support.cluster import RedisClusterProcesses
-from support.procs import Gateway, GatewayFactory, wait_for
+from support.procs import Gateway, GatewayFactory, cli, wait_for
 from support.sse import SSEClient, assert_quiet, is_event, read_through
 
 from sse_gateway.broker.slots import key_slot
@@ -258,3 +259,56 @@ def test_slot_moved_while_publishing_nothing_lost_each_once_in_order(
     assert got == acked[player]
     # the path taken: Redis pushed `sunsubscribe` for the moved slot, the gateway followed
     assert "channels moved away" in gateway.logs()
+
+
+def test_http_publish_cli_publish_disconnect_and_presence_on_the_cluster(
+    gateway_factory: GatewayFactory, cluster: RedisClusterProcesses, ids: Callable[..., str]
+) -> None:
+    key = "cluster-publish-key-0123456789abcdef"
+    gateway = gateway_factory("--publish-api-key", key, redis=cluster.url)
+    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    brand, player = ids("b"), ids("p")
+    client, _ = gateway.player_stream(brand, player)
+    with client:
+        body = json.dumps({"brand_id": brand, "player_id": player, "type": "n", "data": 1})
+        response = gateway.request("POST", "/v1/publish", headers=auth, body=body.encode())
+        assert response.status == 202, response
+        done = cli(
+            "publish",
+            "--redis",
+            cluster.url,
+            "--brand",
+            brand,
+            "--player",
+            player,
+            "--type",
+            "n",
+            "--data",
+            "2",
+        )
+        assert done.returncode == 0, done.stderr
+        cli_id = done.stdout.strip().split()[0]
+        got = read_through(client, cli_id)
+        assert [e.json() for e in got] == [1, 2]
+        # presence counts the gateway's SSUBSCRIBE on the player's shard
+        online = gateway.request("GET", f"/v1/players/{brand}/{player}", headers=auth)
+        assert online.status == 200, online
+        assert online.json()["online"] is True, online.json()
+        # a disconnect with a block: the stream closes, a new one is refused
+        body = json.dumps(
+            {"brand_id": brand, "player_id": player, "block_seconds": 60, "reason": "test"}
+        )
+        response = gateway.request("POST", "/v1/disconnect", headers=auth, body=body.encode())
+        assert response.status == 200, response
+        assert response.json()["receivers"] >= 1, response.json()
+        assert client.wait_closed(15)
+        assert client.frames[-1].event == "disconnected"
+    refused = gateway.open(headers={"Authorization": f"Bearer {gateway.token(brand, player)}"})
+    with refused:
+        assert refused.status != 200 or refused.wait_event("close").json()["reason"] == "blocked"
+    r = cluster.client()
+    try:
+        assert 55 <= r.ttl(f"SSE:block:{brand}:{player}") <= 60
+        assert r.zscore("SSE:blocks", f"SSE:block:{brand}:{player}") is not None
+    finally:
+        r.close()
