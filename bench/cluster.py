@@ -6,9 +6,11 @@ SSE streams (one player each, `bench/loadclient.py`), and events published as fa
 process can (publish.lua over raw pipelined sockets; on the cluster one socket per master,
 each event sent to its player's master with the `sharded` argument, so SPUBLISH). Measured:
 events received by the clients per second over the middle half of the publishing window,
-and the ratio cluster / single. The cluster is 3 masters + 3 replicas on loopback
-(`tests/support/cluster.py`); everything shares this machine's cores, so the figures compare
-the gateway's two read paths, not Redis deployments.
+the gateway's CPU time per delivery over the same window (which says whether its read path
+is as fast on the cluster: the rate itself is bound by whatever saturates first on this
+machine, often the publisher and Redis), and the ratios cluster / single. The cluster is 3
+masters + 3 replicas on loopback (`tests/support/cluster.py`); everything shares this
+machine's cores, so the figures compare the gateway's two read paths, not Redis deployments.
 
     .venv/bin/python bench/cluster.py                 # 1,000 streams, 8 s per target, < 2 min
     .venv/bin/python bench/cluster.py --players 2000 --seconds 15
@@ -64,7 +66,8 @@ def publish_flood(
     position = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        for sock, reader, channels in sockets:
+        # Every master's batch is written before any reply is read: the masters work at once.
+        for sock, _, channels in sockets:
             batch = []
             for k in range(BATCH):
                 channel = channels[(position + k) % len(channels)]
@@ -75,6 +78,7 @@ def publish_flood(
                     )
                 )
             sock.sendall(b"".join(batch))
+        for sock, reader, _ in sockets:
             got = 0
             while got < BATCH:
                 reply = reader.gets()
@@ -91,16 +95,17 @@ def publish_flood(
     out.send(published)
 
 
-def measure(url: str, nodes: list[tuple[int, list[bytes]]], sharded: bool, args: Any) -> float:
+def measure(
+    url: str, nodes: list[tuple[int, list[bytes]]], sharded: bool, args: Any
+) -> tuple[float, float]:
+    """Deliveries/s and gateway CPU microseconds per delivery, over the middle half."""
     port = gw.free_port()
     secret = secrets.token_hex(32)
     logdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     command = [sys.executable, "-m", "sse_gateway", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--redis", url, "--jwt-secret", secret]
     gateway = gw.start_gateway(command, [], port, logdir, None)
-    lc = LoadClient(
-        ClientConfig(port=port, players=args.players, processes=1, jwt_secret=secret)
-    )
+    lc = LoadClient(ClientConfig(port=port, players=args.players, processes=1, jwt_secret=secret))
     try:
         lc.start()
         report = lc.connect()
@@ -113,14 +118,19 @@ def measure(url: str, nodes: list[tuple[int, list[bytes]]], sharded: bool, args:
         )
         publisher.start()
         time.sleep(args.seconds * 0.25)
-        first, t0 = lc.count(), time.monotonic()
+        first, t0, cpu0 = lc.count(), time.monotonic(), gw.cpu_seconds(gateway.pid)
         time.sleep(args.seconds * 0.5)
-        second, t1 = lc.count(), time.monotonic()
+        second, t1, cpu1 = lc.count(), time.monotonic(), gw.cpu_seconds(gateway.pid)
         publisher.join(args.seconds + 30)
         published = parent.recv() if parent.poll(5) else 0
         rate = (second - first) / (t1 - t0)
-        print(f"  {url.split('://')[0]:<14} published {published:,}; {rate:,.0f} deliveries/s")
-        return rate
+        busy = (cpu1 - cpu0) / (t1 - t0)
+        per_delivery = 1e6 * (cpu1 - cpu0) / max(1, second - first)
+        print(
+            f"  {url.split('://')[0]:<14} published {published:,}; {rate:,.0f} deliveries/s; "
+            f"gateway CPU {100 * busy:.0f}% of a core, {per_delivery:.1f} us per delivery"
+        )
+        return rate, per_delivery
     finally:
         lc.close()
         gateway.stop()
@@ -152,10 +162,15 @@ def main() -> None:
     cluster = RedisClusterProcesses(workdir / "cluster").start()
     try:
         print(f"{args.players:,} streams, {args.seconds:g} s of publishing per target")
-        one = measure(single.url, [(single.port, channels)], False, args)
-        many = measure(cluster.url, cluster_nodes(cluster, channels), True, args)
-        print(f"| deliveries/s | single Redis {one:,.0f} | Redis Cluster {many:,.0f} |", end=" ")
-        print(f"ratio {many / one:.2f} |")
+        one, one_cpu = measure(single.url, [(single.port, channels)], False, args)
+        many, many_cpu = measure(cluster.url, cluster_nodes(cluster, channels), True, args)
+        print("| | single Redis | Redis Cluster (3+3) | cluster / single |")
+        print("|---|---|---|---|")
+        print(f"| deliveries/s | {one:,.0f} | {many:,.0f} | {many / one:.2f} |")
+        print(
+            f"| gateway CPU per delivery | {one_cpu:.1f} us | {many_cpu:.1f} us "
+            f"| {many_cpu / one_cpu:.2f} |"
+        )
     finally:
         cluster.stop()
         single.stop()
