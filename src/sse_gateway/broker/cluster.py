@@ -46,6 +46,7 @@ from sse_gateway.wire.control import CONTROL_CHANNEL
 
 log = logging.getLogger("sse_gateway.broker")
 
+_DOWN = {"event": "broker_unreachable"}  # `extra=` of the JSON log lines (logs.py)
 REFRESH_SECONDS = 5.0
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
@@ -77,6 +78,7 @@ class ClusterBroker(ClusterControlMethods):
         self._owner: dict[bytes, ShardConnection] = {}
         self._homeless: dict[bytes, list[Callback]] = {}
         self._outage = False
+        self._failed = False  # a route failed since the last topology read: back off
         self._control_up = False
         self._connected = False
         self._closing = False
@@ -240,6 +242,8 @@ class ClusterBroker(ClusterControlMethods):
         if was_connected and lost:
             self._outage = True
             self._update_state()
+        elif not was_connected:
+            self._failed = True  # routed to a master that is not there (yet): back off
         self._report_lost(lost)
         self._refresh.set()
 
@@ -254,6 +258,7 @@ class ClusterBroker(ClusterControlMethods):
         self, shard: ShardConnection, refused: dict[bytes, list[Callback]], error: str
     ) -> None:
         log.info("redis shard %s:%d refused a subscription: %s", *shard.node, error)
+        self._failed = True
         for channel, callbacks in refused.items():
             if self._owner.get(channel) is shard:
                 self._evict(shard, [channel])
@@ -312,6 +317,7 @@ class ClusterBroker(ClusterControlMethods):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._refresh.wait(), REFRESH_SECONDS)
             self._refresh.clear()
+            failed, self._failed = self._failed, False
             try:
                 topology = await self.refresh_topology()
             except asyncio.CancelledError:
@@ -319,13 +325,9 @@ class ClusterBroker(ClusterControlMethods):
             except Exception:
                 log.exception("redis cluster: topology refresh failed")
                 topology = None
-            if topology is None or self._homeless:
+            if topology is None or self._homeless or failed:
                 if attempt == 0 or attempt % 20 == 0:
-                    log.warning(
-                        "redis cluster: no usable topology yet (%d channels waiting)",
-                        len(self._homeless),
-                        extra={"event": "broker_unreachable"},
-                    )
+                    log.warning("redis cluster: %d channels wait", len(self._homeless), extra=_DOWN)
                 attempt += 1
                 self._refresh.set()
                 delay = random.uniform(0.5, 1.0) * min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
