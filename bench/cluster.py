@@ -9,11 +9,13 @@ events received by the clients per second over the middle half of the publishing
 the gateway's CPU time per delivery over the same window (which says whether its read path
 is as fast on the cluster: the rate itself is bound by whatever saturates first on this
 machine, often the publisher and Redis), and the ratios cluster / single. The cluster is 3
-masters + 3 replicas on loopback (`tests/support/cluster.py`); everything shares this
-machine's cores, so the figures compare the gateway's two read paths, not Redis deployments.
+masters on loopback (`tests/support/cluster.py`; `--replicas 1` adds a replica each);
+everything shares this machine's cores, so the figures compare the gateway's two read paths,
+not Redis deployments.
 
     .venv/bin/python bench/cluster.py                 # 1,000 streams, 8 s per target, < 2 min
     .venv/bin/python bench/cluster.py --players 2000 --seconds 15
+    .venv/bin/python bench/cluster.py --rate 10000     # both at one rate: CPU per delivery
 
 Every process it starts is stopped when it ends (try/finally, by PID).
 """
@@ -49,9 +51,10 @@ BATCH = 200
 
 
 def publish_flood(
-    nodes: list[tuple[int, list[bytes]]], sharded: bool, seconds: float, out: Any
+    nodes: list[tuple[int, list[bytes]]], sharded: bool, seconds: float, rate: float, out: Any
 ) -> None:
-    """Publishes to every channel in turn, `BATCH` per pipeline per node, for `seconds`."""
+    """Publishes to every channel in turn, `BATCH` per pipeline per node, for `seconds`, at
+    most `rate` events/s in all (0: as fast as it can)."""
     sockets = []
     for port, channels in nodes:
         sock = socket.create_connection(("127.0.0.1", port))
@@ -64,8 +67,13 @@ def publish_flood(
     sha = PUBLISH_SCRIPT_SHA.encode()
     published = 0
     position = 0
-    end = time.monotonic() + seconds
+    start = time.monotonic()
+    end = start + seconds
     while time.monotonic() < end:
+        if rate:
+            ahead = start + published / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
         # Every master's batch is written before any reply is read: the masters work at once.
         for sock, _, channels in sockets:
             batch = []
@@ -114,7 +122,7 @@ def measure(
         lc.reset(measure_latency=False)
         parent, child = multiprocessing.Pipe()
         publisher = multiprocessing.Process(
-            target=publish_flood, args=(nodes, sharded, args.seconds, child), daemon=True
+            target=publish_flood, args=(nodes, sharded, args.seconds, args.rate, child), daemon=True
         )
         publisher.start()
         time.sleep(args.seconds * 0.25)
@@ -155,16 +163,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--players", type=int, default=1000, help="SSE streams (one player each)")
     ap.add_argument("--seconds", type=float, default=8.0, help="publishing time per target")
+    ap.add_argument("--rate", type=float, default=0, help="events/s in all (default 0: max)")
+    ap.add_argument("--replicas", type=int, default=0, help="replicas per master (default 0)")
     args = ap.parse_args()
     channels = [f"SSE::bench::{player_id('p', i)}".encode() for i in range(args.players)]
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     single = RedisServer(workdir / "single").start()
-    cluster = RedisClusterProcesses(workdir / "cluster").start()
+    # Replicas only with --replicas: on a small machine their replication takes CPU from
+    # everything else, which is not what this compares.
+    size = 3 * (1 + args.replicas)
+    cluster = RedisClusterProcesses(workdir / "cluster", size, args.replicas).start()
     try:
-        print(f"{args.players:,} streams, {args.seconds:g} s of publishing per target")
+        pace = f"{args.rate:,.0f} events/s" if args.rate else "as fast as one process can"
+        print(f"{args.players:,} streams, {args.seconds:g} s of publishing per target, {pace}")
         one, one_cpu = measure(single.url, [(single.port, channels)], False, args)
         many, many_cpu = measure(cluster.url, cluster_nodes(cluster, channels), True, args)
-        print("| | single Redis | Redis Cluster (3+3) | cluster / single |")
+        shape = f"3 masters + {3 * args.replicas} replicas"
+        print(f"| | single Redis | Redis Cluster ({shape}) | cluster / single |")
         print("|---|---|---|---|")
         print(f"| deliveries/s | {one:,.0f} | {many:,.0f} | {many / one:.2f} |")
         print(

@@ -99,10 +99,12 @@ class ClusterNodeProcess:
 
 
 class RedisClusterProcesses:
-    """Six nodes made one cluster by `redis-cli --cluster create --cluster-replicas 1`."""
+    """Six nodes made one cluster by `redis-cli --cluster create --cluster-replicas 1` (by
+    default: 3 masters, 3 replicas)."""
 
-    def __init__(self, workdir: Path, size: int = 6) -> None:
+    def __init__(self, workdir: Path, size: int = 6, replicas: int = 1) -> None:
         self.nodes = [ClusterNodeProcess(workdir) for _ in range(size)]
+        self.replicas = replicas
 
     @property
     def url(self) -> str:
@@ -135,7 +137,7 @@ class RedisClusterProcesses:
                 "create",
                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
                 "--cluster-replicas",
-                "1",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
