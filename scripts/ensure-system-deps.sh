@@ -12,6 +12,8 @@ have_nginx() { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# redis-cli: `--cluster create` builds the Redis Cluster of tests/integration/test_cluster.py
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 have_nginx || missing+=(nginx)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
