@@ -14,7 +14,7 @@ subscribed again, as for a single Redis outage, but only those of the shard conc
 outage waiting for its channels to be routed again.
 
 The control channel (classic `PSUBSCRIBE`, which a cluster broadcasts to every node) is on a
-connection of its own (`ControlConnection`), to the master of the control channel's slot, so
+connection of its own (broker/cluster_control.py), to the master of the control channel's slot, so
 that every gateway listens on the same node and a PUBLISH there counts them all. Commands
 and history reads are `ClusterCommands`' (broker/cluster_commands.py).
 """
@@ -36,8 +36,9 @@ from sse_gateway.broker.base import (
     StateHandler,
 )
 from sse_gateway.broker.cluster_commands import ClusterCommands, ClusterControlMethods
+from sse_gateway.broker.cluster_control import ControlLink
 from sse_gateway.broker.control import ControlSubscription
-from sse_gateway.broker.shard import ControlConnection, HandshakeError, ShardConnection
+from sse_gateway.broker.shard import ShardConnection
 from sse_gateway.broker.slots import Node, Topology, key_slot
 from sse_gateway.broker.subscriptions import Callback
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent
@@ -49,7 +50,7 @@ log = logging.getLogger("sse_gateway.broker")
 _DOWN = {"event": "broker_unreachable"}  # `extra=` of the JSON log lines (logs.py)
 REFRESH_SECONDS = 5.0
 BACKOFF_BASE = 0.05
-BACKOFF_CAP = 2.0
+BACKOFF_CAP = 1.0
 
 
 class ClusterBroker(ClusterControlMethods):
@@ -71,7 +72,6 @@ class ClusterBroker(ClusterControlMethods):
         self._on_state: StateHandler = _not_started
         self._on_lost: ChannelsLostHandler | None = None
         self._control_subscription: ControlSubscription | None = None
-        self._control_connection: ControlConnection | None = None
         self._topology: Topology | None = None
         self._shards: dict[Node, ShardConnection] = {}
         self._retired_batches = [0, 0]  # subscribe/unsubscribe batches of closed shards
@@ -79,7 +79,7 @@ class ClusterBroker(ClusterControlMethods):
         self._homeless: dict[bytes, list[Callback]] = {}
         self._outage = False
         self._failed = False  # a route failed since the last topology read: back off
-        self._control_up = False
+        self._control = ControlLink(address, None, self._control_node, self._control_changed)
         self._connected = False
         self._closing = False
         self._refresh = asyncio.Event()
@@ -130,16 +130,18 @@ class ClusterBroker(ClusterControlMethods):
         self._on_lost = on_channels_lost
         if on_control is not None:
             self._control_subscription = ControlSubscription(on_control)
+            self._control = ControlLink(
+                self._address, self._control_subscription, self._control_node, self._control_changed
+            )
         self._refresh.set()
         self._tasks.append(asyncio.create_task(self._topology_loop(), name="redis-topology"))
-        self._tasks.append(asyncio.create_task(self._control_loop(), name="redis-control"))
+        self._tasks.append(asyncio.create_task(self._control.run(), name="redis-control"))
 
     async def close(self) -> None:
         self._closing = True
         for shard in self._shards.values():
             shard.close()
-        if self._control_connection is not None:
-            self._control_connection.abort()
+        self._control.close()
         tasks = [*self._tasks, *(s.task for s in self._shards.values() if s.task is not None)]
         for task in tasks:
             task.cancel()
@@ -171,9 +173,7 @@ class ClusterBroker(ClusterControlMethods):
             self._homeless[channel].append(callback)
 
     def redis_time_ms(self) -> int:
-        connection = self._control_connection
-        offset = connection.clock_offset_ms if connection is not None else 0.0
-        return int(time.time() * 1000 + offset)
+        return int(time.time() * 1000 + self._control.clock_offset_ms)
 
     async def publish_events(self, events: list[PreparedEvent]) -> list[PublishedEvent]:
         return await self._commands.publish_events(events)
@@ -227,6 +227,15 @@ class ClusterBroker(ClusterControlMethods):
                 log.exception("redis cluster: error while reporting lost channels")
 
     # --- what the shard connections say (ShardHandler) ---------------------------------------
+
+    def shard_up(self, shard: ShardConnection) -> None:
+        self._check_recovered()
+
+    def _check_recovered(self) -> None:
+        # An outage lasts until every lost channel is routed, on a connection that is up.
+        if self._outage and not self._homeless:
+            self._outage = not all(s.connected for s in self._shards.values() if s.wanted)
+        self._update_state()
 
     def shard_lost(self, shard: ShardConnection, was_connected: bool) -> None:
         if self._shards.get(shard.node) is shard:
@@ -288,12 +297,10 @@ class ClusterBroker(ClusterControlMethods):
         homeless, self._homeless = self._homeless, {}
         for channel, waiters in homeless.items():
             self._route(channel, waiters)
-        if not self._homeless:
-            self._outage = False
-        self._update_state()
-        control = self._control_connection
-        if control is not None and self._control_up and control.node != self._control_node():
-            control.abort()  # every gateway's control connection on the same node
+        self._check_recovered()
+        node = self._control_node()
+        if node is not None:
+            self._control.move_to(node)  # every gateway's control connection on one node
 
     def _follow(self, topology: Topology) -> None:
         """Channels subscribed where their slot no longer is leave (lost: held, refilled)."""
@@ -327,7 +334,7 @@ class ClusterBroker(ClusterControlMethods):
                 topology = None
             if topology is None or self._homeless or failed:
                 if attempt == 0 or attempt % 20 == 0:
-                    log.warning("redis cluster: %d channels wait", len(self._homeless), extra=_DOWN)
+                    log.warning("redis cluster: topology not settled yet", extra=_DOWN)
                 attempt += 1
                 self._refresh.set()
                 delay = random.uniform(0.5, 1.0) * min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
@@ -337,52 +344,18 @@ class ClusterBroker(ClusterControlMethods):
 
     # --- the control connection --------------------------------------------------------------
 
-    async def _control_loop(self) -> None:
-        attempt = 0
-        while not self._closing:
-            if self._topology is None:
-                await asyncio.sleep(0.05)  # every gateway on the node the topology names
-                continue
-            node = self._control_node()
-            connection = ControlConnection(node, self._address, self._control_subscription)
-            self._control_connection = connection
-            try:
-                await connection.open()
-                attempt = 0
-                self._control_up = True
-                self._update_state()
-                await connection.run_until_lost()
-            except asyncio.CancelledError:
-                raise
-            except (OSError, TimeoutError, ConnectionError, HandshakeError) as exc:
-                if attempt == 0 or attempt % 20 == 0:
-                    log.warning("redis control connection to %s:%d: %s", *node, exc)
-            finally:
-                connection.abort()
-                connection.fail_waiters()
-                if self._control_subscription is not None:
-                    self._control_subscription.on_disconnected()
-                self._control_up = False
-                self._update_state()
-            if self._closing:
-                break
-            self._refresh.set()
-            delay = random.uniform(0.5, 1.0) * min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
-            attempt += 1
-            await asyncio.sleep(delay)
-
-    def _control_node(self) -> Node:
-        # Every gateway on the same node (the control channel's slot's master), so that a
-        # PUBLISH there answers how many gateways heard it.
+    def _control_node(self) -> Node | None:
+        # Every gateway on the same node (the control channel's slot's master).
         topology = self._topology
-        if topology is not None:
-            node = topology.owner(key_slot(CONTROL_CHANNEL))
-            if node is not None:
-                return node
-        return random.choice(self._address.all_nodes)
+        return topology.owner(key_slot(CONTROL_CHANNEL)) if topology is not None else None
+
+    def _control_changed(self, up: bool) -> None:
+        if not up:
+            self._refresh.set()  # maybe the master moved
+        self._update_state()
 
     def _update_state(self) -> None:
-        connected = self._control_up and self._topology is not None and not self._outage
+        connected = self._control.up and self._topology is not None and not self._outage
         if connected == self._connected:
             return
         self._connected = connected

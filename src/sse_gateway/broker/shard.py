@@ -10,8 +10,8 @@ an unsolicited `sunsubscribe` means Redis dropped the channel because its slot l
 master. The connection tells the two apart by keeping, per command written, the channels
 whose confirmations are still due.
 
-`ControlConnection` holds the classic `PSUBSCRIBE SSE::control` (classic Pub/Sub is
-broadcast to every node of a cluster, so any node will do) and Redis' clock.
+`Connection` is what both have in common with the control channel's connection
+(broker/cluster_control.py): connect, AUTH, commands answered in order, PING.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from sse_gateway.broker.base import MessageHandler
-from sse_gateway.broker.control import CONTROL_REPLY_KINDS, ControlSubscription
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.slots import Node, split_by_slot
 from sse_gateway.broker.subscriptions import Callback, SubscriptionBook, SubscriptionCommand
@@ -55,7 +54,7 @@ class _Due:
         self.index = 0
 
 
-class _Connection:
+class Connection:
     """A Pub/Sub connection to one node: connect, AUTH, commands answered in order, PING."""
 
     message_kind = b"message"
@@ -162,6 +161,8 @@ class _Connection:
 class ShardHandler(Protocol):
     """What a ShardConnection reports to its broker (see ClusterBroker)."""
 
+    def shard_up(self, shard: ShardConnection) -> None: ...
+
     def shard_lost(self, shard: ShardConnection, was_connected: bool) -> None: ...
 
     def channels_moved(self, shard: ShardConnection, channels: list[bytes]) -> None: ...
@@ -171,7 +172,7 @@ class ShardHandler(Protocol):
     ) -> None: ...
 
 
-class ShardConnection(_Connection):
+class ShardConnection(Connection):
     """The sharded subscriptions on one master (see the module docstring)."""
 
     message_kind = b"smessage"
@@ -205,6 +206,7 @@ class ShardConnection(_Connection):
             self.connected = was_connected = True
             self._write(self.book.on_connected())
             log.info("redis shard %s:%d: subscriber connected", *self.node)
+            self._handler.shard_up(self)
             await self.run_until_lost()
             if not self.closing:
                 log.warning(
@@ -307,6 +309,11 @@ class ShardConnection(_Connection):
         self._handler.subscribe_refused(self, refused, error)
         return True
 
+    @property
+    def wanted(self) -> bool:
+        """Whether this connection is asked to hold any channel."""
+        return self.book.wanted_count > 0
+
     def book_channels(self) -> list[bytes]:
         """Every channel this connection is asked to hold."""
         return self.book.wanted()
@@ -314,38 +321,3 @@ class ShardConnection(_Connection):
     def close(self) -> None:
         self.closing = True
         self.abort()
-
-
-class ControlConnection(_Connection):
-    """`PSUBSCRIBE SSE::control` on one node, and Redis' clock read at each connect."""
-
-    def __init__(
-        self, node: Node, address: RedisAddress, subscription: ControlSubscription | None
-    ) -> None:
-        super().__init__(node, address, _no_message)
-        self._subscription = subscription
-        self.clock_offset_ms = 0.0
-
-    async def open(self) -> None:
-        """Connects, reads TIME, subscribes the control channel. As `connect`."""
-        await self.connect()
-        sent = time.time()
-        reply = await self.command(encode_command(b"TIME"))
-        received = time.time()
-        if isinstance(reply, Exception) or not isinstance(reply, list):
-            raise HandshakeError(f"TIME failed: {reply}")
-        redis_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000
-        self.clock_offset_ms = redis_ms - (sent + received) * 500
-        if self._subscription is not None:
-            self.write(ControlSubscription.COMMAND)
-
-    def on_pubsub_reply(self, reply: object) -> bool:
-        if type(reply) is list and reply and reply[0] in CONTROL_REPLY_KINDS:
-            if self._subscription is not None:
-                self._subscription.on_reply(reply)
-            return True
-        return False
-
-
-def _no_message(channel: bytes, payload: bytes) -> None:
-    log.error("redis control connection: unexpected message on %r", channel)
