@@ -171,7 +171,8 @@ def test_master_killed_while_publishing_every_acknowledged_event_arrives_in_orde
     gateway_factory: GatewayFactory, fresh_cluster: RedisClusterProcesses, ids: Callable[..., str]
 ) -> None:
     cluster = fresh_cluster
-    gateway = gateway_factory("--history-size", "5000", redis=cluster.url)
+    key = "cluster-publish-key-0123456789abcdef"
+    gateway = gateway_factory("--history-size", "5000", "--publish-api-key", key, redis=cluster.url)
     brand = ids("b")
     players = [ids("p") for _ in range(9)]
     owners = {p: owner_port(cluster, channel_name(brand, p)) for p in players}
@@ -185,6 +186,15 @@ def test_master_killed_while_publishing_every_acknowledged_event_arrives_in_orde
         cluster.node(victim).kill()
         wait_for(lambda: victim not in cluster.masters(), timeout=30, what="the failover")
         cluster.wait_healthy(30)
+        # the gateway's own publisher (redis-py's async cluster client) follows too
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        body = json.dumps({"brand_id": brand, "player_id": players[0], "type": "http", "data": 0})
+
+        def http_publish() -> bool:
+            answer = gateway.request("POST", "/v1/publish", headers=auth, body=body.encode())
+            return answer.status == 202
+
+        wait_for(http_publish, timeout=20, interval=0.2, what="an HTTP publish after failover")
         # publishing goes on after the failover, for every player
         marks = {p: len(v) for p, v in publisher.acked.items()}
         wait_for(
