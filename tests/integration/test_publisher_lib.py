@@ -300,7 +300,8 @@ def test_sync_invalid_events(
 def test_envelope_on_the_channel(
     sync_pub: SyncPublisher, r: redis.Redis, ids: Callable[..., str]
 ) -> None:
-    """What other subscribers see: {"type", "data", "id"} with the history entry's id."""
+    """What other subscribers see: {"type", "data", "id", "ts"} with the history entry's id
+    and the publish time (Unix seconds, by Redis's clock)."""
     brand, player = ids("b"), ids("p")
     pubsub = r.pubsub()
     try:
@@ -312,6 +313,7 @@ def test_envelope_on_the_channel(
         message = pubsub.get_message(timeout=5)
         assert message is not None and message["type"] == "message"
         envelope = json.loads(message["data"])
+        assert isinstance(envelope.pop("ts"), float)
         assert envelope == {"type": "type.with:chars-_", "data": data, "id": event_id}
     finally:
         pubsub.close()
