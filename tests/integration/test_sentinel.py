@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support.procs import Gateway, GatewayFactory, cli, wait_for
-from support.sentinel import SentinelSet
+from support.procs import Gateway, GatewayFactory, cli, free_port, wait_for
+from support.sentinel import DATA_PASSWORD, SENTINEL_PASSWORD, SentinelSet
 from support.sse import SSEClient, SSEEvent, is_event
 
 from sse_gateway.publish import Publisher, PublishUnavailable, SyncPublisher
@@ -175,3 +175,53 @@ def test_primary_killed_while_publishing_loses_no_acknowledged_event(
         assert new_primary.execute_command("ROLE")[0] == b"master"
         stored = new_primary.xlen(f"SSE::{brand}::{players[0][1]}")
         assert stored >= len(publisher.acked[players[0]]) + 3
+
+
+def test_a_sentinel_naming_a_replica_is_not_followed(
+    gateway_factory: GatewayFactory, sentinel_set: SentinelSet
+) -> None:
+    """ROLE is checked after each connect: a stale answer leaves the gateway not ready and
+    publishes refused, with a log line that says why. The first sentinel of the list is down:
+    the next one is asked."""
+    stale = sentinel_set.stale_sentinel("stale")
+    hosts = f"127.0.0.1:{free_port()},127.0.0.1:{stale}"
+    url = f"redis+sentinel://:{DATA_PASSWORD}@{hosts}/stale?sentinel_password={SENTINEL_PASSWORD}"
+    gateway = gateway_factory(redis=url, ready=False)
+    line = wait_for(
+        lambda: next((x for x in gateway.logs().splitlines() if "redis unreachable" in x), None),
+        timeout=20,
+        what="the gateway to log why it cannot connect",
+    )
+    assert f"127.0.0.1:{sentinel_set.replica}" in line and "not the primary" in line, line
+    assert gateway.readyz() == (503, {"status": "not_ready", "reason": "broker_disconnected"})
+
+    publisher = SyncPublisher.from_url(url)
+    with pytest.raises(PublishUnavailable, match="is not the primary"):
+        publisher.publish("b", "p", "t", 1)
+    publisher.close()
+
+    async def publish_async() -> None:
+        publisher = Publisher.from_url(url)
+        try:
+            await publisher.publish("b", "p", "t", 1)
+        finally:
+            await publisher.aclose()
+
+    with pytest.raises(PublishUnavailable, match="is not the primary"):
+        asyncio.run(publish_async())
+    # Nothing was written anywhere.
+    with sentinel_set.client(sentinel_set.primary) as primary:
+        assert primary.exists("SSE::b::p") == 0
+
+
+def test_no_sentinel_answers(gateway_factory: GatewayFactory) -> None:
+    dead = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    gateway = gateway_factory(redis=f"redis+sentinel://{dead}/mymaster", ready=False)
+    line = wait_for(
+        lambda: next((x for x in gateway.logs().splitlines() if "redis unreachable" in x), None),
+        timeout=20,
+        what="the gateway to log why it cannot connect",
+    )
+    assert "no sentinel named the primary of 'mymaster'" in line, line
+    assert dead.split(",")[1] in line, line
+    assert gateway.readyz()[0] == 503

@@ -77,6 +77,29 @@ class SentinelSet:
         wait_for(self._sentinels_ready, timeout=30, interval=0.1, what="sentinels to meet")
         return self
 
+    def stale_sentinel(self, name: str) -> int:
+        """Starts a fourth sentinel that names the replica as the primary of `name` (as one
+        that missed a failover would); its port."""
+        port = free_port()
+        workdir = self.workdir / str(port)
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "sentinel.conf"
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
+            f"requirepass {SENTINEL_PASSWORD}\n"
+            f"sentinel monitor {name} 127.0.0.1 {self.replica} 1\n"
+            f"sentinel auth-pass {name} {DATA_PASSWORD}\n"
+            f"sentinel down-after-milliseconds {name} 600000\n"
+        )
+        self._spawn(port, [str(config), "--sentinel"])
+        wait_for(lambda: self._answers(port), timeout=20, what="the stale sentinel")
+        return port
+
+    def _answers(self, port: int) -> bool:
+        with contextlib.suppress(redis.RedisError), self.client(port, sentinel=True) as client:
+            return bool(client.ping())
+        return False
+
     def _linked(self) -> bool:
         with contextlib.suppress(redis.RedisError), self.client(self.replica) as client:
             return client.info("replication").get("master_link_status") == "up"
