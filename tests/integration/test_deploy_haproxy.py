@@ -40,9 +40,13 @@ def documented_snippet() -> str:
     return snippet
 
 
-def local_config(listen_port: int, gateway_port: int) -> str:
-    """The snippet with its TLS bind and its two example servers replaced, nothing else."""
+def local_config(listen_port: int, gateway_port: int, backend_extra: str = "") -> str:
+    """The snippet with its TLS bind and its two example servers replaced, and
+    `backend_extra` lines added to its backend; nothing else."""
     text = documented_snippet()
+    if backend_extra:
+        assert "backend sse_gateway\n" in text
+        text = text.replace("backend sse_gateway\n", f"backend sse_gateway\n{backend_extra}")
     for line in (BIND_LINE, *SERVER_LINES):
         assert line in text, f"the test replaces {line!r}: keep it in the snippet or update"
     text = text.replace(BIND_LINE, f"bind 127.0.0.1:{listen_port}")
@@ -52,16 +56,16 @@ def local_config(listen_port: int, gateway_port: int) -> str:
 
 
 @pytest.fixture
-def haproxy(tmp_path: Path) -> Iterator[Callable[[int], int]]:
+def haproxy(tmp_path: Path) -> Iterator[Callable[..., int]]:
     """Starts HAProxy (foreground, this test's config) in front of a gateway port; returns
     the port it listens on. Stopped after the test."""
     binary = haproxy_binary()
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(gateway_port: int) -> int:
+    def start(gateway_port: int, backend_extra: str = "") -> int:
         port = free_port()
         config = tmp_path / "haproxy.cfg"
-        config.write_text(local_config(port, gateway_port))
+        config.write_text(local_config(port, gateway_port, backend_extra))
         check = subprocess.run(
             [binary, "-c", "-f", str(config)], capture_output=True, text=True, check=False
         )
@@ -85,15 +89,22 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[int], int]]:
                 proc.wait(10)
 
 
+# An operator who turns on compression for event streams: the gateway's `Cache-Control:
+# no-transform` keeps HAProxy from gzipping the stream (which would hold frames back).
+COMPRESSION = "    compression algo gzip\n    compression type text/event-stream\n"
+
+
+@pytest.mark.parametrize("backend_extra", ["", COMPRESSION], ids=["as documented", "gzip on"])
 def test_documented_haproxy_config_streams_each_frame(
-    haproxy: Callable[[int], int],
+    backend_extra: str,
+    haproxy: Callable[..., int],
     gateway_factory: GatewayFactory,
     redis_server: RedisServer,
     publisher: SyncPublisher,
     ids: Callable[..., str],
 ) -> None:
     gateway = gateway_factory("--keepalive-period", "1s", redis=redis_server)
-    port = haproxy(gateway.port)
+    port = haproxy(gateway.port, backend_extra)
     brand, player = ids("haproxy"), ids("p")
     headers = {
         "Authorization": f"Bearer {gateway.token(brand, player)}",

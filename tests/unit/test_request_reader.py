@@ -888,7 +888,7 @@ def test_unavailable_stream_is_a_200_close_with_a_spread_retry(code: str) -> Non
     status, headers, body = parse_response(encode_response(response, keep_alive=False))
     assert status == 200
     assert headers["content-type"] == "text/event-stream; charset=utf-8"
-    assert headers["cache-control"] == "no-cache"
+    assert headers["cache-control"] == "no-cache, no-transform"
     assert headers["retry-after"] == str(RETRY_AFTER_SECONDS)
     assert headers["content-length"] == str(len(body))
     assert headers["access-control-allow-origin"] == "https://a"

@@ -33,19 +33,21 @@ class PrimaryUnknown(ConnectionError):
 def client_kwargs(address: RedisAddress) -> dict[str, Any]:
     """redis-py's keyword arguments for a client of `address`'s node (for Sentinel, the first
     sentinel: use `command_pool`/`sync_client` there)."""
-    return {
+    kwargs: dict[str, Any] = {
         "host": address.host,
         "port": address.port,
         "db": address.db,
         "username": address.username,
         "password": address.password,
         "ssl": address.tls,
-        "ssl_ca_certs": address.ssl_ca_certs,
-        "ssl_certfile": address.ssl_certfile,
-        "ssl_keyfile": address.ssl_keyfile,
         "socket_connect_timeout": 5.0,
         "socket_timeout": 5.0,
     }
+    if address.tls:  # a plain connection takes no TLS options at all
+        kwargs["ssl_ca_certs"] = address.ssl_ca_certs
+        kwargs["ssl_certfile"] = address.ssl_certfile
+        kwargs["ssl_keyfile"] = address.ssl_keyfile
+    return kwargs
 
 
 def _sentinel_kwargs(address: RedisAddress, host: str, port: int) -> dict[str, Any]:
@@ -195,10 +197,7 @@ class SyncSentinelSSLConnection(SyncSentinelConnection, redis.SSLConnection):
 
 def _pool_kwargs(address: RedisAddress) -> dict[str, Any]:
     kwargs = client_kwargs(address)
-    tls = kwargs.pop("ssl")
-    if not tls:
-        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-            del kwargs[name]
+    del kwargs["ssl"]  # the connection class says it
     if address.mode == "sentinel":
         kwargs["sentinel_address"] = address
     return kwargs
