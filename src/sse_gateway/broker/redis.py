@@ -99,7 +99,7 @@ class RedisBroker(ControlMethods):
         self.subscribe_batches = self.unsubscribe_batches = 0
         # With Sentinel, each of its connections asks for the primary first (publish/target.py).
         pool = command_pool(address, async_no_retry(), COMMAND_CONNECTIONS, CONNECT_TIMEOUT)
-        self._commands = aioredis.Redis(connection_pool=pool)
+        self._commands = aioredis.Redis.from_pool(pool)  # its aclose() closes the pool too
         # History reads have a connection of their own (broker/reads.py: the per-stream path).
         self._reads = HistoryReads(address)
         self._publisher = Publisher(

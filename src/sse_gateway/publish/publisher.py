@@ -108,7 +108,7 @@ class Publisher(_PublisherBase):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Publisher:
         address = parse_redis_address(url)
-        client = aioredis.Redis(connection_pool=command_pool(address, async_no_retry()))
+        client = aioredis.Redis.from_pool(command_pool(address, async_no_retry()))
         return cls(client, **options)
 
     async def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:

@@ -233,4 +233,4 @@ def sync_client(address: RedisAddress, retry: Retry) -> redis.Redis:
     kwargs["connection_class"] = (
         SyncSentinelSSLConnection if address.tls else SyncSentinelConnection
     )
-    return redis.Redis(connection_pool=redis.ConnectionPool(retry=retry, **kwargs))
+    return redis.Redis.from_pool(redis.ConnectionPool(retry=retry, **kwargs))
