@@ -143,7 +143,9 @@ class Metrics:
 
     def observe_latency(self, event_type: str, seconds: float, streams: int) -> None:
         """`streams` frames of `event_type` were written `seconds` after their publish stamp
-        (one write call for all: the same latency for each)."""
+        (one write call for all: the same latency for each); below 0 (clocks apart) counts as 0."""
+        if seconds < 0.0:
+            seconds = 0.0
         histogram = self.latency.get(event_type)
         if histogram is None:
             if len(self.latency) >= MAX_EVENT_TYPES:

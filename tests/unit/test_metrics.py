@@ -200,3 +200,13 @@ def test_event_loop_lag_measures_a_blocked_loop() -> None:
 
     # A lower bound by construction (the clock is monotonic): the tick came >= 0.15 s late.
     assert asyncio.run(body()) >= 0.15
+
+
+def test_a_stamp_from_the_future_counts_as_zero() -> None:
+    """Clocks a little apart (publisher ahead of the gateway): never a negative sum."""
+    m = Metrics()
+    m.observe_latency("t", -0.2, 2)
+    samples, _ = scrape(m)
+    bucket = "sse_gateway_delivery_latency_seconds_bucket"
+    assert value(samples, bucket, event="t", le="0.0005") == 2
+    assert value(samples, "sse_gateway_delivery_latency_seconds_sum", event="t") == 0.0

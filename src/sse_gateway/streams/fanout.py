@@ -11,6 +11,7 @@ from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.wire.envelope import EnvelopeError, event_frame
 
 log = logging.getLogger("sse_gateway")
+_now = time.time
 
 
 class Fanout:
@@ -30,7 +31,7 @@ class Fanout:
         metrics.messages_received += 1
         try:
             # One chunk per message, whatever the number of streams (see `streams.stream`).
-            live = event_frame(payload, self._max_event_bytes, True)
+            frame, event_id, event_type, stamp = event_frame(payload, self._max_event_bytes, True)
         except EnvelopeError as exc:
             metrics.invalid_messages[exc.reason] += 1
             log.warning(
@@ -48,8 +49,8 @@ class Fanout:
                 channel.decode("utf-8", "replace"),
             )
             return
-        written = self._hub.deliver(channel, live.frame, live.id)
+        written = self._hub.deliver(channel, frame, event_id)
         metrics.delivered += written
-        if written and live.stamp is not None:
+        if written and stamp is not None:
             # Every frame went to its socket in this one call: one latency for all of them.
-            metrics.observe_latency(live.type, max(0.0, time.time() - live.stamp), written)
+            metrics.observe_latency(event_type, _now() - stamp, written)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import orjson
 
@@ -35,14 +35,11 @@ class EnvelopeError(ValueError):
         self.reason = reason
 
 
-class LiveFrame(NamedTuple):
-    """A published message made ready for fan-out (`event_frame`)."""
-
-    frame: bytes
-    id: str | None
-    type: str
-    stamp: float | None
-    """The publisher's `ts`: Unix seconds when it was published (publish.lua stamps it)."""
+# A published message made ready for fan-out (`event_frame`): (frame, id, type, stamp); the
+# stamp is the publisher's `ts`, Unix seconds when it was published (publish.lua stamps it).
+# A bare tuple, not a NamedTuple: building one is a Python-level call per event on the Pub/Sub
+# hot path (measured: +3,000 instructions per delivered event in bench/hotpath.py).
+LiveFrame = tuple[bytes, str | None, str, float | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +148,12 @@ def event_frame(payload: bytes, max_bytes: int, chunked: bool = False) -> LiveFr
         stamp = float(stamp)
     elif type(stamp) is not float or not 0.0 < stamp < 1e11:  # NaN, inf, year 5138: no stamp
         stamp = None
-    frame = _encode_frame(head, event_type, obj["data"], event_id, chunked)
-    return LiveFrame(frame, event_id, event_type, stamp)
+    return (
+        _encode_frame(head, event_type, obj["data"], event_id, chunked),
+        event_id,
+        event_type,
+        stamp,
+    )
 
 
 def load_json(payload: bytes) -> Any:
