@@ -225,3 +225,41 @@ def test_no_sentinel_answers(gateway_factory: GatewayFactory) -> None:
     assert "no sentinel named the primary of 'mymaster'" in line, line
     assert dead.split(",")[1] in line, line
     assert gateway.readyz()[0] == 503
+
+
+def test_a_primary_demoted_under_a_connection_is_left(tmp_path: Path) -> None:
+    """`-READONLY` on a redis-py connection drops it, so the next connect asks the sentinels
+    again (and checks ROLE) instead of writing to a replica for as long as it lives. The one
+    sentinel here never fails over by itself: it keeps naming the demoted node."""
+    cluster = SentinelSet(tmp_path / "demoted", sentinels=1, down_after_ms=600_000).start()
+    sync = SyncPublisher.from_url(cluster.url)
+
+    async def run() -> None:
+        publisher = Publisher.from_url(cluster.url)
+        try:
+            assert (await publisher.publish("b", "p", "t", 0)).receivers == 0
+            assert sync.publish("b", "p", "t", 1).receivers == 0
+            # Both connected to the primary; it turns replica of the other node.
+            with cluster.client(cluster.replica) as other, cluster.client(cluster.primary) as old:
+                wait_for(lambda: other.xlen("SSE::b::p") == 2, what="the replica to have both")
+                other.execute_command("REPLICAOF", "NO", "ONE")
+                old.execute_command("REPLICAOF", "127.0.0.1", str(cluster.replica))
+            with pytest.raises(PublishUnavailable, match="READONLY"):
+                await publisher.publish("b", "p", "t", 2)
+            with pytest.raises(PublishUnavailable, match="READONLY"):
+                sync.publish("b", "p", "t", 2)
+            # New connections: the sentinel still names the old primary; ROLE refuses it.
+            with pytest.raises(PublishUnavailable, match="is not the primary"):
+                await publisher.publish("b", "p", "t", 3)
+            with pytest.raises(PublishUnavailable, match="is not the primary"):
+                sync.publish("b", "p", "t", 3)
+        finally:
+            await publisher.aclose()
+
+    try:
+        asyncio.run(run())
+        with cluster.client(cluster.replica) as other:
+            assert other.xlen("SSE::b::p") == 2  # nothing written after the demotion
+    finally:
+        sync.close()
+        cluster.stop()

@@ -20,11 +20,12 @@ class SentinelSet:
     """`primary`/`replica` are data node ports (the replica of the primary at start); the
     data nodes need DATA_PASSWORD, the sentinels SENTINEL_PASSWORD. `url` is the gateway's."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, sentinels: int = 3, down_after_ms: int = 1000) -> None:
         self.workdir = workdir
         self.primary = free_port()
         self.replica = free_port()
-        self.sentinels = [free_port() for _ in range(3)]
+        self.sentinels = [free_port() for _ in range(sentinels)]
+        self.down_after_ms = down_after_ms
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -60,6 +61,7 @@ class SentinelSet:
     def start(self) -> SentinelSet:
         self._data_node(self.primary)
         self._data_node(self.replica, "--replicaof", "127.0.0.1", str(self.primary))
+        quorum = min(2, len(self.sentinels))
         for port in self.sentinels:
             workdir = self.workdir / str(port)
             workdir.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,9 @@ class SentinelSet:
             config.write_text(
                 f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
                 f"requirepass {SENTINEL_PASSWORD}\nsentinel sentinel-pass {SENTINEL_PASSWORD}\n"
-                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary} 2\n"
+                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary} {quorum}\n"
                 f"sentinel auth-pass {MASTER_NAME} {DATA_PASSWORD}\n"
-                f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
+                f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {MASTER_NAME} 3000\n"
             )
             self._spawn(port, [str(config), "--sentinel"])
@@ -113,7 +115,7 @@ class SentinelSet:
                     replicas = client.execute_command("SENTINEL", "REPLICAS", MASTER_NAME)
             except redis.RedisError:
                 return False
-            if len(peers) < 2 or not replicas:
+            if len(peers) < len(self.sentinels) - 1 or not replicas:
                 return False
         return True
 
