@@ -186,7 +186,7 @@ def parse_value(attr: str, text: str) -> Any:
     """Turns one raw string into the typed value of `attr`; ValueError explains a bad one."""
     if attr == "redis":
         address = parse_redis_address(text)
-        if address.mode != "single":  # issue 11 brings the brokers for these
+        if address.mode == "cluster":  # issue 11 brings the broker for it
             raise ValueError(f"redis+{address.mode}:// is not supported yet")
         try:
             address.ssl_context()  # a CA or certificate file that cannot be read fails here
