@@ -76,6 +76,15 @@ def test_not_json_objects_are_refused(payload: bytes) -> None:
         decode_presence(payload)
 
 
+@pytest.mark.parametrize("since", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"1" + b"0" * 400])
+def test_a_reply_since_that_is_no_time_is_refused(since: bytes) -> None:
+    # Anyone on the control channel can send one; passed on, NaN or inf made the asker's JSON
+    # answer fail (500) and a huge integer raised OverflowError out of the decoder.
+    payload = b'{"op":"presence_reply","id":"q","to":"a","connections":1,"since":' + since + b"}"
+    with pytest.raises(InvalidPresence):
+        decode_presence(payload)
+
+
 # --------------------------------------------------------------------------- tally
 
 

@@ -25,6 +25,7 @@ REPLY_OP = "presence_reply"
 # them from the disconnects of `wire.control` without parsing the JSON.
 _PREFIX = b'{"op":"presence_'
 _MAX_TOKEN_CHARS = 64
+_MAX_SINCE = 1e11  # Unix seconds, year 5138: as `wire.envelope` bounds the publish stamp
 
 
 def _encode(message: dict[str, object]) -> bytes:
@@ -112,8 +113,14 @@ def decode_presence(payload: bytes) -> PresenceQuery | PresenceReply:
     if not isinstance(connections, int) or isinstance(connections, bool) or connections < 0:
         raise InvalidPresence("connections: must be a non-negative integer")
     since = message.get("since")
-    if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)):
-        raise InvalidPresence("since: must be a number or null")
+    if since is not None:
+        # json.loads takes NaN, Infinity and integers of any size: none is a time, and NaN or
+        # inf would make the asker's JSON answer fail.
+        if not isinstance(since, int | float) or isinstance(since, bool):
+            raise InvalidPresence("since: must be a number or null")
+        if not 0 <= since < _MAX_SINCE:
+            raise InvalidPresence("since: must be Unix seconds")
+        since = float(since)
     last = message.get("last_event_id")
     if last is not None and (not isinstance(last, str) or parse_stream_id(last) is None):
         raise InvalidPresence("last_event_id: must be a history id or null")
@@ -121,7 +128,7 @@ def decode_presence(payload: bytes) -> PresenceQuery | PresenceReply:
         _token(message, "id"),
         _token(message, "to"),
         connections,
-        None if since is None else float(since),
+        since,
         last,
     )
 
