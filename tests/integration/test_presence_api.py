@@ -235,3 +235,19 @@ def test_redis_down_is_503(
     assert_error(response, 503, "broker_unavailable")
     assert_retry_after(response)
     ok(gateway.get("/v1/stats", AUTH))  # this process's own numbers need no Redis
+
+
+def test_the_first_commands_after_a_redis_restart_succeed(
+    gateway_factory: GatewayFactory, fresh_redis: RedisServer, ids: Callable[..., str]
+) -> None:
+    """A restarted Redis closed the command pool's idle connections, which look open until
+    used: each failed its next command (a 503, or a lost presence reply) until the reconnect
+    of the Pub/Sub connection began dropping them."""
+    gateway = gateway_factory("--publish-api-key", KEY, redis=fresh_redis)
+    brand, pid = ids("b"), ids("p")
+    assert player(gateway, brand, pid)["online"] is False  # one pooled connection now
+    fresh_redis.kill()
+    fresh_redis.start()
+    wait_for(lambda: gateway.readyz()[0] == 200, timeout=60, what="/readyz 200 after the restart")
+    assert player(gateway, brand, pid)["online"] is False  # was 503: the stale connection
+    assert publish(gateway, brand, pid, 1)["online"] is False
