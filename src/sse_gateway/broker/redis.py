@@ -183,13 +183,6 @@ class RedisBroker(ControlMethods):
                 if self._closing:
                     break
                 await self._handshake(protocol)
-                if self._ever_connected:
-                    # The outage (a Redis restart) closed the command pool's idle connections
-                    # too, but they look open until used: each would fail its next command.
-                    try:
-                        await self._commands.connection_pool.disconnect(inuse_connections=False)
-                    except Exception as exc:  # never worth the Pub/Sub connection
-                        log.warning("redis command pool: idle connections not closed: %s", exc)
                 self._on_connected()
                 attempt = 0
                 pinger = asyncio.create_task(self._ping_loop(protocol))
