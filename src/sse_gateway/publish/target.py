@@ -47,7 +47,20 @@ def client_kwargs(address: RedisAddress) -> dict[str, Any]:
         kwargs["ssl_ca_certs"] = address.ssl_ca_certs
         kwargs["ssl_certfile"] = address.ssl_certfile
         kwargs["ssl_keyfile"] = address.ssl_keyfile
+    kwargs.update(_checked_idle_connections())
     return kwargs
+
+
+def _checked_idle_connections() -> dict[str, Any]:
+    """redis-py 7+ skips the check that a pooled connection was not closed by Redis (a
+    restart, Redis' idle `timeout`) while maintenance notifications are "auto", its default,
+    though only RESP3 has them: the next command then failed on it, "Connection closed by
+    server". Turned off, the pool reconnects before sending anything."""
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # redis-py < 7: no such notifications, the check always runs
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
 def _sentinel_kwargs(address: RedisAddress, host: str, port: int) -> dict[str, Any]:
