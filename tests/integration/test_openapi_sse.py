@@ -12,7 +12,7 @@ from itertools import count
 from typing import Any
 
 import pytest
-from support.openapi import check_answer, document, resolve
+from support.openapi import check_answer, check_event, document, resolve
 from support.procs import Gateway, RedisServer, running_gateway, wait_for
 from support.sse import Response, SSEClient, parse_stream, request
 
@@ -98,7 +98,9 @@ def test_a_stream_is_documented_and_its_first_frame_is_connected(gw: Gateway) ->
     with _stream(gw, "streamed", Origin=ORIGIN) as client:
         check_answer(PATH, "GET", client.response)
         assert client.response.header("Access-Control-Allow-Origin") == ORIGIN
-        assert client.next_frame().event == "connected"
+        first = client.next_frame()
+        check_event(first)
+        assert first.event == "connected"
 
 
 def test_a_second_stream_of_the_player_is_documented(gw: Gateway) -> None:

@@ -10,7 +10,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from .procs import REPO
-from .sse import Response
+from .sse import Response, SSEEvent, parse_stream
 
 SPEC = REPO / "docs" / "openapi.yaml"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -56,11 +56,32 @@ def check_answer(path: str, method: str, response: Response) -> Any:
         return response.body
     media_type = (response.header("Content-Type") or "").split(";")[0].strip().lower()
     assert media_type in content, f"undocumented Content-Type: {detail}"
+    schema = content[media_type].get("schema")
+    if media_type == "text/event-stream":
+        for frame in parse_stream(response.body):
+            check_event(frame, schema)
+        return response.body
     if media_type != "application/json":
         return response.body
     body = json.loads(response.body)
-    # The schema's `$ref`s point into the document: validate with it as the root resource.
-    schema = {**content[media_type]["schema"], "components": document()["components"]}
-    errors = [error.message for error in Draft202012Validator(schema).iter_errors(body)]
-    assert not errors, f"body does not match the schema: {errors}: {detail}"
+    _validate(body, schema, detail)
     return body
+
+
+def check_event(frame: SSEEvent, schema: dict[str, Any] | None = None) -> None:
+    """Asserts that one event of a stream is one the document describes (`StreamEvent`)."""
+    if schema is None:
+        schema = {"$ref": "#/components/schemas/StreamEvent"}
+    event: dict[str, Any] = {"event": frame.event, "data": frame.data}
+    if frame.id is not None:
+        event["id"] = frame.id
+    if frame.retry is not None:
+        event["retry"] = frame.retry
+    _validate(event, schema, f"event {frame!r}")
+
+
+def _validate(value: Any, schema: dict[str, Any], detail: str) -> None:
+    # The schema's `$ref`s point into the document: validate with it as the root resource.
+    rooted = {**schema, "components": document()["components"]}
+    errors = [error.message for error in Draft202012Validator(rooted).iter_errors(value)]
+    assert not errors, f"does not match the schema: {errors}: {detail}"
