@@ -72,7 +72,7 @@ def resp_message(channel: bytes, payload: bytes) -> bytes:
     )
 
 
-async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
+async def run(streams: int, messages: int, chunk: int, stamp: bool = False) -> tuple[float, int]:
     from sse_gateway.app import Gateway, broker_from_settings
     from sse_gateway.broker.pubsub import PubSubProtocol
     from sse_gateway.settings import Settings, parse_redis_address
@@ -96,7 +96,10 @@ async def run(streams: int, messages: int, chunk: int) -> tuple[float, int]:
     for k in range(messages):
         if k % streams == 0:
             rng.shuffle(order)  # distinct players, as in the saturation scenario
-        payload = orjson.dumps({"type": "bench", "data": {"t": time.time_ns()}})
+        message: dict[str, object] = {"type": "bench", "data": {"t": time.time_ns()}}
+        if stamp:  # as publish.lua sends it: the latency histogram observes each event
+            message["ts"] = time.time()
+        payload = orjson.dumps(message)
         wire += resp_message(names[order[k % streams]], payload)
     data = bytes(wire)
     protocol = PubSubProtocol(gateway.fanout.on_message, lambda reply: None)
@@ -213,6 +216,7 @@ def callgrind_instructions(args: argparse.Namespace, messages: int) -> int:
             str(messages),
             "--chunk",
             str(args.chunk),
+            *(["--stamp"] if args.stamp else []),
         ]
         if args.connect:
             # Tokens are made here, outside valgrind, so their cost is not counted.
@@ -236,6 +240,9 @@ def main() -> None:
         "--connect", action="store_true", help="stream setup instead of delivery (--streams)"
     )
     parser.add_argument("--requests-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stamp", action="store_true", help="envelopes carry publish.lua's `ts` stamp"
+    )
     args = parser.parse_args()
     import uvloop
 
@@ -261,7 +268,7 @@ def main() -> None:
         elapsed, opened = uvloop.run(run_connect(requests))
         print(f"{elapsed / opened * 1e6:.2f} µs per {what} ({opened:,} streams, {elapsed:.2f} s)")
         return
-    elapsed, delivered = uvloop.run(run(args.streams, args.messages, args.chunk))
+    elapsed, delivered = uvloop.run(run(args.streams, args.messages, args.chunk, args.stamp))
     print(
         f"{elapsed / delivered * 1e6:.2f} µs per delivered event ({delivered:,} events to "
         f"{args.streams:,} streams in {elapsed:.2f} s)"

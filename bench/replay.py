@@ -153,7 +153,8 @@ def _wait_gateway_idle(port: int, limit: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < limit:
         m = _gateway_metrics(port)
-        if m and m.get("sse_connections", 1) == 0 and m.get("sse_subscribed_channels", 1) == 0:
+        streams = sum(v for k, v in m.items() if k.startswith("sse_gateway_connections{"))
+        if m and streams == 0 and m.get("sse_gateway_broker_subscribed_channels", 1) == 0:
             return time.monotonic() - started
         time.sleep(0.05)
     return -1.0
@@ -258,8 +259,8 @@ class GatewayPoller:
                 self.samples.append(
                     (
                         time.time(),
-                        m.get("sse_connections_opened_total", math.nan),
-                        m.get("sse_events_replayed_total", math.nan),
+                        m.get("sse_gateway_connections_opened_total", math.nan),
+                        m.get("sse_gateway_events_replayed_total", math.nan),
                     )
                 )
             self._stop.wait(0.25)
@@ -734,11 +735,11 @@ def run_replay(
                 for k in m1
                 if k.startswith(
                     (
-                        "sse_replays_total",
-                        "sse_events_replayed_total",
-                        "sse_events_delivered_total",
-                        "sse_connections_rejected_total",
-                        "sse_connections_closed_total",
+                        "sse_gateway_replays_total",
+                        "sse_gateway_events_replayed_total",
+                        "sse_gateway_events_delivered_total",
+                        "sse_gateway_connections_rejected_total",
+                        "sse_gateway_connections_closed_total",
                     )
                 )
                 and m1[k] != m0.get(k, 0.0)

@@ -569,12 +569,12 @@ def latency_phase(
 def _interesting(m0: dict[str, float], m1: dict[str, float]) -> dict[str, int]:
     out: dict[str, int] = {}
     for prefix in (
-        "sse_messages_received_total",
-        "sse_events_delivered_total",
-        "sse_connections_closed_total",
-        "sse_connections_rejected_total",
-        "sse_invalid_messages_total",
-        "sse_broker_reconnects_total",
+        "sse_gateway_events_received_total",
+        "sse_gateway_events_delivered_total",
+        "sse_gateway_connections_closed_total",
+        "sse_gateway_connections_rejected_total",
+        "sse_gateway_events_dropped_total",
+        "sse_gateway_broker_reconnects_total",
     ):
         out.update(metric_delta(m0, m1, prefix))
     return out
@@ -1322,13 +1322,15 @@ def judge(res: Results, *, strict: bool) -> int:
     if res.flood:
         phases.append(("max-rate", res.flood.gateway_metrics))
     for name, m in phases:
-        n = m.get("sse_broker_reconnects_total", 0)
+        n = m.get("sse_gateway_broker_reconnects_total", 0)
         if n:
             res.problems.append(
                 f"the gateway reconnected to Redis {n}x in the {name} phase (see the Redis log: "
                 f"'output buffer limits' means the gateway fell behind by > 32 MB)"
             )
-        closed = {k: v for k, v in m.items() if k.startswith("sse_connections_closed_total")}
+        closed = {
+            k: v for k, v in m.items() if k.startswith("sse_gateway_connections_closed_total")
+        }
         if closed:
             res.problems.append(f"streams closed by the gateway in the {name} phase: {closed}")
     noisy = [

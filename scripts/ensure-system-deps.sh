@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Makes sure the programs the test suite drives are present: redis-server (real Redis for the
-# integration tests), Chromium (the browser EventSource test) and nginx (the gateway behind a
-# reverse proxy, tests/integration/test_nginx.py). Installs Debian packages when missing and we
-# are root; otherwise explains what to install.
+# integration tests), Chromium (the browser EventSource test), nginx (the gateway behind a
+# reverse proxy, tests/integration/test_nginx.py) promtool (the alert rules and dashboard
+# queries in deploy/, tests/integration/test_deploy_monitoring.py; Debian ships it in the
+# `prometheus` package). Installs Debian packages when missing and we are root; otherwise
+# explains what to install.
 set -euo pipefail
 
 # nginx: the binary the tests run is /usr/sbin/nginx (not always on a non-root PATH).
@@ -12,6 +14,10 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 have_nginx || missing+=(nginx)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# haproxy: the documented HAProxy snippet runs in front of a gateway
+# (tests/integration/test_deploy_haproxy.py); /usr/sbin is not always on a non-root PATH.
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
@@ -41,7 +47,23 @@ for name in "${missing[@]}"; do
   fi
   packages+=("$name")
 done
-# Debian's nginx package enables a service on port 80; policy-rc.d (in container images) or an
-# init system decides whether it starts. The tests never use it: they run their own nginx as a
-# child process on a free port with a config of their own.
+# Debian's nginx, prometheus and haproxy packages enable a service (port 80, port 9090) that the
+# tests never use: they run their own nginx and haproxy on free ports, and promtool is a
+# command, not a server.
+# Where no policy-rc.d says otherwise, one that refuses every start stands for the install, so
+# no server is left running (a container without init starts none anyway; a systemd host would).
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  trap 'rm -f "$policy"' EXIT
+  printf '#!/bin/sh\n# ensure-system-deps.sh: no service starts during its install\nexit 101\n' >"$policy"
+  chmod 755 "$policy"
+fi
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+# On a systemd host the prometheus unit is still enabled for the next boot: promtool is all
+# the tests need, so the server we brought in is disabled (one installed before is untouched:
+# then promtool was there and prometheus is not in the list).
+for unit in prometheus haproxy; do
+  if [[ " ${packages[*]} " == *" $unit "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now "$unit.service" >/dev/null 2>&1 || true
+  fi
+done

@@ -3,9 +3,12 @@ behaviour of its own beyond start, drain and close.
 
     broker --on_message--> Fanout --> ConnectionHub --> Channel --> Stream --> socket
     broker --on_state----> OutageRecovery (refill each channel's gap from history)
-    broker --on_control--> SessionControl --> streams of the target closed (`disconnected`)
+    broker --on_control--> Presence --> presence queries answered, replies counted
+                                 \\-> SessionControl --> streams of the target closed
+    broker <-- Presence (PUBSUB NUMSUB, queries and replies on the control channel)
     socket --> RequestReader --> Router --> StreamEndpoint --> StreamLifecycle --> Stream
                                        \\-> PublishEndpoint, DisconnectEndpoint --> broker
+                                       \\-> PresenceEndpoint --> Presence, GatewayStats
                                        \\-> TicketEndpoint --> broker
     metrics socket (SSE_METRICS_PORT) --> RequestReader --> MetricsRouter
 
@@ -22,13 +25,14 @@ from sse_gateway.edge.auth import TokenVerifier
 from sse_gateway.edge.control_api import DisconnectEndpoint
 from sse_gateway.edge.cors import CorsPolicy
 from sse_gateway.edge.keyring import KeyRing
+from sse_gateway.edge.presence_api import PresenceEndpoint
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.ratelimit import ConnectRateLimit
 from sse_gateway.edge.routes import MetricsRouter, Router
 from sse_gateway.edge.sse import StreamEndpoint
 from sse_gateway.edge.tickets import TicketEndpoint
-from sse_gateway.metrics import Metrics
+from sse_gateway.metrics import EventLoopLag, Metrics
 from sse_gateway.settings import Settings
 from sse_gateway.streams.control import SessionControl
 from sse_gateway.streams.fanout import Fanout
@@ -36,7 +40,9 @@ from sse_gateway.streams.heartbeat import HeartbeatScheduler
 from sse_gateway.streams.history import HistoryReader
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.streams.lifecycle import StreamLifecycle
+from sse_gateway.streams.presence import Presence
 from sse_gateway.streams.recovery import OutageRecovery
+from sse_gateway.streams.stats import GatewayStats
 
 
 def broker_from_settings(settings: Settings) -> Broker:
@@ -66,7 +72,7 @@ class Gateway:
         # SIGTERM came: `/readyz` says `draining`, everything else is served as before
         # (SSE_SHUTDOWN_DELAY, until the drain begins).
         self.leaving = False
-        self.metrics = metrics = Metrics()
+        self.metrics = metrics = Metrics(settings.metrics_max_brands)
         self.broker = broker
         limit = connection_limit if connection_limit is not None else settings.connection_limit
         budget = connection_budget(limit, fd_limit)
@@ -78,6 +84,7 @@ class Gateway:
         )
         self.hub = ConnectionHub(broker)
         self.heartbeats = HeartbeatScheduler(settings.keepalive_period)
+        self.loop_lag = EventLoopLag()
         history = HistoryReader(broker, settings.history_size, metrics, settings.history_ttl)
         self.lifecycle = StreamLifecycle(
             settings,
@@ -96,6 +103,19 @@ class Gateway:
             retry_ms=settings.retry_ms,
         )
         self.control = SessionControl(broker=broker, hub=self.hub, retry_ms=settings.retry_ms)
+        self.presence = Presence(
+            broker=broker,
+            hub=self.hub,
+            instance=self.lifecycle.instance,
+            on_other=self.control.on_control,
+        )
+        self.stats = GatewayStats(
+            hub=self.hub,
+            instance=self.lifecycle.instance,
+            open_streams=lambda: self.lifecycle.open_streams,
+            received=lambda: metrics.messages_received,
+            delivered=lambda: metrics.delivered,
+        )
         cors = CorsPolicy(settings.cors_origins)
         verifier = TokenVerifier(
             secret=settings.jwt_secret,
@@ -125,7 +145,7 @@ class Gateway:
                 else None
             ),
         )
-        publish = disconnect = None
+        publish = disconnect = presence = None
         if settings.publish_api_key is not None:
             publish = PublishEndpoint(
                 api_key=settings.publish_api_key,
@@ -134,12 +154,16 @@ class Gateway:
                 max_event_bytes=settings.max_event_bytes,
             )
             disconnect = DisconnectEndpoint(authorized=publish.authorized, broker=broker)
+            presence = PresenceEndpoint(
+                authorized=publish.authorized, presence=self.presence, stats=self.stats
+            )
         self.router = Router(
             settings,
             streams=streams,
             tickets=TicketEndpoint(streams=streams, broker=broker, cors=cors, control=self.control),
             publish=publish,
             disconnect=disconnect,
+            presence=presence,
             cors=cors,
             metrics=metrics,
             ready_reason=self.ready_reason,
@@ -153,10 +177,27 @@ class Gateway:
 
     def _register_gauges(self) -> None:
         m = self.metrics
-        m.gauge("sse_connections", "Open SSE streams.", lambda: self.lifecycle.open_streams)
-        m.gauge("sse_connection_limit", "Effective stream limit.", lambda: self.connection_limit)
-        m.gauge("sse_broker_connected", "1 when the broker is connected.", self._broker_up)
-        m.gauge("sse_subscribed_channels", "Channels with local clients.", self._channel_count)
+        broker = self.broker
+        m.gauge("connection_limit", "The stream limit in force.", lambda: self.connection_limit)
+        m.gauge("broker_connected", "1 while the broker is connected.", self._broker_up)
+        m.gauge("broker_subscribed_channels", "Channels with local streams.", self._channel_count)
+        m.gauge("event_loop_lag_seconds", "How late a periodic timer fired.", self._lag)
+        m.counter(
+            "broker_subscribe_batches_total",
+            "SUBSCRIBE commands sent.",
+            lambda: broker.subscribe_batches,
+        )
+        m.counter(
+            "broker_unsubscribe_batches_total",
+            "UNSUBSCRIBE commands sent.",
+            lambda: broker.unsubscribe_batches,
+        )
+        m.counter(
+            "heartbeats_sent_total", "Heartbeat frames written.", lambda: self.heartbeats.sent
+        )
+
+    def _lag(self) -> float:
+        return self.loop_lag.lag
 
     def _broker_up(self) -> float:
         return 1.0 if self.broker.connected else 0.0
@@ -181,9 +222,11 @@ class Gateway:
 
     async def start(self) -> None:
         await self.broker.start(
-            self.fanout.on_message, self._on_broker_state, self.control.on_control
+            self.fanout.on_message, self._on_broker_state, self.presence.on_control
         )
         self.heartbeats.start()
+        self.loop_lag.start()
+        self.stats.start()
         await self.keys.start()
 
     def _on_broker_state(self, up: bool) -> None:
@@ -216,6 +259,8 @@ class Gateway:
 
     async def close(self) -> None:
         self.heartbeats.stop()
+        self.loop_lag.stop()
+        self.stats.stop()
         self.lifecycle.expiry.stop()
         await self.keys.close()
         await self.broker.close()

@@ -8,12 +8,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 # The keys file has a module of its own; its names are part of the settings' surface.
 from sse_gateway.keys_file import BrandKey as BrandKey
 from sse_gateway.keys_file import BrandKeys as BrandKeys
 from sse_gateway.keys_file import load_jwt_keys as load_jwt_keys
+from sse_gateway.redis_address import RedisAddress as RedisAddress
+from sse_gateway.redis_address import parse_redis_address as parse_redis_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -45,25 +46,6 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class RedisAddress:
-    host: str
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-    def url(self, *, redact: bool = True) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        auth = ""
-        if self.password is not None:
-            secret = "***" if redact else self.password
-            auth = f"{self.username or ''}:{secret}@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
-
-
-@dataclass(frozen=True, slots=True)
 class Settings:
     redis: RedisAddress | None = None
     connection_limit: int = 50_000
@@ -76,6 +58,7 @@ class Settings:
     port: int = 8080
     metrics_port: int | None = None  # a listener of its own for /metrics (+ /healthz, /readyz)
     metrics_host: str = "127.0.0.1"
+    metrics_max_brands: int = 100
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_keys_file: str | None = None
     jwt_keys: Mapping[str, BrandKeys] = field(default_factory=dict, repr=False)
@@ -126,6 +109,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "SSE_PORT", "--port", "listen port"),
     Option("metrics_port", "SSE_METRICS_PORT", "--metrics-port", "/metrics here, not on --port"),
     Option("metrics_host", "SSE_METRICS_HOST", "--metrics-host", "its listen address"),
+    Option(
+        "metrics_max_brands",
+        "SSE_METRICS_MAX_BRANDS",
+        "--metrics-max-brands",
+        "brands with a metric label of their own; the rest are `other`",
+    ),
     Option("jwt_secret", "SSE_JWT_SECRET", "--jwt-secret", "HS256 secret for every brand"),
     Option("jwt_keys_file", "SSE_JWT_KEYS_FILE", "--jwt-keys-file", "per-brand keys (JSON)"),
     Option("jwt_audience", "SSE_JWT_AUDIENCE", "--jwt-audience", "required aud"),
@@ -182,39 +171,6 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-def parse_redis_address(text: str) -> RedisAddress:
-    """`host`, `host:port`, `[::1]:port`, `redis://[user:pass@]host[:port][/db]`, `rediss://…`."""
-    text = text.strip()
-    if not text:
-        raise ValueError("empty address")
-    if "://" not in text:
-        text = "redis://" + text
-    parts = urlsplit(text)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("scheme must be redis:// or rediss://")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError("bad port") from exc
-    if port is None:
-        port = 6379
-    elif port == 0:
-        raise ValueError("port must be 1-65535")
-    if not parts.hostname:
-        raise ValueError("missing host")
-    db_text = parts.path.lstrip("/") or "0"
-    if not db_text.isdigit():
-        raise ValueError("database must be a number")
-    return RedisAddress(
-        host=parts.hostname,
-        port=port,
-        db=int(db_text),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=parts.scheme == "rediss",
-    )
-
-
 def _positive_int(text: str, *, minimum: int = 1, maximum: int | None = None) -> int:
     try:
         value = int(text.strip().replace("_", ""))
@@ -229,7 +185,14 @@ def _positive_int(text: str, *, minimum: int = 1, maximum: int | None = None) ->
 def parse_value(attr: str, text: str) -> Any:
     """Turns one raw string into the typed value of `attr`; ValueError explains a bad one."""
     if attr == "redis":
-        return parse_redis_address(text)
+        address = parse_redis_address(text)
+        if address.mode != "single":  # issue 11 brings the brokers for these
+            raise ValueError(f"redis+{address.mode}:// is not supported yet")
+        try:
+            address.ssl_context()  # a CA or certificate file that cannot be read fails here
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"TLS files: {exc}") from exc
+        return address
     if attr in ("connection_limit", "event_buffer_size"):
         return _positive_int(text)
     if attr == "history_size":
@@ -246,6 +209,8 @@ def parse_value(attr: str, text: str) -> Any:
         return seconds
     if attr == "max_connections_per_player":
         return _positive_int(text, minimum=0)
+    if attr == "metrics_max_brands":
+        return _positive_int(text, minimum=0, maximum=10_000)
     if attr == "workers":
         return _positive_int(text, maximum=64)
     if attr in ("port", "metrics_port"):

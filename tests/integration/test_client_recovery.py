@@ -549,7 +549,7 @@ def test_npm_eventsource_stops_for_good_when_disconnected_with_a_block(
     # The end of the body (reconnecting: 0), then the 403 (closed for good: 2), and no more.
     assert [e["readyState"] for e in errors] == [0, 2], records
     assert errors[1]["code"] == 403, records
-    assert gw.metrics().value("sse_connections_rejected_total", reason="blocked") == 1
+    assert gw.metrics().value("sse_gateway_connections_rejected_total", reason="blocked") == 1
 
 
 def test_npm_eventsource_comes_back_after_a_disconnect_without_block(
@@ -745,8 +745,8 @@ def test_redis_down_refusal_depends_on_accept(
     assert_close_answer(gw, brand, ids("p"), "broker_unavailable")
     assert_json_refusal(gw, brand, ids("p"), "broker_unavailable")
     metrics = gw.metrics()
-    assert metrics.value("sse_connections_rejected_total", reason="broker_unavailable") == 2
-    assert metrics.value("sse_connections") == 0
+    assert metrics.value("sse_gateway_connections_rejected_total", reason="broker_unavailable") == 2
+    assert metrics.total("sse_gateway_connections") == 0
 
 
 def test_connection_limit_refusal_depends_on_accept(

@@ -383,7 +383,9 @@ def test_chromium_cross_origin_refused_for_unlisted_origin(
     assert events == []
     wait_for(
         lambda: (
-            gateway.metrics().value("sse_connections_rejected_total", reason="origin_not_allowed")
+            gateway.metrics().value(
+                "sse_gateway_connections_rejected_total", reason="origin_not_allowed"
+            )
             >= 1
         ),
         what="the refusal to be counted",

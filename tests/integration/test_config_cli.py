@@ -115,7 +115,7 @@ def test_flag_wins_over_env(
     )
     with gw.stream(ids("b"), ids("p"), wait_connected=False) as client:
         assert client.wait_connected()["heartbeat_interval"] == pytest.approx(0.3)
-    assert gw.metrics().value("sse_connection_limit") == 7
+    assert gw.metrics().value("sse_gateway_connection_limit") == 7
 
 
 def test_env_only_configuration(

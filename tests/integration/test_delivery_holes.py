@@ -37,7 +37,7 @@ def test_an_empty_last_event_id_starts_a_stream_without_replay(
         assert_quiet(client, 0.3)
         live = publisher.publish(brand, player, "n", "live")
         assert [e.id for e in read_events(client, 1)] == [live]
-    assert gateway.metrics().get("sse_connections_rejected_total") is None
+    assert gateway.metrics().get("sse_gateway_connections_rejected_total") is None
 
 
 # --- 5. a history entry that cannot become a frame is skipped, never a stall ---------------
@@ -65,7 +65,7 @@ def test_an_unencodable_history_entry_is_skipped_in_a_replay(
         live = publisher.publish(brand, player, "n", 3)
         assert [e.id for e in read_events(client, 1)] == [live]
     metrics = gateway.metrics()
-    assert metrics.value("sse_invalid_messages_total", reason="unencodable") >= 1
+    assert metrics.value("sse_gateway_events_dropped_total", reason="unencodable") >= 1
     assert f"id={bad} reason=unencodable" in gateway.logs()
 
 
@@ -86,7 +86,7 @@ def test_an_unencodable_entry_does_not_stall_a_refill_after_a_pubsub_drop(
         assert [(e.id, e.json()) for e in events] == [(missed, 2)]
         live = publisher.publish(brand, player, "n", 3)
         assert [e.id for e in read_events(client, 1)] == [live]
-    assert gateway.metrics().value("sse_invalid_messages_total", reason="unencodable") >= 1
+    assert gateway.metrics().value("sse_gateway_events_dropped_total", reason="unencodable") >= 1
 
 
 # --- 7. publish.lua stores nothing unless it can publish ------------------------------------
@@ -199,10 +199,14 @@ def test_a_slow_consumer_cut_off_resets_the_connection_with_no_stale_frames(
                     for n in range(start, start + 100)
                 ]
             )
-            if gateway.metrics().value("sse_connections_closed_total", reason="slow_consumer"):
+            if gateway.metrics().value(
+                "sse_gateway_connections_closed_total", reason="slow_consumer"
+            ):
                 break
         wait_for(
-            lambda: gateway.metrics().value("sse_connections_closed_total", reason="slow_consumer"),
+            lambda: gateway.metrics().value(
+                "sse_gateway_connections_closed_total", reason="slow_consumer"
+            ),
             timeout=30,
             what="the slow client to be cut off",
         )
@@ -296,5 +300,5 @@ def test_pubsub_killed_twice_while_publishing_at_full_speed_loses_nothing(
         assert [e.id for e in got] == sent
         assert [e.json() for e in got] == list(range(300))
     metrics = gateway.metrics()
-    assert metrics.get("sse_connections_closed_total", reason="history_gap") is None
+    assert metrics.get("sse_gateway_connections_closed_total", reason="history_gap") is None
     assert "does not cover" not in gateway.logs()

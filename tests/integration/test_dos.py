@@ -127,8 +127,12 @@ def test_half_open_sockets_lock_out_neither_streams_nor_health_checks(
             for s in streams:
                 s.close()
         metrics = gw.metrics()
-        assert metrics.value("sse_connections_rejected_total", reason="connection_limit") == 0
-        assert metrics.value("sse_connections_rejected_total", reason="request_timeout") >= 100
+        assert (
+            metrics.value("sse_gateway_connections_rejected_total", reason="connection_limit") == 0
+        )
+        assert (
+            metrics.value("sse_gateway_connections_rejected_total", reason="request_timeout") >= 100
+        )
 
 
 def test_header_timeout_is_configurable(
@@ -162,7 +166,7 @@ def test_slowloris_with_a_thousand_half_open_sockets(
             assert stream.status == 200
             stream.close()
         during = rss_bytes(gw.pid)
-    wait_for(lambda: gw.metrics().value("sse_connections") == 0, timeout=10)
+    wait_for(lambda: gw.metrics().total("sse_gateway_connections") == 0, timeout=10)
     time.sleep(0.5)
     after = rss_bytes(gw.pid)
     assert healthz(gw) == 200
@@ -197,7 +201,7 @@ def test_connect_rate_per_ip_answers_429_with_retry_after(
     assert sse_status(gw, "p9", **{"X-Forwarded-For": "198.51.100.8"})[0] == 200
     # Health checks and other paths are not counted.
     assert all(healthz(gw) == 200 for _ in range(10))
-    assert gw.metrics().value("sse_connections_rejected_total", reason="rate_limited") == 1
+    assert gw.metrics().value("sse_gateway_connections_rejected_total", reason="rate_limited") == 1
 
 
 def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(

@@ -117,12 +117,12 @@ def test_pubsub_connection_killed_repeatedly_loses_nothing(
         publisher.start()
         while publisher.is_alive() and kills < 6:
             time.sleep(0.15)
-            before = gateway.metrics().value("sse_broker_reconnects_total")
+            before = gateway.metrics().value("sse_gateway_broker_reconnects_total")
             killed = r.client_kill_filter(_type="pubsub")
             assert killed >= 1, "no pubsub connection to kill"
             kills += 1
             wait_for(
-                lambda n=before: gateway.metrics().value("sse_broker_reconnects_total") > n,
+                lambda n=before: gateway.metrics().value("sse_gateway_broker_reconnects_total") > n,
                 timeout=20,
                 what="the gateway to reconnect",
             )
@@ -139,9 +139,9 @@ def test_pubsub_connection_killed_repeatedly_loses_nothing(
         publisher.stop_flag.set()
         r.close()
     metrics = gateway.metrics()
-    assert metrics.value("sse_connections_closed_total", reason="slow_consumer") == 0
+    assert metrics.value("sse_gateway_connections_closed_total", reason="slow_consumer") == 0
     # the kills really cost live messages: some events reached the clients only by the refill
-    assert metrics.value("sse_messages_received_total") < 600
+    assert metrics.value("sse_gateway_events_received_total") < 600
 
 
 def test_pubsub_outage_longer_than_history_is_not_silent(
@@ -159,13 +159,13 @@ def test_pubsub_outage_longer_than_history_is_not_silent(
         assert [e.id for e in read_events(client, 1)] == [first]
         # keep the gateway out: no new connection is accepted while the gap is made
         r.config_set("maxclients", len(r.client_list()))
-        reconnects = gateway.metrics().value("sse_broker_reconnects_total")
+        reconnects = gateway.metrics().value("sse_gateway_broker_reconnects_total")
         assert r.client_kill_filter(_type="pubsub") >= 1
         missed = publisher.publish_many([Event(brand, player, "n", n) for n in range(20)])
         assert all(m.receivers == 0 for m in missed), "the gateway got back in too early"
         r.config_set("maxclients", 10000)
         wait_for(
-            lambda: gateway.metrics().value("sse_broker_reconnects_total") > reconnects,
+            lambda: gateway.metrics().value("sse_gateway_broker_reconnects_total") > reconnects,
             timeout=30,
             what="the gateway to reconnect",
         )
@@ -214,7 +214,7 @@ def test_redis_restart_streams_resume_without_loss(
             publisher.close()
         got = read_through(client, after[-1])
         assert_exactly((e.id for e in got), after, "client")
-        assert gateway.metrics().value("sse_connections") == 1  # the same stream throughout
+        assert gateway.metrics().total("sse_gateway_connections") == 1  # the same stream throughout
 
 
 # --------------------------------------------------------------------------- slow consumers
@@ -248,7 +248,10 @@ def test_slow_consumer_cut_off_then_recovers_everything(
             peak = max(peak, rss_kib(gateway.pid))
         wait_for(
             lambda: (
-                gateway.metrics().value("sse_connections_closed_total", reason="slow_consumer") == 1
+                gateway.metrics().value(
+                    "sse_gateway_connections_closed_total", reason="slow_consumer"
+                )
+                == 1
             ),
             timeout=30,
             what="the slow client to be cut off",
@@ -258,7 +261,7 @@ def test_slow_consumer_cut_off_then_recovers_everything(
         # few MB, the transport 64 KiB, the queue 10 events)
         assert peak - rss_before < 8 * 1024, f"gateway RSS grew by {peak - rss_before} KiB"
         assert "reason=slow_consumer" in gateway.logs()
-        assert gateway.metrics().value("sse_connections") == 0
+        assert gateway.metrics().total("sse_gateway_connections") == 0
         slow.close()
 
         client, connected = gateway.player_stream(brand, player, last_seen)
@@ -370,7 +373,7 @@ def test_sigterm_clients_resume_on_another_instance(
         assert_close_frame(client.farewell, "shutdown", 1000)
         assert client.farewell.retry == client.retries[1]
         assert client.ended, f"client {n}: A's stream ended without its last chunk"
-    assert b.metrics().value("sse_replays_total", outcome="recovered") == len(clients)
+    assert b.metrics().value("sse_gateway_replays_total", outcome="recovered") == len(clients)
     shutdown_retries = {c.retries[1] for c in clients}
     assert len(shutdown_retries) > 1, "every client was told the same retry delay (no jitter)"
 
@@ -526,14 +529,14 @@ def test_refill_then_late_live_copy_is_not_sent_twice(
             first = publisher.publish(brand, player, "n", 0)
             assert [e.id for e in read_events(client, 1)] == [first]
             laggy.pubsub_delay = 0.5
-            reconnects = gateway.metrics().value("sse_broker_reconnects_total")
+            reconnects = gateway.metrics().value("sse_gateway_broker_reconnects_total")
             assert r.client_kill_filter(_type="pubsub") >= 1
             wait_for(lambda: not subscribed(), what="the kill")
             gap = publisher.publish(brand, player, "n", 1)  # history only: refilled
             wait_for(subscribed, what="the gateway to subscribe again")
             time.sleep(0.2)  # the refill's history read comes 0.3 s before this arrives live
             late = publisher.publish(brand, player, "n", 2)  # history, and live but late
-            assert gateway.metrics().value("sse_broker_reconnects_total") > reconnects
+            assert gateway.metrics().value("sse_gateway_broker_reconnects_total") > reconnects
             got = [e.id for e in read_through(client, late)]  # refilled from history
             laggy.pubsub_delay = 0.0
             after = publisher.publish(brand, player, "n", 3)

@@ -20,7 +20,7 @@ def readyz(port: int) -> tuple[int, dict[str, object]]:
 def rejected(port: int, reason: str) -> float:
     response = request(port, "GET", "/metrics", timeout=5)
     return Metrics.parse(response.body.decode()).value(
-        "sse_connections_rejected_total", reason=reason
+        "sse_gateway_connections_rejected_total", reason=reason
     )
 
 
@@ -49,15 +49,15 @@ def test_redis_killed_and_restarted_while_streaming(
         publish(r, "fb", "fp", {"type": "before", "data": 0})
         assert client.wait_event("before").json() == 0
         r.close()
-        assert gw.metrics().value("sse_broker_connected") == 1
-        reconnects_before = gw.metrics().value("sse_broker_reconnects_total")
+        assert gw.metrics().value("sse_gateway_broker_connected") == 1
+        reconnects_before = gw.metrics().value("sse_gateway_broker_reconnects_total")
 
         fresh_redis.kill()
 
         wait_for(lambda: readyz(gw.port)[0] == 503, timeout=30, what="/readyz 503 (broker down)")
         body = readyz(gw.port)[1]
         assert body == {"status": "not_ready", "reason": "broker_disconnected"}, body
-        assert gw.metrics().value("sse_broker_connected") == 0
+        assert gw.metrics().value("sse_gateway_broker_connected") == 0
         # The open stream lives on: heartbeats keep coming while Redis is down.
         client.drain_available(0.05)
         for _ in range(3):
@@ -84,8 +84,8 @@ def test_redis_killed_and_restarted_while_streaming(
             r.close()
         assert not client.eof
         metrics = gw.metrics()
-        assert metrics.value("sse_broker_connected") == 1
-        assert metrics.value("sse_broker_reconnects_total") >= reconnects_before + 1
+        assert metrics.value("sse_gateway_broker_connected") == 1
+        assert metrics.value("sse_gateway_broker_reconnects_total") >= reconnects_before + 1
         # And new streams work again.
         with gw.stream("fb", "new") as newcomer:
             r = fresh_redis.client()
@@ -142,7 +142,9 @@ def test_slow_consumer_is_disconnected_not_buffered(
         # Far more than kernel buffers hold; the slow client reads nothing.
         deadline = time.monotonic() + 60
         sent = 0
-        while gw.metrics().value("sse_connections_closed_total", reason="slow_consumer") < 1:
+        while (
+            gw.metrics().value("sse_gateway_connections_closed_total", reason="slow_consumer") < 1
+        ):
             assert time.monotonic() < deadline, f"not disconnected after {sent} big events"
             for _ in range(50):
                 r.publish(f"SSE::{brand}::{slow_player}", payload)
@@ -155,7 +157,7 @@ def test_slow_consumer_is_disconnected_not_buffered(
         # The healthy connection and the gateway are fine.
         publish(r, brand, ok_player, {"type": "fine", "data": 1})
         assert healthy.wait_event("fine").json() == 1
-        assert gw.metrics().value("sse_connections") == 1
+        assert gw.metrics().total("sse_gateway_connections") == 1
         assert gw.running()
     finally:
         slow.close()
@@ -188,7 +190,7 @@ def test_every_channel_resubscribed_after_restart(
                 timeout=60,
                 what=f"all {count} channels resubscribed",
             )
-            assert gw.metrics().value("sse_subscribed_channels") == count
+            assert gw.metrics().value("sse_gateway_broker_subscribed_channels") == count
             for i in range(count):
                 publish(r, "many", f"p{i}", {"type": "back", "data": i})
             for i, client in enumerate(clients):

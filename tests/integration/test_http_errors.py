@@ -385,9 +385,11 @@ def test_connection_limit(
         )
         assert_close_answer(answer, "connection_limit", 3000)
         metrics = gateway.metrics()
-        assert metrics.value("sse_connection_limit") == 2
-        assert metrics.value("sse_connections_rejected_total", reason="connection_limit") == 2
-        assert metrics.value("sse_connections") == 2
+        assert metrics.value("sse_gateway_connection_limit") == 2
+        assert (
+            metrics.value("sse_gateway_connections_rejected_total", reason="connection_limit") == 2
+        )
+        assert metrics.total("sse_gateway_connections") == 2
         first.close()
         # The slot comes back once the gateway has seen the close: poll for it.
         deadline = time.monotonic() + 20

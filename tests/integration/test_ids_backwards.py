@@ -76,8 +76,8 @@ def test_a_restart_from_an_older_snapshot_closes_the_channels_streams_with_histo
         assert close.retry is not None
         assert client.wait_closed()
     metrics = gateway.metrics()
-    assert metrics.value("sse_refills_total", outcome="history_gap") == 1
-    assert metrics.value("sse_connections_closed_total", reason="history_gap") == 1
+    assert metrics.value("sse_gateway_refills_total", outcome="history_gap") == 1
+    assert metrics.value("sse_gateway_connections_closed_total", reason="history_gap") == 1
 
     # The client comes back with the id it had: not recoverable, then every live event.
     client, connected = gateway.player_stream(brand, player, FAR_FUTURE_ID)
@@ -112,7 +112,10 @@ def test_a_restart_empty_with_lower_ids_starts_over_and_delivers_them(
         r = fresh_redis.client()
         wait_for(lambda: subscribed(r, channel), timeout=30, what="the resubscription")
         wait_for(
-            lambda: gateway.metrics().value("sse_refills_total", outcome="history_restarted") == 1,
+            lambda: (
+                gateway.metrics().value("sse_gateway_refills_total", outcome="history_restarted")
+                == 1
+            ),
             what="the channel's refill to start over",
         )
         r.close()
@@ -148,4 +151,4 @@ def test_a_restart_with_only_newer_ids_starts_over_without_a_close(
         finally:
             publisher.close()
         assert [e.id for e in read_events(client, 3)] == after
-    assert gateway.metrics().value("sse_refills_total", outcome="history_restarted") == 1
+    assert gateway.metrics().value("sse_gateway_refills_total", outcome="history_restarted") == 1

@@ -39,57 +39,61 @@ def test_metrics_reflect_open_streams(
     assert response.status == 200
     assert (response.header("Content-Type") or "").startswith("text/plain")
     text = response.body.decode()
-    assert "# TYPE sse_connections gauge" in text
+    assert "# TYPE sse_gateway_connections gauge" in text
     for name in (
-        "sse_connections",
-        "sse_connection_limit",
-        "sse_connections_opened_total",
-        "sse_messages_received_total",
-        "sse_events_delivered_total",
-        "sse_broker_connected",
-        "sse_broker_reconnects_total",
-        "sse_subscribed_channels",
+        "sse_gateway_connections",
+        "sse_gateway_connection_limit",
+        "sse_gateway_connections_opened_total",
+        "sse_gateway_events_received_total",
+        "sse_gateway_events_delivered_total",
+        "sse_gateway_broker_connected",
+        "sse_gateway_broker_reconnects_total",
+        "sse_gateway_broker_subscribed_channels",
     ):
         assert f"# TYPE {name} " in text, f"{name} missing from /metrics"
     for name in (
-        "sse_connections_closed_total",
-        "sse_connections_rejected_total",
-        "sse_invalid_messages_total",
+        "sse_gateway_connections_closed_total",
+        "sse_gateway_connections_rejected_total",
+        "sse_gateway_events_dropped_total",
     ):
         assert f"# TYPE {name} counter" in text, f"{name} missing from /metrics"
     before = gateway.metrics()
-    assert before.value("sse_connections") == 0
+    assert before.total("sse_gateway_connections") == 0
     # The default is 50000, lowered to what the open-file limit allows (with a logged warning).
-    limit = before.value("sse_connection_limit")
+    limit = before.value("sse_gateway_connection_limit")
     assert 0 < limit <= 50_000
     if limit < 50_000:
         assert str(int(limit)) in gateway.logs(), "the effective limit was not logged"
     brand = ids("b")
     clients = [gateway.stream(brand, f"p{i}") for i in range(3)]
     try:
-        wait_for(lambda: gateway.metrics().value("sse_connections") == 3, what="3 connections")
+        wait_for(
+            lambda: gateway.metrics().total("sse_gateway_connections") == 3, what="3 connections"
+        )
         r = redis_server.client()
         publish(r, brand, "p0", {"type": "m", "data": 1})
         r.close()
         clients[0].wait_event("m")
         clients[1].close()
-        wait_for(lambda: gateway.metrics().value("sse_connections") == 2, what="2 connections")
+        wait_for(
+            lambda: gateway.metrics().total("sse_gateway_connections") == 2, what="2 connections"
+        )
         after = gateway.metrics()
-        assert after.value("sse_connections_opened_total") == 3
-        assert after.value("sse_connections_closed_total", reason="client") == 1
-        assert after.value("sse_subscribed_channels") == 2
-        assert after.value("sse_messages_received_total") >= 1
-        assert after.value("sse_events_delivered_total") >= 1
-        assert after.value("sse_broker_connected") == 1
+        assert after.value("sse_gateway_connections_opened_total") == 3
+        assert after.value("sse_gateway_connections_closed_total", reason="client") == 1
+        assert after.value("sse_gateway_broker_subscribed_channels") == 2
+        assert after.value("sse_gateway_events_received_total") >= 1
+        assert after.value("sse_gateway_events_delivered_total") >= 1
+        assert after.value("sse_gateway_broker_connected") == 1
     finally:
         for client in clients:
             client.close()
-    wait_for(lambda: gateway.metrics().value("sse_connections") == 0, what="0 connections")
+    wait_for(lambda: gateway.metrics().total("sse_gateway_connections") == 0, what="0 connections")
     request(gateway.port, "GET", "/v1/sse")
     request(gateway.port, "GET", "/v1/sse", {"Authorization": "Bearer junk"})
     rejected = gateway.metrics()
-    assert rejected.value("sse_connections_rejected_total", reason="missing_token") == 1
-    assert rejected.value("sse_connections_rejected_total", reason="invalid_token") == 1
+    assert rejected.value("sse_gateway_connections_rejected_total", reason="missing_token") == 1
+    assert rejected.value("sse_gateway_connections_rejected_total", reason="invalid_token") == 1
 
 
 def test_refusals_of_the_http_layer_count_under_their_code(
@@ -118,7 +122,7 @@ def test_refusals_of_the_http_layer_count_under_their_code(
         "http_version_not_supported",
         "request_timeout",
     ):
-        assert metrics.value("sse_connections_rejected_total", reason=code) == 1, code
+        assert metrics.value("sse_gateway_connections_rejected_total", reason=code) == 1, code
 
 
 def test_logs_one_line_per_connection_and_never_the_token(
@@ -134,7 +138,7 @@ def test_logs_one_line_per_connection_and_never_the_token(
         assert client.status == 200
         client.wait_connected()
     request(gw.port, "GET", f"/v1/sse?token={query_token}x")  # invalid, also never logged
-    wait_for(lambda: gw.metrics().value("sse_connections") == 0, what="streams closed")
+    wait_for(lambda: gw.metrics().total("sse_gateway_connections") == 0, what="streams closed")
     wait_for(
         lambda: sum(1 for line in gw.logs().splitlines() if player in line) >= 4,
         timeout=10,
@@ -166,7 +170,7 @@ def test_json_logs(
         r.close()
         client.wait_event("ok")
     wait_for(lambda: "invalid published message" in gw.logs(), what="the warning")
-    wait_for(lambda: gw.metrics().value("sse_connections") == 0, what="stream closed")
+    wait_for(lambda: gw.metrics().total("sse_gateway_connections") == 0, what="stream closed")
     lines = [line for line in gw.logs().splitlines() if line.strip()]
     assert lines
     for line in lines:

@@ -13,6 +13,7 @@ from support.procs import (
     DEFAULT_SECRET,
     REPO,
     GatewayFactory,
+    Metrics,
     RedisServer,
     free_port,
     gateway_env,
@@ -45,7 +46,7 @@ def test_metrics_are_served_on_the_metrics_port_only(
     scrape = request(metrics_port, "GET", "/metrics")
     assert scrape.status == 200, scrape
     assert (scrape.header("Content-Type") or "").startswith("text/plain; version=0.0.4")
-    assert b"# TYPE sse_connections gauge" in scrape.body
+    assert b"# TYPE sse_gateway_connections gauge" in scrape.body
     head = raw_exchange(
         metrics_port, b"HEAD /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
     )
@@ -71,7 +72,7 @@ def test_without_a_metrics_port_metrics_stay_on_the_public_port(
     gateway_factory: GatewayFactory,
 ) -> None:
     gateway = gateway_factory()
-    assert b"# TYPE sse_connections gauge" in gateway.get("/metrics").body
+    assert b"# TYPE sse_gateway_connections gauge" in gateway.get("/metrics").body
 
 
 def test_metrics_listener_counts_the_public_ports_streams(
@@ -83,7 +84,7 @@ def test_metrics_listener_counts_the_public_ports_streams(
     client = gateway.stream("brand", "p1")
     try:
         body = request(metrics_port, "GET", "/metrics").body.decode()
-        assert "\nsse_connections 1\n" in body, body
+        assert Metrics.parse(body).value("sse_gateway_connections", brand="brand") == 1, body
     finally:
         client.close()
 

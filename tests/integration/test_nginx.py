@@ -413,7 +413,7 @@ def test_fallback_is_one_sse_event_with_its_retry(nginx_factory: Callable[[int],
     assert response.status == 200
     assert response.header("Content-Encoding") is None
     assert response.header("Content-Type") == "text/event-stream"
-    assert response.header("Cache-Control") == "no-cache"
+    assert response.header("Cache-Control") == "no-cache, no-transform"
     assert response.header("Content-Length") == str(len(FALLBACK_BODY))
     assert response.header("Access-Control-Allow-Origin") is None  # no Origin, none echoed
     # `request` keeps what came with the head of an event stream: the whole body here.
@@ -546,7 +546,7 @@ def test_gateway_answers_pass_through_unchanged(
 
     assert request(proxy.port, "GET", "/healthz").status == 200
     metrics = request(proxy.port, "GET", "/metrics")
-    assert metrics.status == 200 and b"sse_connections" in metrics.body
+    assert metrics.status == 200 and b"sse_gateway_connections" in metrics.body
     publish_via(proxy.port, brand, player, 99)  # 202 through the proxy
 
 

@@ -124,11 +124,11 @@ def test_single_event_is_stored_published_and_delivered(
     brand, player = ids("b"), ids("p")
     nobody = accepted(post(gw, event(brand, player, data={"n": 0})))
     assert STREAM_ID.fullmatch(nobody["id"]), nobody
-    assert nobody["receivers"] == 0
+    assert nobody["receivers"] == 0 and nobody["online"] is False
     with gw.stream(brand, player) as client:
         data = {"title": "Bonus! ✓", "amount": 12.5, "tags": ["a", "b"], "none": None}
         body = accepted(post(gw, event(brand, player, "bonus.credited:v1", data)))
-        assert body["receivers"] == 1
+        assert body["receivers"] == 1 and body["online"] is True
         [got] = read_events(client, 1)
     assert (got.id, got.event, got.json()) == (body["id"], "bonus.credited:v1", data)
     entries = r.xrange(f"SSE::{brand}::{player}")
@@ -152,10 +152,13 @@ def test_any_json_data(gw: Gateway, ids: Callable[..., str], data: Any) -> None:
 def test_batch(gw: Gateway, r: redis.Redis, ids: Callable[..., str]) -> None:
     brand, p1, p2 = ids("b"), ids("p"), ids("q")
     batch = [event(brand, p1 if n % 3 else p2, "n", n) for n in range(9)]
+    batch.append(event(brand, ids("nobody"), "n", 9))
     with gw.stream(brand, p1) as c1, gw.stream(brand, p2) as c2:
         body = accepted(post(gw, batch))
-        assert set(body) == {"ids"}
-        assert len(body["ids"]) == 9
+        assert set(body) == {"ids", "online"}
+        assert len(body["ids"]) == 10
+        # Online: each event's player has a stream (the last one's player never connected).
+        assert body["online"] == [True] * 9 + [False]
         assert all(STREAM_ID.fullmatch(i) for i in body["ids"])
         got1, got2 = read_events(c1, 6), read_events(c2, 3)
     expected1 = [
@@ -298,14 +301,14 @@ def test_accepted_means_delivered_near_the_size_limit(
         huge = post(gateway, [event(brand, player, "n", "x" * 900)] * 2000)
         assert_error(huge, 413, "payload_too_large")
     assert outcomes.get(202) and outcomes.get(413), outcomes
-    assert gateway.metrics().value("sse_invalid_messages_total", reason="too_large") == 0
+    assert gateway.metrics().value("sse_gateway_events_dropped_total", reason="too_large") == 0
 
 
 def test_published_counter(gw: Gateway, ids: Callable[..., str]) -> None:
-    before = gw.metrics().value("sse_events_published_total")
+    before = gw.metrics().value("sse_gateway_events_published_total")
     accepted(post(gw, [event(ids("b"), ids("p"), "n", n) for n in range(3)]))
     accepted(post(gw, event(ids("b"), ids("p"), "n", 0)))
-    assert gw.metrics().value("sse_events_published_total") == before + 4
+    assert gw.metrics().value("sse_gateway_events_published_total") == before + 4
 
 
 # --------------------------------------------------------------------------- Redis down

@@ -223,8 +223,8 @@ def test_bad_published_messages_are_dropped_and_counted(
     for reason, _ in BAD_MESSAGES:
         expected[reason] = expected.get(reason, 0) + 1
     for reason, count in expected.items():
-        assert metrics.value("sse_invalid_messages_total", reason=reason) == count, reason
-    assert metrics.total("sse_invalid_messages_total") == len(BAD_MESSAGES)
+        assert metrics.value("sse_gateway_events_dropped_total", reason=reason) == count, reason
+    assert metrics.total("sse_gateway_events_dropped_total") == len(BAD_MESSAGES)
     warnings = [line for line in gw.logs().splitlines() if "invalid published message" in line]
     assert len(warnings) == len(BAD_MESSAGES), warnings
     assert all(channel in line for line in warnings), warnings
@@ -247,7 +247,7 @@ def test_refcounted_subscribe_and_unsubscribe(
         assert numsub(r, channel) == 1  # subscribed before `connected`, once for both tabs
         tab1.close()
         wait_for(
-            lambda: gateway.metrics().value("sse_connections") == 1,
+            lambda: gateway.metrics().total("sse_gateway_connections") == 1,
             what="the gateway to see the first tab close",
         )
         assert numsub(r, channel) == 1
@@ -293,7 +293,7 @@ def test_one_redis_connection_for_100_clients(
         for i in (0, 42, 99):
             publish(r, "many", f"p{i}", {"type": "hello", "data": i})
             assert clients[i].wait_event("hello").json() == i
-        assert gw.metrics().value("sse_subscribed_channels") == 100
+        assert gw.metrics().value("sse_gateway_broker_subscribed_channels") == 100
     finally:
         for client in clients:
             client.close()
@@ -332,11 +332,11 @@ def test_each_message_is_received_once_and_delivered_per_connection(
         for tab in tabs:
             tab.close()
         r.close()
-    received = after.value("sse_messages_received_total") - before.value(
-        "sse_messages_received_total"
+    received = after.value("sse_gateway_events_received_total") - before.value(
+        "sse_gateway_events_received_total"
     )
-    delivered = after.value("sse_events_delivered_total") - before.value(
-        "sse_events_delivered_total"
+    delivered = after.value("sse_gateway_events_delivered_total") - before.value(
+        "sse_gateway_events_delivered_total"
     )
     assert received == 2  # one subscription for the three tabs
     assert delivered == 6

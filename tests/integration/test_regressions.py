@@ -126,9 +126,9 @@ def assert_only_sse(client: SSEClient, quiet: float = 0.5) -> None:
 def assert_stream_released(gateway: Gateway, r: redis.Redis, channel: str) -> None:
     """After the client closed: no stream counted, the channel unsubscribed."""
     wait_for(
-        lambda: gateway.metrics().value("sse_connections") == 0,
+        lambda: gateway.metrics().total("sse_gateway_connections") == 0,
         timeout=15,
-        what=f"sse_connections back to 0 (now {gateway.metrics().value('sse_connections')})",
+        what=f"no stream (now {gateway.metrics().total('sse_gateway_connections')})",
     )
     wait_for(lambda: numsub(r, channel) == 0, timeout=15, what=f"PUBSUB NUMSUB {channel} == 0")
 
@@ -422,10 +422,10 @@ def test_pubsub_reconnect_after_beyond_64_bit_id_does_not_freeze_others(
         assert bad_client.wait_event("x").id == BEYOND_64_BITS
         publisher.publish(brand, good, "before", 1)
         assert good_client.wait_event("before").json() == 1
-        reconnects = gateway.metrics().value("sse_broker_reconnects_total")
+        reconnects = gateway.metrics().value("sse_gateway_broker_reconnects_total")
         assert r.client_kill_filter(_type="pubsub") >= 1
         wait_for(
-            lambda: gateway.metrics().value("sse_broker_reconnects_total") > reconnects,
+            lambda: gateway.metrics().value("sse_gateway_broker_reconnects_total") > reconnects,
             timeout=20,
             what="the gateway's Pub/Sub reconnect",
         )

@@ -135,8 +135,8 @@ def test_missed_events_replayed_in_order_then_live(
         assert_quiet(client)
 
     metrics = gateway.metrics()
-    assert metrics.value("sse_replays_total", outcome="recovered") >= 1
-    assert metrics.value("sse_events_replayed_total") >= 100
+    assert metrics.value("sse_gateway_replays_total", outcome="recovered") >= 1
+    assert metrics.value("sse_gateway_events_replayed_total") >= 100
 
 
 def live_and_replayed(
@@ -230,7 +230,7 @@ def test_reconnects_while_publishing_continuously(
     assert got == published[first:], "gap: events published but never received"
     assert [e.json()["n"] for e in received] == list(range(first, len(published)))
     # the reconnects really had something to catch up on
-    assert gateway.metrics().value("sse_events_replayed_total") > 0
+    assert gateway.metrics().value("sse_gateway_events_replayed_total") > 0
 
 
 def test_history_smaller_than_gap_is_not_recovered(
@@ -256,7 +256,7 @@ def test_history_smaller_than_gap_is_not_recovered(
             assert [e.id for e in read_events(client, 1)] == [live]
     finally:
         publisher.close()
-    assert gateway.metrics().value("sse_replays_total", outcome="not_recovered") >= 1
+    assert gateway.metrics().value("sse_gateway_replays_total", outcome="not_recovered") >= 1
 
 
 def test_unknown_ids_are_not_recovered(
@@ -335,10 +335,10 @@ def test_malformed_last_event_id_is_refused(gateway: Gateway, ids: Callable[...,
         response = gateway.request("GET", target, headers=headers, timeout=5)
         assert_error(response, 400, "invalid_last_event_id")
     rejected = gateway.metrics().value(
-        "sse_connections_rejected_total", reason="invalid_last_event_id"
+        "sse_gateway_connections_rejected_total", reason="invalid_last_event_id"
     )
     assert rejected == len(cases)
-    assert gateway.metrics().value("sse_connections") == 0
+    assert gateway.metrics().total("sse_gateway_connections") == 0
 
 
 def test_plain_publish_delivered_after_a_replay(
@@ -382,7 +382,7 @@ def test_embedded_broker_keeps_history(
         assert first["receivers"] == 1
         [event] = read_events(client, 1)
         assert event.id == first["id"]
-    wait_for(lambda: gateway.metrics().value("sse_connections") == 0, what="stream closed")
+    wait_for(lambda: gateway.metrics().total("sse_gateway_connections") == 0, what="stream closed")
     batch = post(
         [{"brand_id": brand, "player_id": player, "type": "n", "data": n} for n in range(5)]
     )

@@ -117,7 +117,7 @@ def test_disconnect_closes_the_players_streams_on_every_instance(
     a, b = pair
     brand, player, other = ids("b"), ids("p"), ids("q")
     kicked_before = [
-        gw.metrics().value("sse_connections_closed_total", reason="kicked") for gw in pair
+        gw.metrics().value("sse_gateway_connections_closed_total", reason="kicked") for gw in pair
     ]
     targets = [a.stream(brand, player), b.stream(brand, player), b.stream(brand, player)]
     bystanders = [a.stream(brand, other), b.stream(brand, other)]
@@ -138,10 +138,12 @@ def test_disconnect_closes_the_players_streams_on_every_instance(
         for client in targets + bystanders:
             client.close()
     assert (
-        a.metrics().value("sse_connections_closed_total", reason="kicked") == kicked_before[0] + 1
+        a.metrics().value("sse_gateway_connections_closed_total", reason="kicked")
+        == kicked_before[0] + 1
     )
     assert (
-        b.metrics().value("sse_connections_closed_total", reason="kicked") == kicked_before[1] + 2
+        b.metrics().value("sse_gateway_connections_closed_total", reason="kicked")
+        == kicked_before[1] + 2
     )
     # Without a block the player may come back at once, on either instance.
     assert block_ttl(r, brand, player) == -2
@@ -155,7 +157,7 @@ def test_block_refuses_new_streams_on_every_instance_until_it_ends(
 ) -> None:
     a, b = pair
     brand, player = ids("b"), ids("p")
-    rejected_before = b.metrics().value("sse_connections_rejected_total", reason="blocked")
+    rejected_before = b.metrics().value("sse_gateway_connections_rejected_total", reason="blocked")
     client = b.stream(brand, player)
     with client:
         body = disconnected(
@@ -180,7 +182,8 @@ def test_block_refuses_new_streams_on_every_instance_until_it_ends(
             error = assert_error(sse_get(gateway, brand, player, **accept), 403, "blocked")
             assert "blocked" in error["message"]
     assert (
-        b.metrics().value("sse_connections_rejected_total", reason="blocked") >= rejected_before + 2
+        b.metrics().value("sse_gateway_connections_rejected_total", reason="blocked")
+        >= rejected_before + 2
     )
     # Other players are not blocked.
     with a.stream(brand, ids("other")):

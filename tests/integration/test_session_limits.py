@@ -165,8 +165,8 @@ def test_a_stream_ends_with_session_expired_and_a_new_token_resumes_it_losing_no
     received = before + live_before_close + [e.id for e in replayed] + [live]
     assert received == before + ticker.ids + after + [live], "lost, repeated or reordered"
     metrics = gateway.metrics()
-    assert metrics.value("sse_connections_closed_total", reason="session_expired") == 1
-    assert metrics.value("sse_connections_rejected_total", reason="token_expired") == 2
+    assert metrics.value("sse_gateway_connections_closed_total", reason="session_expired") == 1
+    assert metrics.value("sse_gateway_connections_rejected_total", reason="token_expired") == 2
 
 
 @pytest.mark.parametrize("event_type", sorted(RESERVED_TYPES))
@@ -221,7 +221,7 @@ def test_max_ttl_from_the_environment(
     with gw.open("/v1/sse", bearer(token(brand, player, time.time() + 540))) as ok:
         assert ok.status == 200
         ok.wait_connected()
-    assert gw.metrics().value("sse_connections_rejected_total", reason="invalid_token") == 2
+    assert gw.metrics().value("sse_gateway_connections_rejected_total", reason="invalid_token") == 2
 
 
 # ----------------------------------------------------------------------------- item 12
@@ -273,8 +273,14 @@ def test_the_newest_stream_over_the_per_player_cap_gives_way(
         for tab in tabs:
             assert tab.wait_event("still").json() == 1
         metrics = gw.metrics()
-        assert metrics.value("sse_connections_rejected_total", reason="too_many_connections") == 2
-        assert metrics.value("sse_connections_closed_total", reason="too_many_connections") == 0
+        assert (
+            metrics.value("sse_gateway_connections_rejected_total", reason="too_many_connections")
+            == 2
+        )
+        assert (
+            metrics.value("sse_gateway_connections_closed_total", reason="too_many_connections")
+            == 0
+        )
         # Once a tab closes, the player gets a stream again.
         tabs[0].close()
         deadline = time.monotonic() + 20
@@ -311,8 +317,13 @@ def test_one_token_cannot_take_every_slot_of_an_instance(
         for client in others:
             client.close()
         metrics = gw.metrics()
-        assert metrics.value("sse_connections_rejected_total", reason="too_many_connections") == 50
-        assert metrics.value("sse_connections_rejected_total", reason="connection_limit") == 0
+        assert (
+            metrics.value("sse_gateway_connections_rejected_total", reason="too_many_connections")
+            == 50
+        )
+        assert (
+            metrics.value("sse_gateway_connections_rejected_total", reason="connection_limit") == 0
+        )
     finally:
         for client in clients:
             client.close()
@@ -435,7 +446,7 @@ def test_chromium_event_source_on_session_expired_and_on_too_many_connections(
         third_state = page.evaluate("window.__third.readyState")
         third_log = page_log(page, "third")
         rejected = gw.metrics().value(
-            "sse_connections_rejected_total", reason="too_many_connections"
+            "sse_gateway_connections_rejected_total", reason="too_many_connections"
         )
         for name in ("renewing", "second", "third"):
             page.evaluate(f"window.__{name}.close()")
@@ -457,7 +468,7 @@ def test_chromium_event_source_on_session_expired_and_on_too_many_connections(
         ("error", None, 0),
         ("error", None, 2),
     ], ignoring
-    assert gw.metrics().value("sse_connections_rejected_total", reason="token_expired") == 1
+    assert gw.metrics().value("sse_gateway_connections_rejected_total", reason="token_expired") == 1
 
     [close] = kinds(refused, "event", "close")
     assert json.loads(close["data"])["reason"] == "too_many_connections"

@@ -25,7 +25,7 @@ def test_success_headers_and_no_compression(
         response = client.response
         assert response.status == 200, response
         assert (response.header("Content-Type") or "").lower() == "text/event-stream; charset=utf-8"
-        assert response.header("Cache-Control") == "no-cache"
+        assert response.header("Cache-Control") == "no-cache, no-transform"
         assert response.header("X-Accel-Buffering") == "no"
         assert (response.header("Connection") or "").lower() == "close"
         assert response.header("Content-Encoding") is None, response.headers

@@ -86,13 +86,13 @@ def assert_farewell(
 def assert_close_answer(response: Response, reason: str, retry_ms: int) -> SSEEvent:
     """A transient refusal of a stream to a client that accepts `text/event-stream`: `200
     text/event-stream` (an EventSource survives it and comes back after `retry`),
-    `Retry-After`, `Cache-Control: no-cache`, a `Content-Length` body of exactly one
+    `Retry-After`, `Cache-Control: no-cache, no-transform`, a `Content-Length` body of exactly one
     `event: close` whose reason is the error code."""
     detail = f"{response.status} {response.headers} {response.body[:500]!r}"
     assert response.status == 200, f"expected the 200 close answer ({reason}), got {detail}"
     content_type = (response.header("Content-Type") or "").split(";")[0].strip().lower()
     assert content_type == "text/event-stream", detail
-    assert response.header("Cache-Control") == "no-cache", detail
+    assert response.header("Cache-Control") == "no-cache, no-transform", detail
     assert assert_retry_after(response) == RETRY_AFTER_SECONDS, detail
     assert response.header("Transfer-Encoding") is None, detail
     assert response.header("Content-Length") == str(len(response.body)), detail

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from urllib.parse import quote
 
 import jwt
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from .sse import Response, SSEClient, request
 
@@ -367,10 +367,6 @@ class GatewayFactory(Protocol):
     ) -> Gateway: ...
 
 
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+\S+)?\s*$")
-_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-
-
 class Metrics:
     """Samples of a Prometheus text exposition, keyed by name and label set."""
 
@@ -379,16 +375,11 @@ class Metrics:
 
     @classmethod
     def parse(cls, text: str) -> Metrics:
+        """Through prometheus-client's own parser: what it cannot read, Prometheus cannot."""
         samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        for line in text.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            match = _SAMPLE.match(line)
-            if match is None:
-                raise ValueError(f"not a Prometheus sample line: {line!r}")
-            labels = frozenset(_LABEL.findall(match.group(3) or ""))
-            samples[(match.group(1), labels)] = float(match.group(4))
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
         return cls(samples)
 
     def get(self, name: str, **labels: str) -> float | None:

@@ -39,8 +39,9 @@ def assert_fast_path_agrees(payload: bytes, max_bytes: int = MAX) -> None:
     """The Pub/Sub fast path gives the envelope's frame; chunked (as streams take it), that
     frame as one HTTP/1.1 chunk, built in the same step."""
     envelope = parse_envelope(payload, max_bytes)
-    assert event_frame(payload, max_bytes) == (envelope.encode(), envelope.id)
-    assert event_frame(payload, max_bytes, True) == (http_chunk(envelope.encode()), envelope.id)
+    assert event_frame(payload, max_bytes)[:3] == (envelope.encode(), envelope.id, envelope.type)
+    chunked = event_frame(payload, max_bytes, True)
+    assert chunked[:3] == (http_chunk(envelope.encode()), envelope.id, envelope.type)
 
 
 # --- every documented reason -----------------------------------------------------------------
@@ -362,7 +363,7 @@ def test_chunked_fast_path_around_the_cached_size_lines(
     # Chunk size lines up to 4 KiB are made once; longer frames format their own.
     payload = encode_envelope("t", "x" * data_len, event_id)
     assert_fast_path_agrees(payload, len(payload))
-    frame, _ = event_frame(payload, len(payload), True)
+    frame = event_frame(payload, len(payload), True)[0]
     size_line, _, rest = frame.partition(b"\r\n")
     assert int(size_line, 16) == len(rest) - 2 and rest.endswith(b"\n\n\r\n")
 
@@ -371,6 +372,35 @@ def test_chunked_fast_path_of_integers_beyond_64_bits() -> None:
     # orjson refuses them: the general path, chunked as well.
     payload = b'{"type":"t","data":18446744073709551616,"id":"5-0"}'
     assert_fast_path_agrees(payload)
-    frame, event_id = event_frame(payload, MAX, True)
+    frame, event_id, _, _ = event_frame(payload, MAX, True)
     assert event_id == "5-0"
     assert frame == http_chunk(b"id: 5-0\nevent: t\ndata: 18446744073709551616\n\n")
+
+
+@pytest.mark.parametrize(
+    ("ts", "stamp"),
+    [
+        ("1764480000.123456", 1764480000.123456),
+        ("1764480000", 1764480000.0),
+        ('"1764480000"', None),  # a string is not a stamp
+        ("-5", None),
+        ("0", None),
+        ("1e300", None),
+        ("123456789012345678901234567890", None),  # beyond 64 bits: the exact path
+        ("null", None),
+        ("true", None),
+    ],
+)
+def test_the_publish_stamp_is_read_and_never_makes_a_message_invalid(
+    ts: str, stamp: float | None
+) -> None:
+    payload = f'{{"type":"t","data":1,"ts":{ts}}}'.encode()
+    frame, _, event_type, found = event_frame(payload, MAX, True)
+    assert found == stamp
+    assert event_type == "t"
+    # The stamp is the gateway's business: the frame is the same with or without it.
+    assert frame == event_frame(b'{"type":"t","data":1}', MAX, True)[0]
+
+
+def test_a_message_without_a_stamp_has_none() -> None:
+    assert event_frame(b'{"type":"t","data":1,"id":"1-0"}', MAX)[3] is None

@@ -23,9 +23,10 @@ class FakeStream:
         self.frames: list[bytes] = []
         self.changed = asyncio.Event()
 
-    def heartbeat(self, frame: bytes) -> None:
+    def heartbeat(self, frame: bytes) -> bool:
         self.frames.append(frame)
         self.changed.set()
+        return True
 
     async def wait_for(self, count: int) -> None:
         async def loop() -> None:
@@ -161,9 +162,10 @@ def test_stream_removing_itself_during_its_heartbeat() -> None:
         streams = [FakeStream(str(i)) for i in range(3)]
         quitter = streams[1]
 
-        def quit_on_first(frame: bytes) -> None:
+        def quit_on_first(frame: bytes) -> bool:
             FakeStream.heartbeat(quitter, frame)
             scheduler.remove(quitter)
+            return True
 
         quitter.heartbeat = quit_on_first  # type: ignore[method-assign]
         for stream in streams:

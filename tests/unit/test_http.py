@@ -193,7 +193,7 @@ def test_stream_head(kwargs: dict[str, bool], transfer_encoding: list[str]) -> N
     assert status == "HTTP/1.1 200 OK"
     assert body == b""
     assert header_values(headers, "Content-Type") == ["text/event-stream; charset=utf-8"]
-    assert header_values(headers, "Cache-Control") == ["no-cache"]
+    assert header_values(headers, "Cache-Control") == ["no-cache, no-transform"]
     assert header_values(headers, "X-Accel-Buffering") == ["no"]
     assert header_values(headers, "Connection") == ["close"]
     assert header_values(headers, "Content-Length") == []

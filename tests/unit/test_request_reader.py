@@ -888,7 +888,7 @@ def test_unavailable_stream_is_a_200_close_with_a_spread_retry(code: str) -> Non
     status, headers, body = parse_response(encode_response(response, keep_alive=False))
     assert status == 200
     assert headers["content-type"] == "text/event-stream; charset=utf-8"
-    assert headers["cache-control"] == "no-cache"
+    assert headers["cache-control"] == "no-cache, no-transform"
     assert headers["retry-after"] == str(RETRY_AFTER_SECONDS)
     assert headers["content-length"] == str(len(body))
     assert headers["access-control-allow-origin"] == "https://a"
@@ -1151,7 +1151,7 @@ async def test_no_100_continue_ahead_of_an_answer_still_owed() -> None:
     assert conn.transport.writes == []
 
 
-# --- refusals count in sse_connections_rejected_total ---------------------------------------
+# --- refusals count in sse_gateway_connections_rejected_total ------------------------------------
 
 
 @pytest.mark.parametrize(

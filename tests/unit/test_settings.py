@@ -182,6 +182,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
         "SSE_JWT_ISSUER": "iss",
         "SSE_JWT_MAX_TTL": "90m",
         "SSE_MAX_CONNECTIONS_PER_PLAYER": "3",
+        "SSE_METRICS_MAX_BRANDS": "7",
         "SSE_JWKS_REFRESH": "90s",
         "SSE_RETRY_MS": "0",
         "SSE_MAX_EVENT_BYTES": "64",
@@ -211,6 +212,7 @@ def test_every_option_is_read_from_its_env_var(tmp_path: Path) -> None:
     assert (settings.jwt_audience, settings.jwt_issuer) == ("aud", "iss")
     assert settings.jwt_max_ttl == 5400.0
     assert settings.max_connections_per_player == 3
+    assert settings.metrics_max_brands == 7
     assert settings.jwks_refresh == 90.0
     assert settings.retry_ms == 0
     assert settings.max_event_bytes == 64
@@ -378,6 +380,8 @@ def test_an_empty_jwt_secret_env_var_is_unset_next_to_a_keys_file(tmp_path: Path
         ("SSE_JWT_MAX_TTL", "forever"),
         ("SSE_MAX_CONNECTIONS_PER_PLAYER", "-1"),
         ("SSE_MAX_CONNECTIONS_PER_PLAYER", "ten"),
+        ("SSE_METRICS_MAX_BRANDS", "-1"),
+        ("SSE_METRICS_MAX_BRANDS", "10001"),
         ("SSE_WORKERS", "65"),
         ("SSE_WORKERS", "0"),
         ("SSE_CORS_ORIGINS", "*"),

@@ -65,6 +65,15 @@ class Broker(Protocol):
     def subscribed_count(self) -> int:
         """Channels wanted (subscribed, or to be once connected)."""
 
+    @property
+    def subscribe_batches(self) -> int:
+        """SUBSCRIBE commands written so far (each carries a batch of channels); 0 for a
+        broker that sends no commands."""
+
+    @property
+    def unsubscribe_batches(self) -> int:
+        """UNSUBSCRIBE commands written so far."""
+
     async def start(
         self,
         on_message: MessageHandler,
@@ -123,6 +132,14 @@ class Broker(Protocol):
         target's block key) hold `block_value` for at least `block_ms` milliseconds, and
         indexes it (`read_block_index`): a block is lengthened, never shortened.
         BrokerUnavailable."""
+
+    async def publish_control(self, message: bytes) -> int:
+        """Publishes `message` on the control channel (this process hears it too); returns
+        the gateway processes that received it. BrokerUnavailable."""
+
+    async def count_subscribers(self, channel: bytes) -> int:
+        """Gateway processes subscribed to `channel` now (`PUBSUB NUMSUB`; the embedded
+        broker: 1 or 0). BrokerUnavailable."""
 
     async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
         """For each group of keys (a player's brand block key and its own): whether either

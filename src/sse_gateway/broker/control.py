@@ -7,6 +7,9 @@ SSE::control`: without a glob character it matches only itself). Its messages th
 per-event path (three-element `message` replies) does not even compare channel names. Redis
 matches one pattern per PUBLISH, whatever the number of gateways (all subscribe the same).
 
+The presence queries of `GET /v1/players/…` and their replies travel on the same channel
+(`publish_control`); `count_subscribers` is `PUBSUB NUMSUB`, on the command pool.
+
 A disconnect stores its block and publishes its control message in one script
 (`lua/disconnect.lua`); tickets are a SET with a TTL and a GETDEL. All three change data, so
 they go through the command pool (redis-py, no retry: a GETDEL sent again after a lost
@@ -96,6 +99,19 @@ class ControlCommands:
             raise BrokerUnavailable(f"redis did not run the disconnect: {exc}") from exc
         return DisconnectOutcome(int(receivers), None if pttl == -2 else int(pttl))
 
+    async def publish_control(self, message: bytes) -> int:
+        try:
+            return int(await self._commands.publish(CONTROL_CHANNEL, message))
+        except _COMMAND_FAILED as exc:
+            raise BrokerUnavailable(f"redis did not publish on the control channel: {exc}") from exc
+
+    async def count_subscribers(self, channel: bytes) -> int:
+        try:
+            counts = await self._commands.pubsub_numsub(channel)
+        except _COMMAND_FAILED as exc:
+            raise BrokerUnavailable(f"redis did not count subscribers: {exc}") from exc
+        return int(counts[0][1]) if counts else 0
+
     async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
         counts = await self._reads.count_existing(keys)
         return [count > 0 for count in counts]
@@ -126,3 +142,32 @@ class ControlCommands:
         except _COMMAND_FAILED as exc:
             raise BrokerUnavailable(f"redis did not answer a ticket lookup: {exc}") from exc
         return value if isinstance(value, bytes) else None
+
+
+class ControlMethods:
+    """The session control methods of `RedisBroker`, handed to its `ControlCommands`."""
+
+    _control: ControlCommands
+
+    async def publish_disconnect(
+        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
+    ) -> DisconnectOutcome:
+        return await self._control.publish_disconnect(message, block_key, block_ms, block_value)
+
+    async def publish_control(self, message: bytes) -> int:
+        return await self._control.publish_control(message)
+
+    async def count_subscribers(self, channel: bytes) -> int:
+        return await self._control.count_subscribers(channel)
+
+    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
+        return await self._control.read_blocks(keys)
+
+    async def read_block_index(self) -> list[tuple[bytes, float]]:
+        return await self._control.read_block_index()
+
+    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
+        await self._control.put_ticket(key, value, ttl)
+
+    async def take_ticket(self, key: bytes) -> bytes | None:
+        return await self._control.take_ticket(key)

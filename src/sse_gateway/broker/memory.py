@@ -71,6 +71,14 @@ class MemoryBroker:
         return "embedded in-memory broker (single process)"
 
     @property
+    def subscribe_batches(self) -> int:
+        return 0  # in-process: no commands
+
+    @property
+    def unsubscribe_batches(self) -> int:
+        return 0
+
+    @property
     def subscribed_count(self) -> int:
         return len(self._channels)
 
@@ -123,7 +131,8 @@ class MemoryBroker:
             history.entries.append((stream_id, HistoryEntry(event_id, event.type, event.data_json)))
             history.expires_at = now + self._history_ttl
             envelope = (
-                f'{{"type":{json.dumps(event.type)},"data":{event.data_json},"id":"{event_id}"}}'
+                f'{{"type":{json.dumps(event.type)},"data":{event.data_json},'
+                f'"id":"{event_id}","ts":{time.time():.6f}}}'
             )
             receivers = 0
             if event.channel in self._channels and self._on_message is not None:
@@ -175,6 +184,15 @@ class MemoryBroker:
             asyncio.get_running_loop().call_soon(self._on_control, message)
             receivers = 1
         return DisconnectOutcome(receivers, int(left * 1000) if left > 0 else None)
+
+    async def publish_control(self, message: bytes) -> int:
+        if self._on_control is None:
+            return 0
+        asyncio.get_running_loop().call_soon(self._on_control, message)
+        return 1
+
+    async def count_subscribers(self, channel: bytes) -> int:
+        return 1 if channel in self._channels else 0
 
     async def read_block_index(self) -> list[tuple[bytes, float]]:
         now = self._clock()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import deque
 from typing import cast
 
@@ -276,7 +275,7 @@ class HistoryReads:
     async def _connect(self) -> ReadProtocol:
         address = self._address
         loop = asyncio.get_running_loop()
-        ssl_context = ssl.create_default_context() if address.tls else None
+        ssl_context = address.ssl_context()
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,12 +26,16 @@ import redis.asyncio as aioredis
 from sse_gateway.broker.base import (
     BrokerUnavailable,
     ControlHandler,
-    DisconnectOutcome,
     HistoryEntry,
     MessageHandler,
     StateHandler,
 )
-from sse_gateway.broker.control import CONTROL_REPLY_KINDS, ControlCommands, ControlSubscription
+from sse_gateway.broker.control import (
+    CONTROL_REPLY_KINDS,
+    ControlCommands,
+    ControlMethods,
+    ControlSubscription,
+)
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.reads import HistoryReads
 from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
@@ -59,10 +62,11 @@ COMMAND_CONNECTIONS = 4
 _PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong", *CONTROL_REPLY_KINDS})
 
 
-class RedisBroker:
+class RedisBroker(ControlMethods):
     """The broker for EVENTS_REDIS_STORAGE: one Pub/Sub connection, redis-py for commands.
 
-    Each method keeps the contract written on `broker.base.Broker`. Source of truth: Redis
+    Each method keeps the contract written on `broker.base.Broker`; those of session control
+    are `ControlMethods`' (broker/control.py). Source of truth: Redis
     (the player's history stream and its Pub/Sub channel, both named `SSE::{brand}::{player}`).
     """
 
@@ -89,6 +93,7 @@ class RedisBroker:
         self._last_pong = 0.0
         self._ever_connected = False
         self._clock_offset_ms = 0.0
+        self.subscribe_batches = self.unsubscribe_batches = 0
         kwargs = client_kwargs(address)
         ssl_enabled = kwargs.pop("ssl")
         pool = aioredis.BlockingConnectionPool(
@@ -160,7 +165,7 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         attempt = 0
         address = self._address
-        ssl_context = ssl.create_default_context() if address.tls else None
+        ssl_context = address.ssl_context()
         while not self._closing:
             protocol: PubSubProtocol | None = None
             try:
@@ -313,6 +318,9 @@ class RedisBroker:
         protocol.transport.write(
             b"".join([encode_command(verb, *channels) for verb, channels in commands])
         )
+        subscribes = sum(b"UNSUB" not in verb for verb, _ in commands)  # SSUBSCRIBE too
+        self.subscribe_batches += subscribes
+        self.unsubscribe_batches += len(commands) - subscribes
 
     # --- replies -----------------------------------------------------------------------------
 
@@ -367,25 +375,6 @@ class RedisBroker:
 
     async def read_heads(self, channels: list[bytes]) -> tuple[list[str | None], int]:
         return await self._reads.read_heads(channels)
-
-    # --- session control (broker/control.py) ------------------------------------------------
-
-    async def publish_disconnect(
-        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
-    ) -> DisconnectOutcome:
-        return await self._control.publish_disconnect(message, block_key, block_ms, block_value)
-
-    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
-        return await self._control.read_blocks(keys)
-
-    async def read_block_index(self) -> list[tuple[bytes, float]]:
-        return await self._control.read_block_index()
-
-    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
-        await self._control.put_ticket(key, value, ttl)
-
-    async def take_ticket(self, key: bytes) -> bytes | None:
-        return await self._control.take_ticket(key)
 
 
 def _not_started(*_: object) -> None:

@@ -125,7 +125,11 @@ def _closing_stream(
         200,
         encode_close(code, message, retry_ms),
         content_type="text/event-stream; charset=utf-8",
-        headers=[("Cache-Control", "no-cache"), ("Retry-After", str(retry_after)), *headers],
+        headers=[
+            ("Cache-Control", "no-cache, no-transform"),
+            ("Retry-After", str(retry_after)),
+            *headers,
+        ],
     )
 
 

@@ -59,7 +59,8 @@ class PublishEndpoint:
         self._answers.answer(reader, request, self.publish(request))
 
     async def publish(self, request: Request) -> Response:
-        """202 `{"id", "receivers"}` (or `{"ids"}` for a batch); 400, 401, 413 or 503."""
+        """202 `{"id", "receivers", "online"}` (a batch: `{"ids", "online"}`, lists
+        in the batch's order); 400, 401, 413 or 503."""
         if not self.authorized(request.header(b"authorization") or ""):
             return invalid_api_key()
         try:
@@ -87,6 +88,18 @@ class PublishEndpoint:
         except BrokerUnavailable as exc:
             return unavailable("broker_unavailable", f"not stored: {exc}")
         self._metrics.published += len(published)
+        # `receivers` counts gateway processes subscribed to the player's channel, and a
+        # process is subscribed only while it holds a stream of the player (docs/api.md has
+        # the lag): more than none means a stream somewhere.
         if is_batch:
-            return json_response(202, {"ids": [str(p) for p in published]})
-        return json_response(202, {"id": str(published[0]), "receivers": published[0].receivers})
+            return json_response(
+                202,
+                {
+                    "ids": [str(p) for p in published],
+                    "online": [p.receivers > 0 for p in published],
+                },
+            )
+        first = published[0]
+        return json_response(
+            202, {"id": str(first), "receivers": first.receivers, "online": first.receivers > 0}
+        )

@@ -4,9 +4,12 @@
 /v1/tickets    POST: a connect ticket for a token (edge.tickets); OPTIONS: the CORS preflight
 /v1/publish    POST, when SSE_PUBLISH_API_KEY is set (edge.publish_api)
 /v1/disconnect POST, when SSE_PUBLISH_API_KEY is set (edge.control_api)
+/v1/players/{brand}/{player}, /v1/stats
+               GET, when SSE_PUBLISH_API_KEY is set (edge.presence_api)
 /healthz      200 while the process serves
 /readyz       200, or 503 with the reason (draining, broker_disconnected)
-/metrics      Prometheus text format (on the metrics listener instead when SSE_METRICS_PORT is set)
+/metrics      Prometheus text format or OpenMetrics (docs/metrics.md; on the metrics listener
+              instead when SSE_METRICS_PORT is set)
 /, /demo      the demo page, in dev mode only
 
 MetricsRouter: the handler of the metrics listener (SSE_METRICS_PORT): /metrics, /healthz and
@@ -24,13 +27,14 @@ from sse_gateway.edge.auth import make_token
 from sse_gateway.edge.control_api import PATH as DISCONNECT_PATH
 from sse_gateway.edge.control_api import DisconnectEndpoint
 from sse_gateway.edge.cors import CorsPolicy
+from sse_gateway.edge.presence_api import PLAYERS_PREFIX, STATS_PATH, PresenceEndpoint
 from sse_gateway.edge.protocol import RequestReader
 from sse_gateway.edge.publish_api import PATH as PUBLISH_PATH
 from sse_gateway.edge.publish_api import PublishEndpoint
 from sse_gateway.edge.sse import StreamEndpoint
 from sse_gateway.edge.tickets import PATH as TICKETS_PATH
 from sse_gateway.edge.tickets import TicketEndpoint
-from sse_gateway.metrics import Metrics
+from sse_gateway.metrics import Exposition, Metrics
 from sse_gateway.settings import Settings
 from sse_gateway.wire.http import Request, Response, error_response, json_response
 
@@ -50,12 +54,13 @@ class Router:
         tickets: TicketEndpoint,
         publish: PublishEndpoint | None,
         disconnect: DisconnectEndpoint | None = None,
+        presence: PresenceEndpoint | None = None,
         cors: CorsPolicy,
         metrics: Metrics,
         ready_reason: Callable[[], str | None],
         serve_metrics: bool = True,
     ) -> None:
-        """`publish` and `disconnect` are None when the publish API key is not set;
+        """`publish`, `disconnect` and `presence` are None when the publish API key is not set;
         `ready_reason()` says why the process is not ready (`/readyz`), or None;
         `serve_metrics` False: `/metrics` is 404 here (a metrics listener of its own serves it)."""
         self._plain_paths = _PLAIN_PATHS if serve_metrics else _PLAIN_PATHS - {"/metrics"}
@@ -64,8 +69,10 @@ class Router:
         self._tickets = tickets
         self._publish = publish
         self._disconnect = disconnect
+        self._presence = presence
         self._cors = cors
         self._metrics = metrics
+        self._exposition = Exposition(metrics)
         self._ready_reason = ready_reason
         self._demo_page: bytes | None = None
 
@@ -108,6 +115,16 @@ class Router:
                     return
                 self._disconnect.handle(reader, request)
                 return
+            if self._presence is not None and (
+                path == STATS_PATH or path.startswith(PLAYERS_PREFIX)
+            ):
+                if method != "GET":
+                    self._error(reader, request, _method_not_allowed("GET"))
+                elif path == STATS_PATH:
+                    reader.respond(self._presence.stats(request), keep_alive=request.keep_alive)
+                else:
+                    self._presence.handle_player(reader, request)
+                return
             if path == PUBLISH_PATH and self._publish is not None:
                 if method != "POST":
                     self._error(reader, request, _method_not_allowed("POST"))
@@ -118,7 +135,8 @@ class Router:
                 if method not in ("GET", "HEAD"):
                     self._error(reader, request, _method_not_allowed("GET, HEAD"))
                     return
-                reader.respond(self.plain(path), keep_alive=request.keep_alive, head_only=head_only)
+                response = self.plain(path, request.header(b"accept"))
+                reader.respond(response, keep_alive=request.keep_alive, head_only=head_only)
                 return
             not_found = error_response(404, "not_found", f"no route for {path}")
             self._error(reader, request, not_found, keep_alive=request.keep_alive)
@@ -142,7 +160,8 @@ class Router:
             response = dataclasses.replace(response, headers=[*response.headers, *cors])
         reader.respond(response, keep_alive=keep_alive, head_only=request.method == "HEAD")
 
-    def plain(self, path: str) -> Response:
+    def plain(self, path: str, accept: str | None = None) -> Response:
+        """`accept`: the request's Accept header (`/metrics` answers OpenMetrics when asked)."""
         if path == "/healthz":
             return json_response(200, {"status": "ok"})
         if path == "/readyz":
@@ -151,9 +170,8 @@ class Router:
                 return json_response(200, {"status": "ready"})
             return json_response(503, {"status": "not_ready", "reason": reason})
         if path == "/metrics":
-            return Response(
-                200, self._metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
-            )
+            body, content_type = self._exposition.render(accept)
+            return Response(200, body, content_type=content_type)
         return Response(200, self.demo_page(), content_type="text/html; charset=utf-8")
 
     def demo_page(self) -> bytes:
@@ -188,7 +206,7 @@ class MetricsRouter:
             return
         else:
             try:
-                response = self._router.plain(path)
+                response = self._router.plain(path, request.header(b"accept"))
             except Exception:  # a gauge that fails to read must not take the socket down
                 log.exception("error handling %s %s", request.method, path)
                 response = error_response(500, "internal_error", "internal error")

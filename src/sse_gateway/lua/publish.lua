@@ -65,7 +65,12 @@ end
 
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', size + 1, '*', 't', event_type, 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
+-- "ts": when it was published, Unix seconds with microseconds, by Redis's clock: the gateway
+-- measures publish -> write latency from it (sse_gateway_delivery_latency_seconds). Written by
+-- hand: cjson would round a number this long to 14 digits.
+local now = redis.call('TIME')
+local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
 local envelope = '{"type":' .. cjson.encode(event_type) .. ',"data":' .. ARGV[2] ..
-                 ',"id":"' .. id .. '"}'
+                 ',"id":"' .. id .. '","ts":' .. ts .. '}'
 local receivers = redis.call('PUBLISH', KEYS[1], envelope)
 return {id, receivers}

@@ -50,7 +50,7 @@ def async_no_retry() -> redis.asyncio.retry.Retry:
 
 
 def client_kwargs(address: RedisAddress) -> dict[str, Any]:
-    return {
+    kwargs: dict[str, Any] = {
         "host": address.host,
         "port": address.port,
         "db": address.db,
@@ -60,6 +60,11 @@ def client_kwargs(address: RedisAddress) -> dict[str, Any]:
         "socket_connect_timeout": 5.0,
         "socket_timeout": 5.0,
     }
+    if address.tls:  # a plain connection takes no TLS options at all
+        kwargs["ssl_ca_certs"] = address.ssl_ca_certs
+        kwargs["ssl_certfile"] = address.ssl_certfile
+        kwargs["ssl_keyfile"] = address.ssl_keyfile
+    return kwargs
 
 
 def _result(reply: Any) -> PublishedEvent:

@@ -4,12 +4,14 @@ the player's streams."""
 from __future__ import annotations
 
 import logging
+import time
 
 from sse_gateway.metrics import Metrics
 from sse_gateway.streams.hub import ConnectionHub
 from sse_gateway.wire.envelope import EnvelopeError, event_frame
 
 log = logging.getLogger("sse_gateway")
+_now = time.time
 
 
 class Fanout:
@@ -24,12 +26,12 @@ class Fanout:
 
     def on_message(self, channel: bytes, payload: bytes) -> None:
         """One Pub/Sub message (channel, envelope JSON). A bad message is dropped with a
-        warning and `sse_invalid_messages_total{reason}`; nothing a publisher sends raises."""
+        warning and `sse_gateway_events_dropped_total{reason}`; nothing a publisher sends raises."""
         metrics = self._metrics
         metrics.messages_received += 1
         try:
             # One chunk per message, whatever the number of streams (see `streams.stream`).
-            frame, event_id = event_frame(payload, self._max_event_bytes, True)
+            frame, event_id, event_type, stamp = event_frame(payload, self._max_event_bytes, True)
         except EnvelopeError as exc:
             metrics.invalid_messages[exc.reason] += 1
             log.warning(
@@ -47,4 +49,8 @@ class Fanout:
                 channel.decode("utf-8", "replace"),
             )
             return
-        metrics.delivered += self._hub.deliver(channel, frame, event_id)
+        written = self._hub.deliver(channel, frame, event_id)
+        metrics.delivered += written
+        if written and stamp is not None:
+            # Every frame went to its socket in this one call: one latency for all of them.
+            metrics.observe_latency(event_type, _now() - stamp, written)

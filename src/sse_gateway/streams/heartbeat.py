@@ -21,7 +21,8 @@ MAX_TICK_SECONDS = 0.1
 class Beating(Protocol):
     hb_slot: int
 
-    def heartbeat(self, frame: bytes) -> None: ...
+    def heartbeat(self, frame: bytes) -> bool:
+        """Writes the frame; False when the stream skipped it."""
 
 
 def heartbeat_frame(now_ms: int) -> bytes:
@@ -39,6 +40,8 @@ class HeartbeatScheduler:
         self._clock = clock
         self._handle: asyncio.TimerHandle | None = None
         self._next_at = 0.0
+        self.sent = 0
+        """Heartbeat frames written (sse_gateway_heartbeats_sent_total)."""
 
     def add(self, stream: Beating) -> None:
         # A random slot: streams that arrive together (a reconnect storm) are spread over the
@@ -66,8 +69,10 @@ class HeartbeatScheduler:
         self._current = (self._current + 1) % self.slot_count
         if slot:
             frame = heartbeat_frame(int(self._clock() * 1000))
+            sent = 0
             for stream in tuple(slot):
-                stream.heartbeat(frame)
+                sent += stream.heartbeat(frame)
+            self.sent += sent
         # Scheduled from the ideal time, not from now, so the ring does not drift; if the loop
         # fell far behind, skip ahead instead of firing a burst of late ticks.
         self._next_at += self.tick

@@ -8,6 +8,7 @@ whole channel's live events are held instead while it refills a gap after a brok
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -37,11 +38,22 @@ class Subscriber(Protocol):
 class Channel:
     """One player's channel on this process: its streams and what it last delivered."""
 
-    __slots__ = ("generation", "held", "last", "name", "segments", "since_ms", "streams")
+    __slots__ = (
+        "generation",
+        "held",
+        "joined_at",
+        "last",
+        "name",
+        "segments",
+        "since_ms",
+        "streams",
+    )
 
     def __init__(self, name: bytes, since_ms: int) -> None:
         self.name = name
         self.streams: list[Subscriber] = []
+        # When each of `streams` joined (Unix seconds, same order): who is online since when.
+        self.joined_at: list[float] = []
         # The newest history id delivered here, and when (broker clock) the channel began:
         # together they say where a gap after a broker outage starts.
         self.last: StreamId | None = None
@@ -141,6 +153,7 @@ class ConnectionHub:
             self._channels[name] = channel
             self._broker.subscribe(name)
         channel.streams.append(stream)
+        channel.joined_at.append(time.time())
         self._broker.when_subscribed(channel.name, on_ready)
         return channel
 
@@ -149,9 +162,11 @@ class ConnectionHub:
         if channel is None:
             return
         try:
-            channel.streams.remove(stream)
+            index = channel.streams.index(stream)
         except ValueError:
             return
+        del channel.streams[index]
+        del channel.joined_at[index]
         if not channel.streams:
             del self._channels[channel.name]
             self._broker.unsubscribe(channel.name)

@@ -93,6 +93,11 @@ class StreamLifecycle:
         self.expiry: SessionExpiry[Stream] = SessionExpiry(self._expired)
         """Closes each stream when its token expires (one timer for all)."""
 
+    @property
+    def instance(self) -> str:
+        """This process's id (`/v1/stats`, presence replies): every connection id begins with it."""
+        return self._conn_prefix
+
     def connection_id(self, conn_no: int) -> str:
         """Unique across workers and restarts: a per-process prefix, then a fixed-width count."""
         return f"{self._conn_prefix}{conn_no:010x}"
@@ -128,7 +133,7 @@ class StreamLifecycle:
         """
         self.open_streams += 1
         self.open_sockets += 1
-        self._metrics.opened += 1
+        self._metrics.stream_opened(identity.brand_id)
         conn_no = next(self._conn_numbers)
         name = self._hub.intern(channel_name(identity.brand_id, identity.player_id))
         kind = Stream if chunked else PlainStream
@@ -292,7 +297,8 @@ class StreamLifecycle:
     def stream_closed(self, stream: Stream, reason: str) -> None:
         """Bookkeeping for a stream that ends, whoever ended it. Called once per stream."""
         self.open_streams -= 1
-        self._metrics.closed[reason] += 1
+        brand_player = split_channel(stream.channel)
+        self._metrics.stream_closed(brand_player and brand_player[0], reason)
         self._hub.leave(stream)
         if stream.hb_slot >= 0:
             self._heartbeats.remove(stream)
@@ -301,7 +307,7 @@ class StreamLifecycle:
         level = logging.WARNING if reason == "slow_consumer" else logging.INFO
         if not conn_log.isEnabledFor(level):
             return
-        brand_player = split_channel(stream.channel) or ("?", "?")
+        brand_player = brand_player or ("?", "?")
         conn_id = self.connection_id(stream.conn_no)
         duration = time.monotonic() - stream.opened_at
         conn_log.log(

@@ -308,10 +308,13 @@ class Stream(asyncio.Protocol):
         if len(queue) > self.owner.event_buffer_size:
             self.close("slow_consumer", abort=True)
 
-    def heartbeat(self, frame: bytes) -> None:
-        # A stream whose socket is not draining has no use for another heartbeat.
+    def heartbeat(self, frame: bytes) -> bool:
+        """Writes `frame` unless the socket is not draining (it has no use for another
+        heartbeat then); whether it was written."""
         if not self.paused and self.transport is not None:
             self.transport.write(frame)
+            return True
+        return False
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -351,5 +354,5 @@ class PlainStream(Stream):
             self, unchunk(frame) if self.state is LIVE else frame, event_id, parsed
         )
 
-    def heartbeat(self, frame: bytes) -> None:
-        Stream.heartbeat(self, unchunk(frame))
+    def heartbeat(self, frame: bytes) -> bool:
+        return Stream.heartbeat(self, unchunk(frame))

@@ -35,6 +35,13 @@ class EnvelopeError(ValueError):
         self.reason = reason
 
 
+# A published message made ready for fan-out (`event_frame`): (frame, id, type, stamp); the
+# stamp is the publisher's `ts`, Unix seconds when it was published (publish.lua stamps it).
+# A bare tuple, not a NamedTuple: building one is a Python-level call per event on the Pub/Sub
+# hot path (measured: +3,000 instructions per delivered event in bench/hotpath.py).
+LiveFrame = tuple[bytes, str | None, str, float | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     type: str
@@ -108,9 +115,11 @@ def parse_envelope(payload: bytes, max_bytes: int) -> Envelope:
     return envelope_from_object(load_json(payload))
 
 
-def event_frame(payload: bytes, max_bytes: int, chunked: bool = False) -> tuple[bytes, str | None]:
-    """The SSE frame and id of one published message: `parse_envelope(...).encode()` and `.id`;
-    with `chunked`, the frame as one HTTP/1.1 chunk (`frames.chunk`), as streams take it.
+def event_frame(payload: bytes, max_bytes: int, chunked: bool = False) -> LiveFrame:
+    """The SSE frame, id, type and publish stamp of one published message: the frame is
+    `parse_envelope(...).encode()`; with `chunked`, as one HTTP/1.1 chunk (`frames.chunk`), as
+    streams take it. The stamp is the envelope's `ts` (Unix seconds), None when absent or not a
+    finite number (a stamp never makes a message invalid).
 
     The Pub/Sub hot path, in one pass and without building an Envelope; the same checks in the
     same order, so a bad message is refused with the same reason.
@@ -134,7 +143,17 @@ def event_frame(payload: bytes, max_bytes: int, chunked: bool = False) -> tuple[
     event_id = obj.get("id")
     if event_id is not None:
         event_id = validate_event_id(event_id)
-    return _encode_frame(head, event_type, obj["data"], event_id, chunked), event_id
+    stamp = obj.get("ts")
+    if type(stamp) is int and 0 < stamp < 10**11:
+        stamp = float(stamp)
+    elif type(stamp) is not float or not 0.0 < stamp < 1e11:  # NaN, inf, year 5138: no stamp
+        stamp = None
+    return (
+        _encode_frame(head, event_type, obj["data"], event_id, chunked),
+        event_id,
+        event_type,
+        stamp,
+    )
 
 
 def load_json(payload: bytes) -> Any:

@@ -129,7 +129,9 @@ def stream_head(headers: Iterable[tuple[str, str]], *, chunked: bool = True) -> 
     """The head of an SSE response: never cached, never buffered; the body is chunked
     (`chunked`, for HTTP/1.1 clients: libraries built on urllib3 read a close-delimited body
     only as their buffer fills) or runs until the connection closes (HTTP/1.0)."""
-    base = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+    # no-transform: a compressing proxy (HAProxy `compression`, nginx gzip) leaves the stream
+    # alone; a gzip stream reaches the client only when the compressor flushes a block.
+    base = [("Cache-Control", "no-cache, no-transform"), ("X-Accel-Buffering", "no")]
     if chunked:
         base.append(("Transfer-Encoding", "chunked"))
     base.extend(headers)
