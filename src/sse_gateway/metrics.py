@@ -156,8 +156,10 @@ class Metrics:
         histogram.sum += seconds * streams
 
     def connections_by_brand(self) -> dict[str, int]:
-        """Open streams per brand label: the labelled brands, the rest summed under `other`."""
+        """Open streams per brand label: the labelled brands, the rest summed under `other`
+        (always there, at 0 before any stream: a dashboard shows 0, not "no data")."""
         shown: dict[str, int] = dict.fromkeys(self.labelled_brands, 0)
+        shown.setdefault(OTHER, 0)
         for brand, count in self.open_by_brand.items():
             label = brand if brand in self.labelled_brands else OTHER
             shown[label] = shown.get(label, 0) + count

@@ -186,8 +186,6 @@ def parse_value(attr: str, text: str) -> Any:
     """Turns one raw string into the typed value of `attr`; ValueError explains a bad one."""
     if attr == "redis":
         address = parse_redis_address(text)
-        if address.mode == "sentinel":  # issue 11 brings its broker
-            raise ValueError(f"redis+{address.mode}:// is not supported yet")
         try:
             address.ssl_context()  # a CA or certificate file that cannot be read fails here
         except (OSError, ValueError) as exc:

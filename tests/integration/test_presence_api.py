@@ -235,3 +235,42 @@ def test_redis_down_is_503(
     assert_error(response, 503, "broker_unavailable")
     assert_retry_after(response)
     ok(gateway.get("/v1/stats", AUTH))  # this process's own numbers need no Redis
+
+
+def test_the_first_commands_after_a_redis_restart_succeed(
+    gateway_factory: GatewayFactory, fresh_redis: RedisServer, ids: Callable[..., str]
+) -> None:
+    """A restarted Redis closed the command pool's idle connections, which look open until
+    used: each failed its next command (a 503, or a lost presence reply) until the reconnect
+    of the Pub/Sub connection began dropping them."""
+    gateway = gateway_factory("--publish-api-key", KEY, redis=fresh_redis)
+    brand, pid = ids("b"), ids("p")
+    assert player(gateway, brand, pid)["online"] is False  # one pooled connection now
+    fresh_redis.kill()
+    fresh_redis.start()
+    wait_for(lambda: gateway.readyz()[0] == 200, timeout=60, what="/readyz 200 after the restart")
+    assert player(gateway, brand, pid)["online"] is False  # was 503: the stale connection
+    assert publish(gateway, brand, pid, 1)["online"] is False
+
+
+def test_connections_closed_by_the_redis_idle_timeout_are_not_used(
+    gateway_factory: GatewayFactory, fresh_redis: RedisServer, ids: Callable[..., str]
+) -> None:
+    """Redis' `timeout` (a managed Redis often sets one) closes idle command connections while
+    the Pub/Sub connection stays: the pool must not send the next command on one of them."""
+    gateway = gateway_factory("--publish-api-key", KEY, redis=fresh_redis)
+    brand, pid = ids("b"), ids("p")
+    assert player(gateway, brand, pid)["online"] is False  # one pooled connection now
+    r = fresh_redis.client()
+    try:
+        r.config_set("timeout", 1)
+
+        def only_pubsub_and_this_client() -> bool:
+            clients = r.client_list(_type="normal")
+            return len(clients) == 1  # this client; the gateway's pool connection is gone
+
+        wait_for(only_pubsub_and_this_client, timeout=30, what="redis to close idle clients")
+        assert player(gateway, brand, pid)["online"] is False  # was 503: the closed connection
+    finally:
+        r.config_set("timeout", 0)
+        r.close()

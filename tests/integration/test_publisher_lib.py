@@ -300,7 +300,8 @@ def test_sync_invalid_events(
 def test_envelope_on_the_channel(
     sync_pub: SyncPublisher, r: redis.Redis, ids: Callable[..., str]
 ) -> None:
-    """What other subscribers see: {"type", "data", "id"} with the history entry's id."""
+    """What other subscribers see: {"type", "data", "id", "ts"}: the history entry's id, and
+    the publish time (Unix seconds, by Redis' clock, as the id's milliseconds are)."""
     brand, player = ids("b"), ids("p")
     pubsub = r.pubsub()
     try:
@@ -312,7 +313,11 @@ def test_envelope_on_the_channel(
         message = pubsub.get_message(timeout=5)
         assert message is not None and message["type"] == "message"
         envelope = json.loads(message["data"])
+        stamp = envelope.pop("ts")
         assert envelope == {"type": "type.with:chars-_", "data": data, "id": event_id}
+        assert isinstance(stamp, float)
+        # The id's milliseconds come from the same clock, read a moment before in the script.
+        assert abs(stamp - int(str(event_id).split("-")[0]) / 1000) < 1
     finally:
         pubsub.close()
 

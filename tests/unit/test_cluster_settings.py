@@ -1,10 +1,8 @@
-"""EVENTS_REDIS_STORAGE=redis+cluster://… selects the cluster broker (sentinel: not yet)."""
+"""EVENTS_REDIS_STORAGE=redis+cluster://… selects the cluster broker."""
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 
 from sse_gateway.app import broker_from_settings
 from sse_gateway.broker.cluster import ClusterBroker
@@ -16,11 +14,6 @@ def test_a_cluster_url_is_accepted_with_its_seed_nodes() -> None:
     address = parse_value("redis", "redis+cluster://u:pw@127.0.0.1:7000,127.0.0.2:7001")
     assert address.mode == "cluster"
     assert address.all_nodes == (("127.0.0.1", 7000), ("127.0.0.2", 7001))
-
-
-def test_sentinel_is_still_refused() -> None:
-    with pytest.raises(ValueError, match="not supported yet"):
-        parse_value("redis", "redis+sentinel://127.0.0.1:26379/mymaster")
 
 
 def test_the_broker_follows_the_scheme() -> None:

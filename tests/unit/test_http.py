@@ -149,11 +149,23 @@ def test_head_only_keeps_content_length_but_no_body() -> None:
 
 
 def test_empty_body_has_content_length_zero() -> None:
+    raw = encode_response(Response(200, b"", headers=[("Vary", "Origin")]), keep_alive=True)
+    status, headers, body = split_response(raw)
+    assert status == "HTTP/1.1 200 OK"
+    assert body == b""
+    assert header_values(headers, "Content-Length") == ["0"]
+    assert header_values(headers, "Vary") == ["Origin"]
+
+
+def test_a_204_has_neither_content_length_nor_content_type() -> None:
+    """RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204 (a CORS preflight's
+    answer); a type of no content means nothing either."""
     raw = encode_response(Response(204, b"", headers=[("Vary", "Origin")]), keep_alive=True)
     status, headers, body = split_response(raw)
     assert status == "HTTP/1.1 204 No Content"
     assert body == b""
-    assert header_values(headers, "Content-Length") == ["0"]
+    assert header_values(headers, "Content-Length") == []
+    assert header_values(headers, "Content-Type") == []
     assert header_values(headers, "Vary") == ["Origin"]
 
 

@@ -94,6 +94,11 @@ def test_brands_past_the_cap_are_summed_under_other_and_labels_stay() -> None:
     assert "a" not in m.open_by_brand  # nothing kept for brands offline
 
 
+def test_connections_exist_at_zero_before_any_stream() -> None:
+    samples, _ = scrape(Metrics())
+    assert value(samples, "sse_gateway_connections", brand="other") == 0
+
+
 def test_no_brand_label_at_all_with_a_cap_of_zero() -> None:
     m = Metrics(max_brands=0)
     m.stream_opened("a")

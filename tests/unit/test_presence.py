@@ -59,6 +59,9 @@ def test_disconnects_are_not_presence_messages() -> None:
         },
         {"op": "presence_reply", "id": "q", "to": "a", "connections": -1},
         {"op": "presence_reply", "id": "q", "to": "a", "connections": True},
+        # No process holds that many streams; summed and answered as JSON, a number of
+        # thousands of digits would break the API's clients.
+        {"op": "presence_reply", "id": "q", "to": "a", "connections": 10**4000},
         {"op": "presence_reply", "id": "q", "to": "a", "connections": 1, "since": "now"},
         {"op": "presence_reply", "id": "q", "to": "a", "connections": 1, "last_event_id": "x"},
     ],
@@ -72,6 +75,15 @@ def test_invalid_messages_are_refused(message: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("payload", [b'{"op":"presence_', b'{"op":"presence_x"', b"[1]"])
 def test_not_json_objects_are_refused(payload: bytes) -> None:
+    with pytest.raises(InvalidPresence):
+        decode_presence(payload)
+
+
+@pytest.mark.parametrize("since", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"1" + b"0" * 400])
+def test_a_reply_since_that_is_no_time_is_refused(since: bytes) -> None:
+    # Anyone on the control channel can send one; passed on, NaN or inf made the asker's JSON
+    # answer fail (500) and a huge integer raised OverflowError out of the decoder.
+    payload = b'{"op":"presence_reply","id":"q","to":"a","connections":1,"since":' + since + b"}"
     with pytest.raises(InvalidPresence):
         decode_presence(payload)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sse_gateway.redis_address import RedisAddress, parse_redis_address
+from sse_gateway.settings import parse_value
 
 
 def test_cluster_seed_nodes() -> None:
@@ -89,3 +90,8 @@ def test_ssl_context_trusts_the_given_ca_and_presents_the_client_certificate(
     assert parse_redis_address("redis://h").ssl_context() is None
     with pytest.raises(OSError):
         parse_redis_address(f"rediss://h?ssl_ca_certs={tmp_path}/missing.pem").ssl_context()
+
+
+def test_settings_take_sentinel() -> None:
+    address = parse_value("redis", "redis+sentinel://s1:26379,s2:26379/mymaster")
+    assert address.mode == "sentinel" and address.master_name == "mymaster"

@@ -53,6 +53,7 @@ class PubSubProtocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost_reason: Exception | None = None  # a TLS alert, a reset: for the log line
         self._paused = False
         # Read but not yet fed to the reader: `_unfed[_fed:]`.
         self._unfed = b""
@@ -117,5 +118,6 @@ class PubSubProtocol(asyncio.Protocol):
         asyncio.get_running_loop().call_soon(self._handle_replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_reason = exc
         if not self.lost.done():
             self.lost.set_result(None)

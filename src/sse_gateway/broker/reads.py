@@ -20,6 +20,7 @@ import hiredis
 
 from sse_gateway.broker.base import BrokerUnavailable, HistoryEntry
 from sse_gateway.broker.pubsub import encode_command
+from sse_gateway.publish.target import is_primary_role, resolve_primary
 from sse_gateway.settings import RedisAddress
 
 log = logging.getLogger("sse_gateway.broker")
@@ -106,8 +107,9 @@ class ReadProtocol(asyncio.Protocol):
         while self.batches:
             future = self.batches.popleft().future
             if not future.done():
+                reason = f": {exc}" if exc is not None else ""
                 future.set_exception(
-                    self.aborted or ReadConnectionLost("redis read connection lost")
+                    self.aborted or ReadConnectionLost("redis read connection lost" + reason)
                 )
 
     def abort(self, error: ConnectionError | None = None) -> None:
@@ -278,10 +280,11 @@ class HistoryReads:
         return protocol
 
     async def _connect(self) -> ReadProtocol:
-        address = self._address
         loop = asyncio.get_running_loop()
-        ssl_context = address.ssl_context()
+        ssl_context = self._address.ssl_context()
         try:
+            # Sentinel's primary of the moment (each connect asks again), else the one Redis.
+            address = await resolve_primary(self._address)
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(
                     ReadProtocol,
@@ -303,6 +306,8 @@ class HistoryReads:
             handshake.append(encode_command(*auth))
         if address.db:
             handshake.append(encode_command(b"SELECT", str(address.db).encode()))
+        if self._address.mode == "sentinel":  # a sentinel slow to see a failover names a replica
+            handshake.append(encode_command(b"ROLE"))
         if handshake:
             future = protocol.send(b"".join(handshake), len(handshake))
             try:
@@ -314,6 +319,9 @@ class HistoryReads:
                 if isinstance(reply, Exception):
                     protocol.abort()
                     raise BrokerUnavailable(f"redis refused the read connection: {reply}")
+            if self._address.mode == "sentinel" and not is_primary_role(replies[-1]):
+                protocol.abort()
+                raise BrokerUnavailable(f"{address.url()} is not the primary: {replies[-1]!r}")
         if self._closed:  # closed while this connect ran
             protocol.abort()
             raise BrokerUnavailable("the history read connection is closed")

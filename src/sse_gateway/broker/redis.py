@@ -18,8 +18,10 @@ import contextlib
 import logging
 import random
 import time
+from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -40,7 +42,8 @@ from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.reads import HistoryReads
 from sse_gateway.broker.subscriptions import SubscriptionBook, SubscriptionCommand
 from sse_gateway.publish.events import PreparedEvent, PublishedEvent, PublishUnavailable
-from sse_gateway.publish.publisher import Publisher, async_no_retry, client_kwargs
+from sse_gateway.publish.publisher import Publisher, async_no_retry
+from sse_gateway.publish.target import command_pool, is_primary_role, resolve_primary
 from sse_gateway.settings import RedisAddress
 from sse_gateway.wire.control import CONTROL_CHANNEL
 
@@ -94,16 +97,9 @@ class RedisBroker(ControlMethods):
         self._ever_connected = False
         self._clock_offset_ms = 0.0
         self.subscribe_batches = self.unsubscribe_batches = 0
-        kwargs = client_kwargs(address)
-        ssl_enabled = kwargs.pop("ssl")
-        pool = aioredis.BlockingConnectionPool(
-            max_connections=COMMAND_CONNECTIONS,
-            timeout=CONNECT_TIMEOUT,
-            retry=async_no_retry(),
-            connection_class=(aioredis.SSLConnection if ssl_enabled else aioredis.Connection),
-            **kwargs,
-        )
-        self._commands = aioredis.Redis(connection_pool=pool)
+        # With Sentinel, each of its connections asks for the primary first (publish/target.py).
+        pool = command_pool(address, async_no_retry(), COMMAND_CONNECTIONS, CONNECT_TIMEOUT)
+        self._commands = aioredis.Redis.from_pool(pool)  # its aclose() closes the pool too
         # History reads have a connection of their own (broker/reads.py: the per-stream path).
         self._reads = HistoryReads(address)
         self._publisher = Publisher(
@@ -169,6 +165,8 @@ class RedisBroker(ControlMethods):
         while not self._closing:
             protocol: PubSubProtocol | None = None
             try:
+                # Sentinel's primary of the moment (each reconnect asks again), else the one Redis.
+                address = await resolve_primary(self._address)
                 _, connected = await asyncio.wait_for(
                     loop.create_connection(
                         lambda: PubSubProtocol(self._on_message, self._on_reply),
@@ -183,7 +181,7 @@ class RedisBroker(ControlMethods):
                 if self._closing:
                     break
                 await self._handshake(protocol)
-                self._on_connected()
+                self._on_connected(address)
                 attempt = 0
                 pinger = asyncio.create_task(self._ping_loop(protocol))
                 try:
@@ -219,6 +217,10 @@ class RedisBroker(ControlMethods):
             reply = await self._command(protocol, encode_command(*args))
             if isinstance(reply, Exception):
                 raise RedisHandshakeError(f"AUTH failed: {reply}")
+        if address.mode == "sentinel":  # a sentinel slow to see a failover names a replica
+            reply = await self._command(protocol, encode_command(b"ROLE"))
+            if not is_primary_role(reply):
+                raise RedisHandshakeError(f"not the primary: ROLE answered {reply!r}")
         sent = time.time()
         reply = await self._command(protocol, encode_command(b"TIME"))
         received = time.time()
@@ -233,7 +235,14 @@ class RedisBroker(ControlMethods):
         waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._command_waiters.append(waiter)
         protocol.transport.write(data)
-        return await asyncio.wait_for(waiter, CONNECT_TIMEOUT)
+        # A connection refused during the handshake (TLS without the client certificate Redis
+        # requires) must say why at once, not after the timeout.
+        lost: asyncio.Future[object] = cast("asyncio.Future[object]", protocol.lost)
+        await asyncio.wait({waiter, lost}, timeout=CONNECT_TIMEOUT, return_when=FIRST_COMPLETED)
+        if waiter.done() or not lost.done():
+            return await asyncio.wait_for(waiter, 0)  # its reply, or TimeoutError
+        waiter.cancel()
+        raise ConnectionError(f"connection closed: {protocol.lost_reason or 'by redis'}")
 
     async def _ping_loop(self, protocol: PubSubProtocol) -> None:
         # A half-open TCP connection shows no error; an unanswered PING does.
@@ -250,13 +259,14 @@ class RedisBroker(ControlMethods):
                 return
             protocol.transport.write(encode_command(b"PING"))
 
-    def _on_connected(self) -> None:
+    def _on_connected(self, node: RedisAddress) -> None:
         if self._ever_connected:
             count = self.subscribed_count
             extra = {"event": "broker_connected", "channels": count}
-            log.info("redis pubsub reconnected; resubscribing %d channels", count, extra=extra)
+            message = "redis pubsub reconnected to %s; resubscribing %d channels"
+            log.info(message, node.url(), count, extra=extra)
         else:
-            log.info("redis pubsub connected to %s", self._address.url(), extra=_CONNECTED)
+            log.info("redis pubsub connected to %s", node.url(), extra=_CONNECTED)
         self._ever_connected = True
         self._connected = True
         self._last_pong = time.monotonic()

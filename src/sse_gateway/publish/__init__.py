@@ -31,8 +31,8 @@ from sse_gateway.publish.publisher import (
     Publisher,
     SyncPublisher,
     async_no_retry,
-    client_kwargs,
 )
+from sse_gateway.publish.target import client_kwargs
 
 __all__ = [
     "DEFAULT_HISTORY_SIZE",

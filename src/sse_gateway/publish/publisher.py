@@ -37,6 +37,7 @@ from sse_gateway.publish.events import (
     event_from_mapping,
     prepare_event,
 )
+from sse_gateway.publish.target import client_kwargs, command_pool, sync_client
 from sse_gateway.settings import RedisAddress, parse_redis_address
 
 DEFAULT_HISTORY_SIZE = 100
@@ -53,24 +54,6 @@ _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 def async_no_retry() -> redis.asyncio.retry.Retry:
     # A retried EVALSHA after a lost reply would store and deliver the event twice.
     return redis.asyncio.retry.Retry(NoBackoff(), 0)
-
-
-def client_kwargs(address: RedisAddress) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "host": address.host,
-        "port": address.port,
-        "db": address.db,
-        "username": address.username,
-        "password": address.password,
-        "ssl": address.tls,
-        "socket_connect_timeout": 5.0,
-        "socket_timeout": 5.0,
-    }
-    if address.tls:  # a plain connection takes no TLS options at all
-        kwargs["ssl_ca_certs"] = address.ssl_ca_certs
-        kwargs["ssl_certfile"] = address.ssl_certfile
-        kwargs["ssl_keyfile"] = address.ssl_keyfile
-    return kwargs
 
 
 def cluster_kwargs(address: RedisAddress) -> dict[str, Any]:
@@ -154,7 +137,7 @@ class Publisher(_PublisherBase):
                 **cluster_kwargs(address),
             )
             return cls(cluster, **options)
-        client = aioredis.Redis(**client_kwargs(address), retry=async_no_retry())
+        client = aioredis.Redis.from_pool(command_pool(address, async_no_retry()))
         return cls(client, **options)
 
     async def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:
@@ -221,7 +204,7 @@ class SyncPublisher(_PublisherBase):
                 **cluster_kwargs(address),
             )
             return cls(cluster, **options)
-        client = redis.Redis(**client_kwargs(address), retry=redis.retry.Retry(NoBackoff(), 0))
+        client = sync_client(address, redis.retry.Retry(NoBackoff(), 0))
         return cls(client, **options)
 
     def publish(self, brand_id: str, player_id: str, type: str, data: Any) -> PublishedEvent:

@@ -91,12 +91,15 @@ def encode_head(
     status: int,
     headers: Iterable[tuple[str, str]],
     *,
-    content_type: str,
+    content_type: str | None,
     content_length: int | None,
     keep_alive: bool,
 ) -> bytes:
+    """A response head; `content_type` and `content_length` None leave their header out."""
     reason = HTTPStatus(status).phrase
-    lines = [f"HTTP/1.1 {status} {reason}\r\n", f"Content-Type: {content_type}\r\n"]
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    if content_type is not None:
+        lines.append(f"Content-Type: {content_type}\r\n")
     if content_length is not None:
         lines.append(f"Content-Length: {content_length}\r\n")
     lines.append("Connection: keep-alive\r\n" if keep_alive else "Connection: close\r\n")
@@ -105,6 +108,13 @@ def encode_head(
 
 
 def encode_response(response: Response, *, keep_alive: bool, head_only: bool = False) -> bytes:
+    """The bytes of `response`; a 204 has no content, and so neither a Content-Length (RFC
+    9110 §8.6: a server MUST NOT send one) nor a Content-Type."""
+    if response.status == 204:
+        head = encode_head(
+            204, response.headers, content_type=None, content_length=None, keep_alive=keep_alive
+        )
+        return head
     head = encode_head(
         response.status,
         response.headers,

@@ -25,6 +25,9 @@ REPLY_OP = "presence_reply"
 # them from the disconnects of `wire.control` without parsing the JSON.
 _PREFIX = b'{"op":"presence_'
 _MAX_TOKEN_CHARS = 64
+# Far above what one process can hold (its open-file limit), far below what breaks a JSON client.
+_MAX_CONNECTIONS = 100_000_000
+_MAX_SINCE = 1e11  # Unix seconds, year 5138: as `wire.envelope` bounds the publish stamp
 
 
 def _encode(message: dict[str, object]) -> bytes:
@@ -109,11 +112,21 @@ def decode_presence(payload: bytes) -> PresenceQuery | PresenceReply:
     if op != REPLY_OP:
         raise InvalidPresence(f"unknown operation {op!r}")
     connections = message.get("connections")
-    if not isinstance(connections, int) or isinstance(connections, bool) or connections < 0:
-        raise InvalidPresence("connections: must be a non-negative integer")
+    if (
+        not isinstance(connections, int)
+        or isinstance(connections, bool)
+        or not 0 <= connections <= _MAX_CONNECTIONS
+    ):
+        raise InvalidPresence(f"connections: must be an integer from 0 to {_MAX_CONNECTIONS}")
     since = message.get("since")
-    if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)):
-        raise InvalidPresence("since: must be a number or null")
+    if since is not None:
+        # json.loads takes NaN, Infinity and integers of any size: none is a time, and NaN or
+        # inf would make the asker's JSON answer fail.
+        if not isinstance(since, int | float) or isinstance(since, bool):
+            raise InvalidPresence("since: must be a number or null")
+        if not 0 <= since < _MAX_SINCE:
+            raise InvalidPresence("since: must be Unix seconds")
+        since = float(since)
     last = message.get("last_event_id")
     if last is not None and (not isinstance(last, str) or parse_stream_id(last) is None):
         raise InvalidPresence("last_event_id: must be a history id or null")
@@ -121,7 +134,7 @@ def decode_presence(payload: bytes) -> PresenceQuery | PresenceReply:
         _token(message, "id"),
         _token(message, "to"),
         connections,
-        None if since is None else float(since),
+        since,
         last,
     )
 
