@@ -322,3 +322,39 @@ def test_http_publish_cli_publish_disconnect_and_presence_on_the_cluster(
         assert r.zscore("SSE:blocks", f"SSE:block:{brand}:{player}") is not None
     finally:
         r.close()
+
+
+def test_manual_failover_moves_the_subscriptions_and_loses_nothing(
+    gateway_factory: GatewayFactory, fresh_cluster: RedisClusterProcesses, ids: Callable[..., str]
+) -> None:
+    """CLUSTER FAILOVER: the old master stays up as a replica; the gateway leaves it."""
+    cluster = fresh_cluster
+    gateway = gateway_factory("--history-size", "5000", redis=cluster.url)
+    brand, player = ids("b"), ids("p")
+    channel = channel_name(brand, player)
+    old = owner_port(cluster, channel)
+    with contextlib.closing(cluster.node(old).client()) as master:
+        replica = int(master.info("replication")["slave0"]["port"])
+    client, _ = gateway.player_stream(brand, player)
+    publisher = ClusterPublisher(cluster.url, brand, [player], pause=0.005)
+    publisher.start()
+    try:
+        wait_for(lambda: len(publisher.acked[player]) >= 20, what="publishing")
+        with contextlib.closing(cluster.node(replica).client()) as promoted:
+            promoted.execute_command("CLUSTER", "FAILOVER")
+        wait_for(lambda: owner_port(cluster, channel) == replica, timeout=30, what="failover")
+        wait_for(
+            lambda: channel in shard_channels(cluster, replica),
+            timeout=20,
+            what="the gateway to subscribe on the promoted replica",
+        )
+        mark = len(publisher.acked[player])
+        wait_for(lambda: len(publisher.acked[player]) >= mark + 20, what="publishing after")
+    finally:
+        acked = publisher.finish()
+    got = collect(gateway, brand, player, client, acked[player][-1])
+    assert_has_acked_in_order(got, acked[player], player)
+
+    assert channel not in shard_channels(cluster, old)
+    # the channel was lost on the old master and refilled from the new one's history
+    assert gateway.metrics().value("sse_gateway_refills_total", outcome="covered") >= 1

@@ -309,6 +309,10 @@ class ClusterBroker(ClusterControlMethods):
             if node not in masters:
                 # A demoted master (its replica took over) may still answer, and hear nothing.
                 self._report_lost(self._evict(shard, list(shard.book_channels())))
+                del self._shards[node]
+                self._retired_batches[0] += shard.subscribe_batches
+                self._retired_batches[1] += shard.unsubscribe_batches
+                shard.close()
                 continue
             stray = [
                 channel
