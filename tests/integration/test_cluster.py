@@ -50,6 +50,22 @@ def owner_port(cluster: RedisClusterProcesses, channel: bytes) -> int:
     raise AssertionError(f"slot {slot} has no master")
 
 
+def spread_players(
+    cluster: RedisClusterProcesses, brand: str, ids: Callable[..., str], per_master: int
+) -> list[str]:
+    """Player ids, `per_master` on each master (random ids cluster unevenly over 3 ranges)."""
+    masters = cluster.masters()
+    counts = dict.fromkeys(masters, 0)
+    players: list[str] = []
+    while min(counts.values()) < per_master:
+        player = ids("p")
+        port = owner_port(cluster, channel_name(brand, player))
+        if counts[port] < per_master:
+            counts[port] += 1
+            players.append(player)
+    return players
+
+
 def shard_channels(cluster: RedisClusterProcesses, port: int) -> set[bytes]:
     with contextlib.closing(cluster.node(port).client()) as client:
         return set(client.execute_command("PUBSUB", "SHARDCHANNELS"))
@@ -60,7 +76,7 @@ def test_players_over_every_shard_get_their_events_each_shard_only_its_own(
 ) -> None:
     gateway = gateway_factory(redis=cluster.url)
     brand = ids("b")
-    players = [ids("p") for _ in range(24)]
+    players = spread_players(cluster, brand, ids, 8)
     owners = {p: owner_port(cluster, channel_name(brand, p)) for p in players}
     assert len(set(owners.values())) == 3, "players do not cover every master"
     clients: dict[str, SSEClient] = {p: gateway.player_stream(brand, p)[0] for p in players}
@@ -174,7 +190,7 @@ def test_master_killed_while_publishing_every_acknowledged_event_arrives_in_orde
     key = "cluster-publish-key-0123456789abcdef"
     gateway = gateway_factory("--history-size", "5000", "--publish-api-key", key, redis=cluster.url)
     brand = ids("b")
-    players = [ids("p") for _ in range(9)]
+    players = spread_players(cluster, brand, ids, 3)
     owners = {p: owner_port(cluster, channel_name(brand, p)) for p in players}
     assert len(set(owners.values())) == 3
     clients = {p: gateway.player_stream(brand, p)[0] for p in players}
