@@ -103,6 +103,8 @@ class RedisClusterProcesses:
     default: 3 masters, 3 replicas)."""
 
     def __init__(self, workdir: Path, size: int = 6, replicas: int = 1) -> None:
+        self.workdir = workdir
+        self.size = size
         self.nodes = [ClusterNodeProcess(workdir) for _ in range(size)]
         self.replicas = replicas
 
@@ -112,11 +114,24 @@ class RedisClusterProcesses:
         return f"redis+cluster://{seeds}"
 
     def start(self, timeout: float = 30.0) -> RedisClusterProcesses:
-        try:
-            return self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        """Starts the nodes and makes them a cluster; once more on fresh ports when that
+        fails (a port taken meanwhile by another process of a busy machine, say)."""
+        for attempt in (1, 2):
+            try:
+                return self._start(timeout)
+            except (RuntimeError, subprocess.SubprocessError) as exc:
+                self.stop()
+                if attempt == 2:
+                    raise RuntimeError(f"{exc}; last node log:\n{self._log_tail()}") from exc
+                self.nodes = [ClusterNodeProcess(self.workdir) for _ in range(self.size)]
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _log_tail(self) -> str:
+        logs = [node.workdir / "redis.log" for node in self.nodes]
+        return "\n".join(p.read_text()[-1500:] for p in logs if p.exists())
 
     def _start(self, timeout: float) -> RedisClusterProcesses:
         for node in self.nodes:
