@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,14 @@ def make_instance_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="sse-gateway-workers-"))
 
 
-def snapshot(registry: CollectorRegistry, pid: int, ready: str | None) -> Snapshot:
-    """This worker's figures now, as JSON-ready data."""
-    families = []
-    for family in registry.collect():
+def families(collector: Collector) -> list[Family]:
+    """A collector's families now, as JSON-ready data (no `_created` samples)."""
+    found = []
+    for family in collector.collect():
         samples = [
             [s.name, s.labels, s.value] for s in family.samples if not s.name.endswith("_created")
         ]
-        families.append(
+        found.append(
             {
                 "name": family.name,
                 "type": family.type,
@@ -71,11 +72,11 @@ def snapshot(registry: CollectorRegistry, pid: int, ready: str | None) -> Snapsh
                 "samples": samples,
             }
         )
-    return {"pid": pid, "ready": ready, "families": families}
+    return found
 
 
 def _write(path: Path, data: Snapshot) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
     temporary.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
     os.replace(temporary, path)
 
@@ -178,27 +179,52 @@ class _Families(Collector):
 
 class InstanceView:
     """A worker's part: writes its snapshot, and answers `/metrics` and `/readyz` for the
-    instance. `registry`: this worker's metrics; `ready_reason()`: why it is not ready, or
-    None."""
+    instance. `gateway`: this worker's own series (read on the event loop); `process`: its
+    process series (read from /proc, in a thread for the periodic snapshot: listing 20,000
+    open descriptors takes ~20 ms); `ready_reason()`: why it is not ready, or None."""
 
     def __init__(
         self,
         directory: Path,
-        registry: CollectorRegistry,
+        gateway: Collector,
+        process: Collector,
         ready_reason: Callable[[], str | None],
     ) -> None:
         self.directory = directory
         self.pid = os.getpid()
-        self._registry = registry
+        self._gateway = gateway
+        self._process = process
         self._ready_reason = ready_reason
         self._path = directory / f"{self.pid}.json"
         self._timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Future[None] | None = None
+        # Snapshots are numbered when taken; one taken earlier but written later (the
+        # periodic thread behind a scrape) must not replace a newer one: counters would go back.
+        self._taken = 0
+        self._written = 0
+        self._lock = threading.Lock()
+
+    def _take(self, *, with_process: bool) -> tuple[int, Snapshot]:
+        self._taken += 1
+        found = families(self._gateway)
+        if with_process:
+            found += families(self._process)
+        return self._taken, {"pid": self.pid, "ready": self._ready_reason(), "families": found}
+
+    def _store(self, number: int, data: Snapshot, *, with_process: bool) -> None:
+        if not with_process:
+            data["families"] += families(self._process)
+        with self._lock:
+            if number < self._written:
+                return
+            with contextlib.suppress(OSError):  # the supervisor removed it: stopping
+                _write(self._path, data)
+            self._written = number
 
     def write(self) -> Snapshot:
-        """Writes this worker's snapshot now and returns it."""
-        data = snapshot(self._registry, self.pid, self._ready_reason())
-        with contextlib.suppress(OSError):  # the supervisor removed the directory: stopping
-            _write(self._path, data)
+        """Takes and writes this worker's snapshot now, on the calling thread; returns it."""
+        number, data = self._take(with_process=True)
+        self._store(number, data, with_process=True)
         return data
 
     def start(self) -> None:
@@ -206,13 +232,22 @@ class InstanceView:
         self._timer = asyncio.get_running_loop().call_later(SNAPSHOT_PERIOD, self._tick)
 
     def _tick(self) -> None:
-        self.write()
-        self._timer = asyncio.get_running_loop().call_later(SNAPSHOT_PERIOD, self._tick)
+        loop = asyncio.get_running_loop()
+        if self._writing is None or self._writing.done():
+            # The worker's own series on the loop (they change on it); /proc, JSON and the
+            # file in a thread, off the loop.
+            number, data = self._take(with_process=False)
+            self._writing = loop.run_in_executor(
+                None, lambda: self._store(number, data, with_process=False)
+            )
+        self._timer = loop.call_later(SNAPSHOT_PERIOD, self._tick)
 
     def stop(self) -> None:
+        """No more periodic snapshots; a last one, so the supervisor keeps every count."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.write()
 
     def _others(self) -> tuple[list[Snapshot], list[Snapshot]]:
         live, dead = read_snapshots(self.directory)

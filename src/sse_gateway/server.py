@@ -78,7 +78,10 @@ async def serve(
     await gateway.start()
     view = None
     if instance_dir is not None:
-        view = InstanceView(instance_dir, gateway.router.exposition.registry, gateway.ready_reason)
+        exposition = gateway.router.exposition
+        view = InstanceView(
+            instance_dir, exposition.gateway, exposition.process, gateway.ready_reason
+        )
         gateway.router.show_instance(view.render, view.readiness)
         view.start()
     # SIGHUP: SSE_JWT_KEYS_FILE is read anew, open streams stay (docs/operations.md).

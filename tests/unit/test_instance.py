@@ -89,7 +89,7 @@ def test_the_view_renders_valid_exposition_and_names_a_worker_not_ready(tmp_path
     metrics = Metrics()
     metrics.stream_opened("b")
     exposition = Exposition(metrics)
-    view = InstanceView(tmp_path, exposition.registry, lambda: None)
+    view = InstanceView(tmp_path, exposition.gateway, exposition.process, lambda: None)
     other = _snapshot(os.getppid(), 3, 2, 0.0, 1) | {"ready": "draining"}
     (tmp_path / f"{os.getppid()}.json").write_text(json.dumps(other))
     body, content_type = view.render(None)
