@@ -235,3 +235,27 @@ def test_two_instances_with_workers_deliver_each_event_once_per_connection(
         publisher.close()
         for client in streams:
             client.close()
+
+
+def test_readyz_and_broker_connected_follow_redis_for_every_worker(
+    gateway_factory: GatewayFactory, fresh_redis: RedisServer
+) -> None:
+    gw = gateway_factory("--workers", "2", redis=fresh_redis)
+    fresh_redis.kill()
+
+    def all_down() -> bool:
+        answers = [gw.readyz() for _ in range(SCRAPES)]
+        return all(
+            status == 503 and body["reason"] == "broker_disconnected" and body["worker"] > 0
+            for status, body in answers
+        )
+
+    wait_for(all_down, what="every worker's /readyz to say broker_disconnected")
+    time.sleep(SNAPSHOT_PERIOD + 0.2)
+    assert all(gw.metrics().value("sse_gateway_broker_connected") == 0 for _ in range(SCRAPES))
+    fresh_redis.start()
+    wait_for(
+        lambda: all(gw.readyz()[0] == 200 for _ in range(SCRAPES)),
+        timeout=30,
+        what="every worker ready again",
+    )
