@@ -36,6 +36,9 @@ from sse_gateway.metrics import PREFIX
 
 SNAPSHOT_PERIOD = 1.0
 """Seconds between a worker's snapshots; another worker's figures are at most this old."""
+READY_CHECK_PERIOD = 0.1
+"""Seconds between checks of a worker's readiness: a change is written at once, so another
+worker's `/readyz` learns it within about this."""
 RETIRED = "retired.json"
 # Gauges that are not summed over live workers: the instance is as late as its latest loop,
 # connected only while every worker is, and started when its oldest worker started.
@@ -152,6 +155,16 @@ def merge(live: list[Snapshot], dead: list[Snapshot]) -> list[Family]:
     return merged
 
 
+def expect_worker(directory: Path, pid: int) -> None:
+    """The supervisor's part when it has started worker `pid`: until the worker writes its
+    first snapshot, the instance is not ready (`starting`). Never replaces a snapshot the
+    worker wrote first."""
+    placeholder = {"pid": pid, "ready": "starting", "families": []}
+    path = directory / f"{pid}.json"
+    with contextlib.suppress(FileExistsError), open(path, "x", encoding="utf-8") as file:
+        json.dump(placeholder, file)
+
+
 def retire(directory: Path, pid: int) -> None:
     """The supervisor's part when worker `pid` has exited: its counters and histograms join
     `retired.json` (which names it, so it is never counted twice), then its file goes."""
@@ -203,6 +216,8 @@ class InstanceView:
         self._taken = 0
         self._written = 0
         self._lock = threading.Lock()
+        self._reported: str | None = None
+        self._due = 0.0
 
     def _take(self, *, with_process: bool) -> tuple[int, Snapshot]:
         self._taken += 1
@@ -228,19 +243,27 @@ class InstanceView:
         return data
 
     def start(self) -> None:
-        self.write()
-        self._timer = asyncio.get_running_loop().call_later(SNAPSHOT_PERIOD, self._tick)
+        self._reported = self.write()["ready"]
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + SNAPSHOT_PERIOD
+        self._timer = loop.call_later(READY_CHECK_PERIOD, self._tick)
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._writing is None or self._writing.done():
-            # The worker's own series on the loop (they change on it); /proc, JSON and the
-            # file in a thread, off the loop.
-            number, data = self._take(with_process=False)
-            self._writing = loop.run_in_executor(
-                None, lambda: self._store(number, data, with_process=False)
-            )
-        self._timer = loop.call_later(SNAPSHOT_PERIOD, self._tick)
+        self._timer = loop.call_later(READY_CHECK_PERIOD, self._tick)
+        reason = self._ready_reason()
+        if reason == self._reported and loop.time() < self._due:
+            return
+        if self._writing is not None and not self._writing.done():
+            return  # the next tick tries again
+        self._reported = reason
+        self._due = loop.time() + SNAPSHOT_PERIOD
+        # The worker's own series on the loop (they change on it); /proc, JSON and the file
+        # in a thread, off the loop.
+        number, data = self._take(with_process=False)
+        self._writing = loop.run_in_executor(
+            None, lambda: self._store(number, data, with_process=False)
+        )
 
     def stop(self) -> None:
         """No more periodic snapshots; a last one, so the supervisor keeps every count."""

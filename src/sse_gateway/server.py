@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from sse_gateway.app import Gateway, broker_from_settings
-from sse_gateway.instance import InstanceView, make_instance_dir, retire
+from sse_gateway.instance import InstanceView, expect_worker, make_instance_dir, retire
 from sse_gateway.keys_file import load_jwt_keys
 from sse_gateway.settings import Settings
 from sse_gateway.sizing import per_worker_limit, plan_workers
@@ -83,7 +83,6 @@ async def serve(
             instance_dir, exposition.gateway, exposition.process, gateway.ready_reason
         )
         gateway.router.show_instance(view.render, view.readiness)
-        view.start()
     # SIGHUP: SSE_JWT_KEYS_FILE is read anew, open streams stay (docs/operations.md).
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_keys)
     if _Hangup.pending:
@@ -95,6 +94,8 @@ async def serve(
     deadline = loop.time() + BROKER_WAIT_SECONDS
     while not gateway.broker.connected and loop.time() < deadline:
         await asyncio.sleep(0.01)
+    if view is not None:
+        view.start()  # ready by now, mostly: the supervisor's `starting` is replaced
     try:
         server = await loop.create_server(
             gateway.protocol_factory,
@@ -273,6 +274,8 @@ def _run_workers(settings: Settings, instance_dir: Path) -> int:
         process = context.Process(target=_worker_main, args=(settings, instance_dir), daemon=False)
         process.start()
         started_at[id(process)] = time.monotonic()
+        if process.pid is not None:
+            expect_worker(instance_dir, process.pid)  # not ready until it says it is
         return process
 
     def on_signal(signum: int, _frame: object) -> None:

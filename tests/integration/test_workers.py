@@ -52,8 +52,8 @@ def wait_past_min_lifetime(started: float) -> None:
 def test_every_scrape_reports_the_instance_and_counters_survive_a_killed_worker(
     gateway_factory: GatewayFactory, redis_server: RedisServer, ids: Callable[..., str]
 ) -> None:
-    started = time.monotonic()
     gw = gateway_factory("--workers", "2", redis=redis_server)
+    started = time.monotonic()  # the workers were spawned before: they are older than this
     brand = ids("b")
     streams = open_streams(gw, brand, 16)
     workers = {pid for _, pid in streams.values()}
@@ -138,6 +138,7 @@ class Reconnecting(threading.Thread):
         self.gw, self.brand, self.player, self.stop_flag = gw, brand, player, stop
         self.received: list[str] = []
         self.workers: list[int] = []
+        self.errors: list[str] = []
         self.connected = threading.Event()
         self.last_id: str | None = None
 
@@ -145,7 +146,8 @@ class Reconnecting(threading.Thread):
         while not self.stop_flag.is_set():
             try:
                 client, connected = self.gw.player_stream(self.brand, self.player, self.last_id)
-            except (OSError, EOFError, AssertionError, TimeoutError):
+            except (OSError, EOFError, AssertionError, TimeoutError) as exc:
+                self.errors.append(repr(exc)[:200])
                 time.sleep(0.05)  # refused or reset while the worker was going
                 continue
             self.workers.append(worker_of(connected))
@@ -171,8 +173,8 @@ class Reconnecting(threading.Thread):
 def test_a_worker_killed_with_sigkill_loses_its_clients_nothing(
     gateway_factory: GatewayFactory, redis_server: RedisServer, ids: Callable[..., str]
 ) -> None:
-    started = time.monotonic()
     gw = gateway_factory("--workers", "2", redis=redis_server)
+    started = time.monotonic()  # the workers were spawned before: they are older than this
     brand = ids("b")
     stop = threading.Event()
     clients = [Reconnecting(gw, brand, f"p{i}", stop) for i in range(10)]
@@ -200,12 +202,14 @@ def test_a_worker_killed_with_sigkill_loses_its_clients_nothing(
         publish_some(150)
         wait_for(
             lambda: all(len(c.workers) >= 2 for c in on_victim),
-            what="the killed worker's clients to reconnect",
+            what="the killed worker's clients to reconnect: "
+            + repr([(c.workers, c.errors) for c in on_victim]),
         )
         publish_some(100)
         wait_for(
             lambda: all(len(c.received) >= len(acked[c.player]) for c in clients),
-            what="every acknowledged event to arrive",
+            what="every acknowledged event to arrive: "
+            + repr([(len(c.received), len(acked[c.player]), c.workers) for c in clients]),
         )
         time.sleep(0.3)  # a duplicate would arrive now
         for client in clients:
