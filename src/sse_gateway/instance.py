@@ -4,7 +4,7 @@ The supervisor makes a directory for the instance (`make_instance_dir`). Each wo
 snapshot there, `<pid>.json`, every `SNAPSHOT_PERIOD` seconds and whenever it answers a scrape
 (written to a temporary name, then renamed: a reader never sees half a file):
 
-    {"pid": 4242, "ready": null | "draining" | "broker_disconnected",
+    {"pid": 4242, "ready": null | "draining" | "broker_disconnected" | "starting",
      "families": [{"name", "type", "help", "unit", "samples": [[name, {labels}, value], ...]}]}
 
 The worker the kernel hands a scrape merges every snapshot (`merge`): counters and histograms
