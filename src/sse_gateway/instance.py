@@ -159,6 +159,12 @@ def expect_worker(directory: Path, pid: int) -> None:
     """The supervisor's part when it has started worker `pid`: until the worker writes its
     first snapshot, the instance is not ready (`starting`). Never replaces a snapshot the
     worker wrote first."""
+    retired = _read(directory / RETIRED)
+    if retired is not None and pid in retired["folded"]:
+        # A pid used again (pid_max reached): the retired worker's file went long ago, and
+        # this one's snapshots must not be taken for it.
+        retired["folded"] = [p for p in retired["folded"] if p != pid]
+        _write(directory / RETIRED, retired)
     placeholder = {"pid": pid, "ready": "starting", "families": []}
     path = directory / f"{pid}.json"
     with contextlib.suppress(FileExistsError), open(path, "x", encoding="utf-8") as file:

@@ -9,7 +9,14 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sse_gateway.instance import RETIRED, InstanceView, merge, read_snapshots, retire
+from sse_gateway.instance import (
+    RETIRED,
+    InstanceView,
+    expect_worker,
+    merge,
+    read_snapshots,
+    retire,
+)
 from sse_gateway.metrics import Exposition, Metrics
 
 DEAD_PID = 2**22 + 12345  # above the default pid_max: never a live process
@@ -105,3 +112,18 @@ def test_the_view_renders_valid_exposition_and_names_a_worker_not_ready(tmp_path
     openmetrics, kind = view.render("application/openmetrics-text; version=1.0.0")
     assert kind.startswith("application/openmetrics-text") and openmetrics.endswith(b"# EOF\n")
     assert view.readiness() == {"reason": "draining", "worker": os.getppid()}
+
+
+def test_a_worker_with_a_retired_workers_pid_is_seen(tmp_path: Path) -> None:
+    """pids are used again once pid_max is reached: the new worker is not the folded one."""
+    (tmp_path / f"{DEAD_PID}.json").write_text(json.dumps(_snapshot(DEAD_PID, 10, 9, 0.0, 1)))
+    retire(tmp_path, DEAD_PID)
+    expect_worker(tmp_path, os.getpid())
+    assert read_snapshots(tmp_path)[0][0]["ready"] == "starting"
+    (tmp_path / f"{os.getpid()}.json").unlink()
+    retired = json.loads((tmp_path / RETIRED).read_text())
+    (tmp_path / RETIRED).write_text(json.dumps(retired | {"folded": [os.getpid()]}))
+    expect_worker(tmp_path, os.getpid())
+    live, _ = read_snapshots(tmp_path)
+    assert [d["pid"] for d in live] == [os.getpid()]
+    assert _values(merge(*read_snapshots(tmp_path)))["sse_gateway_connections_opened_total"] == 10
