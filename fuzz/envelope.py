@@ -7,7 +7,7 @@ type, an id and a text, and the message a publisher would send for those
 reaches the frame encoder. Invariants (a violation raises `Finding`):
 
 - the parsers return a valid envelope or raise `EnvelopeError` with one of the reasons
-  `docs/api.md` lists, nothing else; the hot path gives the same frame and id, or the same
+  `docs/api.md` lists, nothing else; the hot path gives the same frame, id and type, or the same
   reason;
 - a valid envelope's type matches `[A-Za-z0-9_.:-]{1,64}` and is not reserved, its id (if
   any) `[A-Za-z0-9_.:-]{1,128}`;
@@ -87,9 +87,10 @@ def check_message(payload: bytes, max_bytes: int = MAX_BYTES) -> Envelope | None
     ):
         raise Finding(f"accepted id {envelope.id!r}")
     frame = envelope.encode()
-    if fast != (frame, envelope.id):
+    # The hot path also gives the type and the publish stamp (`ts`), which is not the frame's.
+    if fast[:3] != (frame, envelope.id, envelope.type):
         raise Finding(f"hot path frame {fast!r} differs from {frame!r}")
-    if chunked != (http_chunk(frame), envelope.id):
+    if chunked[:3] != (http_chunk(frame), envelope.id, envelope.type):
         raise Finding(f"chunked frame {chunked!r} is not {frame!r} as one chunk")
     check_frame(frame, envelope)
     again = encode_envelope(envelope.type, envelope.data, envelope.id)

@@ -253,8 +253,10 @@ class Exposition:
 
     def __init__(self, metrics: Metrics) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(metrics))
-        ProcessCollector(registry=self.registry)
+        self.gateway = GatewayCollector(metrics)
+        self.registry.register(self.gateway)
+        self.process = ProcessCollector(registry=self.registry)
+        """Reads /proc: safe off the event loop (a worker's snapshots collect it in a thread)."""
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """(body, content type) for a scraper's `Accept` header: OpenMetrics when asked."""

@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import multiprocessing
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 from sse_gateway.app import Gateway, broker_from_settings
-from sse_gateway.edge.admission import effective_connection_limit
+from sse_gateway.instance import InstanceView, expect_worker, make_instance_dir, retire
 from sse_gateway.keys_file import load_jwt_keys
 from sse_gateway.settings import Settings
+from sse_gateway.sizing import per_worker_limit, plan_workers
 
 log = logging.getLogger("sse_gateway")
 
@@ -37,28 +39,6 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
     return soft
-
-
-def per_worker_limit(settings: Settings) -> int:
-    return math.ceil(settings.connection_limit / settings.workers)
-
-
-def warn_about_fd_limit(settings: Settings, fd_limit: int) -> None:
-    wanted = per_worker_limit(settings)
-    effective = effective_connection_limit(wanted, fd_limit)
-    if effective < wanted:
-        workers_needed = math.ceil(settings.connection_limit / effective)
-        log.warning(
-            "SSE_CONNECTION_LIMIT=%d exceeds what the open-file limit allows (%d per process): "
-            "enforcing %d streams per process, %d in all; run with --workers %d "
-            "(SSE_WORKERS) to serve %d",
-            settings.connection_limit,
-            fd_limit,
-            effective,
-            effective * settings.workers,
-            workers_needed,
-            settings.connection_limit,
-        )
 
 
 class _Hangup:
@@ -81,16 +61,28 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
+async def serve(
+    settings: Settings, *, reuse_port: bool = False, instance_dir: Path | None = None
+) -> int:
+    """Runs one gateway process until SIGTERM/SIGINT and its drain; returns the exit code.
+    `instance_dir`: a worker's (`--workers`), where it and its siblings share their figures
+    for the instance's `/metrics` and `/readyz` (sse_gateway.instance)."""
     loop = asyncio.get_running_loop()
     fd_limit = raise_fd_limit()
     gateway = Gateway(
         settings,
         broker_from_settings(settings),
         fd_limit=fd_limit,
-        connection_limit=per_worker_limit(settings),
+        connection_limit=per_worker_limit(settings.connection_limit, settings.workers),
     )
     await gateway.start()
+    view = None
+    if instance_dir is not None:
+        exposition = gateway.router.exposition
+        view = InstanceView(
+            instance_dir, exposition.gateway, exposition.process, gateway.ready_reason
+        )
+        gateway.router.show_instance(view.render, view.readiness)
     # SIGHUP: SSE_JWT_KEYS_FILE is read anew, open streams stay (docs/operations.md).
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_keys)
     if _Hangup.pending:
@@ -102,6 +94,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     deadline = loop.time() + BROKER_WAIT_SECONDS
     while not gateway.broker.connected and loop.time() < deadline:
         await asyncio.sleep(0.01)
+    if view is not None:
+        view.start()  # ready by now, mostly: the supervisor's `starting` is replaced
     try:
         server = await loop.create_server(
             gateway.protocol_factory,
@@ -113,6 +107,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         )
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
+        if view is not None:
+            view.stop()
         await gateway.close()
         return 1
     metrics_server = None
@@ -134,6 +130,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
                 exc.strerror,
             )
             server.close()
+            if view is not None:
+                view.stop()
             await gateway.close()
             return 1
         metrics_at = ", ".join(_format_address(s) for s in metrics_server.sockets)
@@ -164,6 +162,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     await drain(gateway, server, settings.drain_seconds)
     if metrics_server is not None:  # open until the end: scrapes see the drain, /readyz 503
         metrics_server.close()
+    if view is not None:
+        view.stop()
     return 0
 
 
@@ -228,24 +228,42 @@ def run(settings: Settings) -> int:
     """Runs the gateway in this process, or supervises `settings.workers` worker processes."""
     _use_uvloop()
     signal.signal(signal.SIGHUP, _Hangup.remember)
-    warn_about_fd_limit(settings, raise_fd_limit())
+    plan = plan_workers(settings, raise_fd_limit())
+    # One line says what the instance holds and why; a WARNING only for a limit the user set
+    # that is not met (the default one is simply reported).
+    log.log(
+        logging.WARNING if plan.warn else logging.INFO,
+        "%s",
+        plan.message(),
+        extra={"event": "capacity"},
+    )
+    settings = settings.replace(workers=plan.workers)
     if settings.workers <= 1:
         return asyncio.run(serve(settings))
     return _supervise(settings)
 
 
-def _worker_main(settings: Settings) -> None:
+def _worker_main(settings: Settings, instance_dir: Path) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
     # Not the supervisor's handler inherited through fork: until serve() installs its own,
     # SIGTERM must end a worker (one stuck at start, say).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, _Hangup.remember)
     _use_uvloop()
-    sys.exit(asyncio.run(serve(settings, reuse_port=True)))
+    sys.exit(asyncio.run(serve(settings, reuse_port=True, instance_dir=instance_dir)))
 
 
 def _supervise(settings: Settings) -> int:
-    """Worker processes share the port with SO_REUSEPORT; the kernel spreads connections."""
+    """Worker processes share the port with SO_REUSEPORT; the kernel spreads connections.
+    Their figures meet in a directory of the instance's own, removed at the end."""
+    instance_dir = make_instance_dir()
+    try:
+        return _run_workers(settings, instance_dir)
+    finally:
+        shutil.rmtree(instance_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, instance_dir: Path) -> int:
     context = multiprocessing.get_context("fork")
     workers: list[multiprocessing.process.BaseProcess] = []
     stopping = False
@@ -253,9 +271,11 @@ def _supervise(settings: Settings) -> int:
     started_at: dict[int, float] = {}
 
     def spawn() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker_main, args=(settings,), daemon=False)
+        process = context.Process(target=_worker_main, args=(settings, instance_dir), daemon=False)
         process.start()
         started_at[id(process)] = time.monotonic()
+        if process.pid is not None:
+            expect_worker(instance_dir, process.pid)  # not ready until it says it is
         return process
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -314,6 +334,8 @@ def _supervise(settings: Settings) -> int:
                         other.join(1)
                 return 1
             log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
+            if process.pid is not None:
+                retire(instance_dir, process.pid)  # its counts stay in the instance's
             workers[index] = spawn()
 
 

@@ -17,6 +17,10 @@ from sse_gateway.redis_address import RedisAddress as RedisAddress
 from sse_gateway.redis_address import parse_redis_address as parse_redis_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+WORKERS_AUTO = 0
+"""`Settings.workers` for `--workers auto` (SSE_WORKERS=auto), resolved at start by
+`sse_gateway.sizing.plan_workers`."""
+MAX_WORKERS = 64
 
 
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:
@@ -76,6 +80,7 @@ class Settings:
     history_ttl: float = 86_400.0
     max_connections_per_player: int = 10
     workers: int = 1
+    """Worker processes; `WORKERS_AUTO` until the server resolves it (sizing.plan_workers)."""
     log_format: str = "text"
     log_level: str = "INFO"
     dev: bool = False
@@ -154,7 +159,13 @@ OPTIONS: tuple[Option, ...] = (
         "--max-connections-per-player",
         "streams per player per process; 0: no cap",
     ),
-    Option("workers", "SSE_WORKERS", "--workers", "worker processes (SO_REUSEPORT)"),
+    Option(
+        "workers",
+        "SSE_WORKERS",
+        "--workers",
+        "worker processes (SO_REUSEPORT), or auto: enough for the connection limit under the "
+        "open-file limit, at least one per CPU",
+    ),
     Option("log_format", "SSE_LOG_FORMAT", "--log-format", "text or json"),
     Option("log_level", "SSE_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING, ERROR"),
 )
@@ -210,7 +221,12 @@ def parse_value(attr: str, text: str) -> Any:
     if attr == "metrics_max_brands":
         return _positive_int(text, minimum=0, maximum=10_000)
     if attr == "workers":
-        return _positive_int(text, maximum=64)
+        if text.strip().lower() == "auto":
+            return WORKERS_AUTO
+        try:
+            return _positive_int(text, maximum=MAX_WORKERS)
+        except ValueError as exc:
+            raise ValueError(f"{exc}, or auto") from exc
     if attr in ("port", "metrics_port"):
         return _positive_int(text, minimum=0, maximum=65535)
     if attr == "retry_ms":

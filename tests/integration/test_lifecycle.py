@@ -59,7 +59,7 @@ def test_metrics_reflect_open_streams(
         assert f"# TYPE {name} counter" in text, f"{name} missing from /metrics"
     before = gateway.metrics()
     assert before.total("sse_gateway_connections") == 0
-    # The default is 50000, lowered to what the open-file limit allows (with a logged warning).
+    # The default is 50000, lowered to what the open-file limit allows (said in the start line).
     limit = before.value("sse_gateway_connection_limit")
     assert 0 < limit <= 50_000
     if limit < 50_000:

@@ -17,6 +17,7 @@ from support.procs import (
     RedisServer,
     free_port,
     gateway_env,
+    wait_for,
 )
 from support.sse import request
 
@@ -100,7 +101,11 @@ def test_workers_share_the_metrics_port(
     )
     for _ in range(6):
         assert request(metrics_port, "GET", "/metrics").status == 200
-    assert gateway.logs().count(f"/metrics on 127.0.0.1:{metrics_port} only") == 2
+    # The gateway is ready when one worker is; the other may still be starting.
+    wait_for(
+        lambda: gateway.logs().count(f"/metrics on 127.0.0.1:{metrics_port} only") == 2,
+        what="both workers on the metrics port",
+    )
     assert_error(gateway.get("/metrics"), 404, "not_found")
 
 

@@ -27,7 +27,10 @@ def _readyz_on_new_connection(gw: Gateway) -> tuple[int, object]:
 
 
 def _draining(gw: Gateway) -> bool:
-    return _readyz_on_new_connection(gw) == (503, {"status": "not_ready", "reason": "draining"})
+    status, body = _readyz_on_new_connection(gw)
+    # Under --workers the answer also names the worker (`worker`: its pid).
+    assert isinstance(body, dict)
+    return (status, body.get("status"), body.get("reason")) == (503, "not_ready", "draining")
 
 
 def _refused(port: int) -> bool:

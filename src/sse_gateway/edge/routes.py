@@ -7,7 +7,8 @@
 /v1/players/{brand}/{player}, /v1/stats
                GET, when SSE_PUBLISH_API_KEY is set (edge.presence_api)
 /healthz      200 while the process serves
-/readyz       200, or 503 with the reason (draining, broker_disconnected)
+/readyz       200, or 503 with the reason (draining, broker_disconnected; under --workers
+              for the whole instance, with the worker's pid)
 /metrics      Prometheus text format or OpenMetrics (docs/metrics.md; on the metrics listener
               instead when SSE_METRICS_PORT is set)
 /, /demo      the demo page, in dev mode only
@@ -22,6 +23,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 from sse_gateway.edge.auth import make_token
 from sse_gateway.edge.control_api import PATH as DISCONNECT_PATH
@@ -72,9 +74,22 @@ class Router:
         self._presence = presence
         self._cors = cors
         self._metrics = metrics
-        self._exposition = Exposition(metrics)
+        self.exposition = Exposition(metrics)
+        self._render: Callable[[str | None], tuple[bytes, str]] = self.exposition.render
         self._ready_reason = ready_reason
+        self._readiness: Callable[[], dict[str, Any] | None] | None = None
         self._demo_page: bytes | None = None
+
+    def show_instance(
+        self,
+        render: Callable[[str | None], tuple[bytes, str]],
+        readiness: Callable[[], dict[str, Any] | None],
+    ) -> None:
+        """Under `--workers`: `/metrics` is `render(accept)` and `/readyz` 503 carries
+        `readiness()` (`{"reason", "worker"}`, None when ready), both for the whole instance
+        (sse_gateway.instance) instead of this process."""
+        self._render = render
+        self._readiness = readiness
 
     def body_limit(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
         if self._disconnect is not None and url.split(b"?", 1)[0] == _DISCONNECT:
@@ -165,12 +180,16 @@ class Router:
         if path == "/healthz":
             return json_response(200, {"status": "ok"})
         if path == "/readyz":
-            reason = self._ready_reason()
-            if reason is None:
+            if self._readiness is not None:
+                problem = self._readiness()
+            else:
+                reason = self._ready_reason()
+                problem = None if reason is None else {"reason": reason}
+            if problem is None:
                 return json_response(200, {"status": "ready"})
-            return json_response(503, {"status": "not_ready", "reason": reason})
+            return json_response(503, {"status": "not_ready", **problem})
         if path == "/metrics":
-            body, content_type = self._exposition.render(accept)
+            body, content_type = self._render(accept)
             return Response(200, body, content_type=content_type)
         return Response(200, self.demo_page(), content_type="text/html; charset=utf-8")
 
