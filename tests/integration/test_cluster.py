@@ -374,3 +374,23 @@ def test_manual_failover_moves_the_subscriptions_and_loses_nothing(
     assert channel not in shard_channels(cluster, old)
     # the channel was lost on the old master and refilled from the new one's history
     assert gateway.metrics().value("sse_gateway_refills_total", outcome="covered") >= 1
+
+
+def test_workers_on_a_cluster_each_stream_gets_its_events(
+    gateway_factory: GatewayFactory, cluster: RedisClusterProcesses, ids: Callable[..., str]
+) -> None:
+    """`--workers 2`: each worker has its own cluster broker; a player with a stream on each
+    (the kernel spreads the connections) gets every event once per stream."""
+    gateway = gateway_factory("--workers", "2", redis=cluster.url)
+    brand, player = ids("b"), ids("p")
+    clients = [gateway.player_stream(brand, player)[0] for _ in range(4)]
+    publisher = SyncPublisher.from_url(cluster.url)
+    try:
+        published = [str(publisher.publish(brand, player, "n", n)) for n in range(5)]
+        for client in clients:
+            with client:
+                assert [e.id for e in read_through(client, published[-1])] == published
+    finally:
+        publisher.close()
+    status, body = gateway.readyz()
+    assert status == 200, body
