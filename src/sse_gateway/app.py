@@ -192,6 +192,20 @@ class Gateway:
         m.gauge("broker_connected", "1 while the broker is connected.", self._broker_up)
         m.gauge("broker_subscribed_channels", "Channels with local streams.", self._channel_count)
         m.gauge("event_loop_lag_seconds", "How late a periodic timer fired.", self._lag)
+        if isinstance(broker, ClusterBroker):
+            shards = broker.shard_channels
+            m.labelled_gauge(
+                "broker_shard_connected",
+                "1 while the subscriber connection to this Redis Cluster master is up.",
+                "shard",
+                lambda: {shard: float(up) for shard, (up, _) in shards().items()},
+            )
+            m.labelled_gauge(
+                "broker_shard_subscribed_channels",
+                "Channels subscribed on this Redis Cluster master.",
+                "shard",
+                lambda: {shard: float(n) for shard, (_, n) in shards().items()},
+            )
         m.counter(
             "broker_subscribe_batches_total",
             "SUBSCRIBE commands sent.",

@@ -45,6 +45,7 @@ RETIRED = "retired.json"
 GAUGE_MERGE: dict[str, Callable[[Iterable[float]], float]] = {
     PREFIX + "event_loop_lag_seconds": max,
     PREFIX + "broker_connected": min,
+    PREFIX + "broker_shard_connected": min,
     "process_start_time_seconds": min,
 }
 # Kinds whose samples only grow over a worker's life: summed over dead workers too.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -80,6 +80,7 @@ class Metrics:
         "gauges",
         "invalid_messages",
         "labelled_brands",
+        "labelled_gauges",
         "latency",
         "max_brands",
         "messages_received",
@@ -115,10 +116,17 @@ class Metrics:
         # name -> (help, read function); read at scrape time so nothing is kept twice.
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.labelled_gauges: dict[str, tuple[str, str, Callable[[], Mapping[str, float]]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge whose value `read()` gives at scrape time; `name` without the prefix."""
         self.gauges[PREFIX + name] = (help_text, read)
+
+    def labelled_gauge(
+        self, name: str, help_text: str, label: str, read: Callable[[], Mapping[str, float]]
+    ) -> None:
+        """A gauge with one label, `read()` giving {label value: value} at scrape time."""
+        self.labelled_gauges[PREFIX + name] = (help_text, label, read)
 
     def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A counter kept elsewhere (by the broker, the heartbeats), read at scrape time;
@@ -176,6 +184,11 @@ class GatewayCollector(Collector):
         m = self._m
         for name, (help_text, read) in sorted(m.gauges.items()):
             yield GaugeMetricFamily(name, help_text, value=read())
+        for name, (help_text, label, read_all) in sorted(m.labelled_gauges.items()):
+            family = GaugeMetricFamily(name, help_text, labels=[label])
+            for key, found in sorted(read_all().items()):
+                family.add_metric([key], found)
+            yield family
         for name, (help_text, read) in sorted(m.counters.items()):
             yield CounterMetricFamily(name, help_text, value=read())
         brands = GaugeMetricFamily(

@@ -101,6 +101,13 @@ def test_players_over_every_shard_get_their_events_each_shard_only_its_own(
         # the events went by SPUBLISH: each one reached one gateway process
         event = publisher.publish(brand, players[0], "tick", {"n": 3})
         assert event.receivers == 1
+        # per-shard metrics: each master's subscriber up, its channels counted there
+        metrics = gateway.metrics()
+        for port in cluster.masters():
+            shard = {"shard": f"127.0.0.1:{port}"}
+            assert metrics.value("sse_gateway_broker_shard_connected", **shard) == 1
+            mine = sum(1 for p in players if owners[p] == port)
+            assert metrics.value("sse_gateway_broker_shard_subscribed_channels", **shard) >= mine
     finally:
         publisher.close()
         for client in clients.values():

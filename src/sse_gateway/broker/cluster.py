@@ -108,6 +108,12 @@ class ClusterBroker(ClusterControlMethods):
     def subscribed_count(self) -> int:
         return len(self._owner) + len(self._homeless)
 
+    def shard_channels(self) -> dict[str, tuple[bool, int]]:
+        """{"host:port" of a master: (its subscriber connection is up, channels wanted there)}."""
+        return {
+            f"{h}:{p}": (s.connected, s.book.wanted_count) for (h, p), s in self._shards.items()
+        }
+
     @property
     def subscribe_batches(self) -> int:
         return self._retired_batches[0] + sum(s.subscribe_batches for s in self._shards.values())
