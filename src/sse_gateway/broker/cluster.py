@@ -35,9 +35,9 @@ from sse_gateway.broker.base import (
     MessageHandler,
     StateHandler,
 )
-from sse_gateway.broker.cluster_commands import ClusterCommands, ClusterControlMethods
+from sse_gateway.broker.cluster_commands import ClusterCommands
 from sse_gateway.broker.cluster_control import ControlLink
-from sse_gateway.broker.control import ControlSubscription
+from sse_gateway.broker.control import ControlMethods, ControlSubscription
 from sse_gateway.broker.shard import ShardConnection
 from sse_gateway.broker.slots import Node, Topology, key_slot
 from sse_gateway.broker.subscriptions import Callback
@@ -53,7 +53,7 @@ BACKOFF_BASE = 0.05
 BACKOFF_CAP = 1.0
 
 
-class ClusterBroker(ClusterControlMethods):
+class ClusterBroker(ControlMethods):
     """The broker for EVENTS_REDIS_STORAGE=redis+cluster://… (see the module docstring).
 
     Each method keeps the contract written on `broker.base.Broker`.
@@ -92,6 +92,7 @@ class ClusterBroker(ClusterControlMethods):
             history_ttl=int(history_ttl),
             max_event_bytes=max_event_bytes,
         )
+        self._session = self._commands  # session control (ControlMethods) goes through it
         self._refresh_lock = asyncio.Lock()
 
     # --- Broker ------------------------------------------------------------------------------

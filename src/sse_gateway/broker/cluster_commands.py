@@ -259,32 +259,3 @@ class ClusterCommands:
 
 def _topology_error(text: str) -> bool:
     return "unavailable" in text or any(word in text for word in _MOVED)
-
-
-class ClusterControlMethods:
-    """The session control methods of `ClusterBroker`, handed to its `ClusterCommands`."""
-
-    _commands: ClusterCommands
-
-    async def publish_disconnect(
-        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
-    ) -> DisconnectOutcome:
-        return await self._commands.publish_disconnect(message, block_key, block_ms, block_value)
-
-    async def publish_control(self, message: bytes) -> int:
-        return await self._commands.publish_control(message)
-
-    async def count_subscribers(self, channel: bytes) -> int:
-        return await self._commands.count_subscribers(channel)
-
-    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
-        return await self._commands.read_blocks(keys)
-
-    async def read_block_index(self) -> list[tuple[bytes, float]]:
-        return await self._commands.read_block_index()
-
-    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
-        await self._commands.put_ticket(key, value, ttl)
-
-    async def take_ticket(self, key: bytes) -> bytes | None:
-        return await self._commands.take_ticket(key)

@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable
 from importlib import resources
-from typing import cast
+from typing import Protocol, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -144,30 +144,51 @@ class ControlCommands:
         return value if isinstance(value, bytes) else None
 
 
-class ControlMethods:
-    """The session control methods of `RedisBroker`, handed to its `ControlCommands`."""
+class SessionCommands(Protocol):
+    """What carries out session control for a broker: `ControlCommands` on one Redis,
+    `ClusterCommands` on a Redis Cluster."""
 
-    _control: ControlCommands
+    async def publish_disconnect(
+        self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
+    ) -> DisconnectOutcome: ...
+
+    async def publish_control(self, message: bytes) -> int: ...
+
+    async def count_subscribers(self, channel: bytes) -> int: ...
+
+    async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]: ...
+
+    async def read_block_index(self) -> list[tuple[bytes, float]]: ...
+
+    async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None: ...
+
+    async def take_ticket(self, key: bytes) -> bytes | None: ...
+
+
+class ControlMethods:
+    """The session control methods of a broker, handed to its `_session` (`SessionCommands`)."""
+
+    _session: SessionCommands
 
     async def publish_disconnect(
         self, message: bytes, block_key: bytes, block_ms: int, block_value: bytes
     ) -> DisconnectOutcome:
-        return await self._control.publish_disconnect(message, block_key, block_ms, block_value)
+        return await self._session.publish_disconnect(message, block_key, block_ms, block_value)
 
     async def publish_control(self, message: bytes) -> int:
-        return await self._control.publish_control(message)
+        return await self._session.publish_control(message)
 
     async def count_subscribers(self, channel: bytes) -> int:
-        return await self._control.count_subscribers(channel)
+        return await self._session.count_subscribers(channel)
 
     async def read_blocks(self, keys: list[tuple[bytes, bytes]]) -> list[bool]:
-        return await self._control.read_blocks(keys)
+        return await self._session.read_blocks(keys)
 
     async def read_block_index(self) -> list[tuple[bytes, float]]:
-        return await self._control.read_block_index()
+        return await self._session.read_block_index()
 
     async def put_ticket(self, key: bytes, value: bytes, ttl: int) -> None:
-        await self._control.put_ticket(key, value, ttl)
+        await self._session.put_ticket(key, value, ttl)
 
     async def take_ticket(self, key: bytes) -> bytes | None:
-        return await self._control.take_ticket(key)
+        return await self._session.take_ticket(key)

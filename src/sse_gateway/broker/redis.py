@@ -108,7 +108,7 @@ class RedisBroker(ControlMethods):
             history_ttl=int(history_ttl),
             max_event_bytes=max_event_bytes,
         )
-        self._control = ControlCommands(self._commands, self._reads)
+        self._session = ControlCommands(self._commands, self._reads)
 
     @property
     def connected(self) -> bool:
