@@ -1059,9 +1059,11 @@ def _render_processes(L: list[str], res: Results) -> None:
     L.append("### Gateway processes")
     L.append("")
     L.append(
-        f"VmRSS and Pss with {res.connect.get('connected', 0):,} connections open (Pss counts "
-        "pages a forked worker shares with the supervisor once, where the VmRSS sum counts them "
-        "in each process); CPU in % of one core per phase."
+        f"VmRSS and Pss of each process with {res.connect.get('connected', 0):,} connections "
+        "open, and CPU in % of one core per phase. The VmRSS sum counts a page that workers "
+        "still share with the supervisor (copy-on-write after fork) once per process: an upper "
+        "bound. Pss divides each shared page among the processes that map it, so the Pss sum is "
+        "what the instance holds; it also grows as workers write to inherited pages."
     )
     L.append("")
     L.append("| process | VmRSS | Pss | " + " | ".join(f"CPU {name}" for name, _ in windows) + " |")
