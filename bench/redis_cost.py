@@ -12,7 +12,11 @@ publisher and the subscriber share the machine with it, so the achieved rate is 
 
     .venv/bin/python bench/redis_cost.py --players 50000 --events 200000
 
-Prints one JSON object per mode. Exit status 1 when the subscriber did not receive every event.
+Then fills the history of `--history-players` players (101 entries each, as SSE_HISTORY_SIZE
+100 keeps) with `--data-bytes` of JSON data per event and reports Redis memory per player.
+
+Prints one JSON object per mode and one for the history. Exit status 1 when the subscriber
+did not receive every event.
 """
 
 from __future__ import annotations
@@ -144,11 +148,41 @@ def measure(
     }
 
 
+def history_memory(port: int, players: int, size: int, data_bytes: int) -> dict[str, int]:
+    """Redis memory of full histories: `size + 1` entries (what publish.lua keeps) for each of
+    `players` fresh players, events of `data_bytes` bytes of JSON data."""
+    url = f"redis://127.0.0.1:{port}"
+    client = redis.Redis.from_url(url)
+    before = int(client.info("memory")["used_memory"])
+    pub = HistoryPublisher(url, history_size=size)
+    channels = channels_for("bench", players, "h")
+    data = b'{"pad":"%s"}' % (b"x" * max(0, data_bytes - 10))
+    for _ in range(size + 1):
+        pub.publish(channels, b"bench", [data] * players)
+    pub.close()
+    used = int(client.info("memory")["used_memory"]) - before
+    client.close()
+    return {
+        "history_players": players,
+        "entries_per_player": size + 1,
+        "data_bytes": len(data),
+        "bytes_per_player": used // players,
+        "bytes_per_entry": used // (players * (size + 1)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--players", type=int, default=50_000, help="channels subscribed (50000)")
     ap.add_argument("--events", type=int, default=200_000, help="events per mode (200000)")
     ap.add_argument("--modes", default="publish,lua", help="publish,lua")
+    ap.add_argument(
+        "--history-players",
+        type=int,
+        default=1000,
+        help="players whose full history (SSE_HISTORY_SIZE 100) is measured (0: skip)",
+    )
+    ap.add_argument("--data-bytes", type=int, default=100, help="JSON data per history event")
     args = ap.parse_args(argv)
     if shutil.which("redis-server") is None:
         print("redis-server not found", file=sys.stderr)
@@ -178,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result), flush=True)
                 if result["received"] != args.events:
                     status = 1
+            if args.history_players > 0:
+                memory = history_memory(port, args.history_players, 100, args.data_bytes)
+                print(json.dumps(memory), flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
