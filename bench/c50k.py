@@ -136,9 +136,13 @@ def summary(data: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], 
         f"{all_in:,.0f} B (total VmRSS / connections) |"
     )
     tcp = data.get("tcp_kernel_connected_kib", 0) - data.get("tcp_kernel_baseline_kib", 0)
+    slab = data.get("slab_connected_kib", 0) - data.get("slab_baseline_kib", 0)
+    per = slab * 1024 / max(connected, 1)
     L.append(
-        f"| kernel TCP memory (not in RSS) | {tcp:,} KiB more with the streams open, both ends "
-        f"of every loopback connection: {tcp * 1024 / max(connected, 1):,.0f} B per connection |"
+        f"| kernel memory (not in RSS; both ends of every loopback connection) | slab "
+        f"{slab / 1024:,.1f} MiB more with the streams open = {per:,.0f} B per connection "
+        "(socket, inode, file, epoll structures; the server's end is about "
+        f"half); TCP buffers {tcp:,} KiB more |"
     )
     ok = connected == args.connections and connected > 0
     if phase is None:

@@ -221,6 +221,12 @@ def tcp_kernel_kib() -> int:
     return 0
 
 
+def slab_kib() -> int:
+    """Kernel slab memory of the machine (/proc/meminfo `Slab`), KiB: socket, inode, file and
+    epoll structures of every connection (both ends on loopback), and whatever else runs."""
+    return _one_kib("/proc/meminfo", "Slab:")
+
+
 def _own_cpu_seconds(pid: int) -> float | None:
     """utime + stime of one process, seconds; None when it is gone."""
     try:
@@ -525,6 +531,8 @@ class Results:
     rss_end_kib: int = 0
     tcp_kernel_baseline_kib: int = 0  # every TCP socket of the machine, kernel buffers
     tcp_kernel_connected_kib: int = 0
+    slab_baseline_kib: int = 0  # kernel slab of the machine
+    slab_connected_kib: int = 0
     # each gateway process once all clients connected (and idled), and at the end of the phases
     processes_connected: list[ProcessUsage] = field(default_factory=list)
     processes_end: list[ProcessUsage] = field(default_factory=list)
@@ -1030,7 +1038,9 @@ def render(res: Results) -> str:
         L.append(
             "- kernel TCP memory, every socket of the machine (both ends of each connection; "
             f"in no process's RSS): {res.tcp_kernel_baseline_kib:,} KiB before the clients, "
-            f"{res.tcp_kernel_connected_kib:,} KiB with {c.get('connected', 0):,} open"
+            f"{res.tcp_kernel_connected_kib:,} KiB with {c.get('connected', 0):,} open; kernel "
+            f"slab (socket, inode, file, epoll structures, both ends): "
+            f"{res.slab_baseline_kib / 1024:,.1f} -> {res.slab_connected_kib / 1024:,.1f} MiB"
         )
     if res.final_open >= 0:
         L.append(
@@ -1279,6 +1289,7 @@ def main(argv: list[str] | None = None) -> int:
         res.rss_baseline_kib = rss_kib(gateway.pid)
         res.pss_baseline_kib = pss_kib(gateway.pid)
         res.tcp_kernel_baseline_kib = tcp_kernel_kib()
+        res.slab_baseline_kib = slab_kib()
 
         if not args.replay:  # scenarios (a)-(d)
             conf = ClientConfig(
@@ -1310,6 +1321,7 @@ def main(argv: list[str] | None = None) -> int:
             res.rss_connected_kib = rss_kib(gateway.pid)
             res.pss_connected_kib = pss_kib(gateway.pid)
             res.tcp_kernel_connected_kib = tcp_kernel_kib()
+            res.slab_connected_kib = slab_kib()
             res.processes_connected = gateway_processes(gateway.pid)
             if report.connected:
                 res.rss_per_conn_bytes = (
