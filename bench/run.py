@@ -261,6 +261,7 @@ class ProcessUsage:
     rss_kib: int
     pss_kib: int
     cpu_s: float  # utime + stime since it started
+    fds: int = -1  # open file descriptors: its streams + a few (-1: unreadable)
 
 
 def gateway_processes(pid: int) -> list[ProcessUsage]:
@@ -274,7 +275,11 @@ def gateway_processes(pid: int) -> list[ProcessUsage]:
         role = "worker" if p != pid else ("supervisor" if len(pids) > 1 else "gateway")
         rss = _one_kib(f"/proc/{p}/status", "VmRSS:")
         pss = _one_kib(f"/proc/{p}/smaps_rollup", "Pss:")
-        out.append(ProcessUsage(p, role, rss, pss, seconds))
+        try:
+            fds = len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            fds = -1
+        out.append(ProcessUsage(p, role, rss, pss, seconds, fds))
     return out
 
 
@@ -1069,24 +1074,29 @@ def _render_processes(L: list[str], res: Results) -> None:
     L.append("### Gateway processes")
     L.append("")
     L.append(
-        f"VmRSS and Pss of each process with {res.connect.get('connected', 0):,} connections "
-        "open, and CPU in % of one core per phase. The VmRSS sum counts a page that workers "
-        "still share with the supervisor (copy-on-write after fork) once per process: an upper "
-        "bound. Pss divides each shared page among the processes that map it, so the Pss sum is "
-        "what the instance holds; it also grows as workers write to inherited pages."
+        f"Open files (streams + a few), VmRSS and Pss of each process with "
+        f"{res.connect.get('connected', 0):,} connections open, and CPU in % of one core per "
+        "phase. The VmRSS sum counts a page that workers still share with the supervisor "
+        "(copy-on-write after fork) once per process: an upper bound. Pss divides each shared "
+        "page among the processes that map it, so the Pss sum is what the instance holds; it "
+        "also grows as workers write to inherited pages."
     )
     L.append("")
-    L.append("| process | VmRSS | Pss | " + " | ".join(f"CPU {name}" for name, _ in windows) + " |")
-    L.append("|---|---|---|" + "---|" * len(windows))
+    L.append(
+        "| process | open files | VmRSS | Pss | "
+        + " | ".join(f"CPU {name}" for name, _ in windows)
+        + " |"
+    )
+    L.append("|---|---|---|---|" + "---|" * len(windows))
     for pu in procs:
         cpus = [fmt_pct(w.gateway_procs.get(pu.pid, math.nan)) for _, w in windows]
         L.append(
-            f"| {pu.role} {pu.pid} | {pu.rss_kib / 1024:.1f} MiB | {pu.pss_kib / 1024:.1f} MiB | "
-            + " | ".join(cpus)
-            + " |"
+            f"| {pu.role} {pu.pid} | {pu.fds:,} | {pu.rss_kib / 1024:.1f} MiB | "
+            f"{pu.pss_kib / 1024:.1f} MiB | " + " | ".join(cpus) + " |"
         )
     L.append(
-        f"| **all** | **{sum(p.rss_kib for p in procs) / 1024:.1f} MiB** | "
+        f"| **all** | **{sum(p.fds for p in procs):,}** | "
+        f"**{sum(p.rss_kib for p in procs) / 1024:.1f} MiB** | "
         f"**{sum(p.pss_kib for p in procs) / 1024:.1f} MiB** | "
         + " | ".join(f"**{fmt_pct(w.gateway)}**" for _, w in windows)
         + " |"
