@@ -261,7 +261,7 @@ class ProcessUsage:
     rss_kib: int
     pss_kib: int
     cpu_s: float  # utime + stime since it started
-    fds: int = -1  # open file descriptors: its streams + a few (-1: unreadable)
+    fds: int = -1  # open file descriptors: a worker has its streams + ~21 others (-1: unreadable)
 
 
 def gateway_processes(pid: int) -> list[ProcessUsage]:
@@ -1074,7 +1074,7 @@ def _render_processes(L: list[str], res: Results) -> None:
     L.append("### Gateway processes")
     L.append("")
     L.append(
-        f"Open files (streams + a few), VmRSS and Pss of each process with "
+        f"Open files (a worker: its streams + ~21 others), VmRSS and Pss of each process with "
         f"{res.connect.get('connected', 0):,} connections open, and CPU in % of one core per "
         "phase. The VmRSS sum counts a page that workers still share with the supervisor "
         "(copy-on-write after fork) once per process: an upper bound. Pss divides each shared "
