@@ -184,32 +184,103 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
+def _one_kib(path: str, key: str) -> int:
+    """The `key:` line of /proc/<pid>/status or smaps_rollup, KiB; 0 when unreadable."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of pid and its descendants, KiB."""
-    total = 0
+    return sum(_one_kib(f"/proc/{p}/status", "VmRSS:") for p in proc_tree(pid))
+
+
+def pss_kib(pid: int) -> int:
+    """Pss of pid and its descendants, KiB: pages shared after fork (a supervisor's workers)
+    are counted once in all, where the VmRSS sum counts them in every process that maps them."""
+    return sum(_one_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in proc_tree(pid))
+
+
+def tcp_kernel_kib() -> int:
+    """Kernel memory of every TCP socket on the machine (/proc/net/sockstat `mem`, pages), KiB:
+    socket buffers, both ends of each loopback connection, not in any process's RSS."""
+    try:
+        with open("/proc/net/sockstat") as f:
+            for line in f:
+                if line.startswith("TCP:"):
+                    fields = line.split()
+                    return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def slab_kib() -> int:
+    """Kernel slab memory of the machine (/proc/meminfo `Slab`), KiB: socket, inode, file and
+    epoll structures of every connection (both ends on loopback), and whatever else runs."""
+    return _one_kib("/proc/meminfo", "Slab:")
+
+
+def _own_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process, seconds; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """utime + stime of pid and of each live descendant, {pid: seconds}."""
+    out: dict[int, float] = {}
     for p in proc_tree(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            continue
-    return total
+        seconds = _own_cpu_seconds(p)
+        if seconds is not None:
+            out[p] = seconds
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of pid and its live descendants, seconds."""
-    total = 0
-    for p in proc_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
+    return sum(cpu_by_process(pid).values())
+
+
+@dataclass
+class ProcessUsage:
+    """One process of the gateway's tree (the supervisor and its workers, or the one process)."""
+
+    pid: int
+    role: str  # "gateway" (no workers), "supervisor" or "worker"
+    rss_kib: int
+    pss_kib: int
+    cpu_s: float  # utime + stime since it started
+    fds: int = -1  # open file descriptors: a worker has its streams + ~21 others (-1: unreadable)
+
+
+def gateway_processes(pid: int) -> list[ProcessUsage]:
+    """The gateway's process tree now: VmRSS, Pss and CPU time of each process."""
+    pids = proc_tree(pid)
+    out = []
+    for p in pids:
+        seconds = _own_cpu_seconds(p)
+        if seconds is None:
             continue
-    return total / CLK_TCK
+        role = "worker" if p != pid else ("supervisor" if len(pids) > 1 else "gateway")
+        rss = _one_kib(f"/proc/{p}/status", "VmRSS:")
+        pss = _one_kib(f"/proc/{p}/smaps_rollup", "Pss:")
+        try:
+            fds = len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            fds = -1
+        out.append(ProcessUsage(p, role, rss, pss, seconds, fds))
+    return out
 
 
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -274,6 +345,8 @@ class CpuWindow:
     steal: list[float] = field(default_factory=list)  # % of each vCPU taken by the hypervisor
     process_pct: float = math.nan  # user + system time of every process, % of one core
     orchestrator: float = 0.0  # this process (sampling, probing, polling the clients)
+    # each gateway process (supervisor, workers) alive at both ends of the window: pid -> %
+    gateway_procs: dict[int, float] = field(default_factory=dict)
 
     def others(self, *ours: float) -> float:
         """CPU % used by processes that are not part of the benchmark."""
@@ -291,17 +364,21 @@ class CpuSampler:
     def __init__(self, gateway_pid: int, redis_pid: int) -> None:
         self.gateway_pid = gateway_pid
         self.redis_pid = redis_pid
-        self.samples: list[tuple[float, float, float, list[tuple[int, int, int, int]], float]] = []
+        self.samples: list[
+            tuple[float, float, float, list[tuple[int, int, int, int]], float, dict[int, float]]
+        ] = []
 
     def sample(self) -> None:
         ru = resource.getrusage(resource.RUSAGE_SELF)
+        per_process = cpu_by_process(self.gateway_pid)
         self.samples.append(
             (
                 time.time(),
-                cpu_seconds(self.gateway_pid),
+                sum(per_process.values()),
                 cpu_seconds(self.redis_pid),
                 core_jiffies(),
                 ru.ru_utime + ru.ru_stime,
+                per_process,
             )
         )
 
@@ -332,6 +409,11 @@ class CpuSampler:
             steal=steal,
             process_pct=100.0 * process / wall,
             orchestrator=100.0 * (b[4] - a[4]) / wall,
+            gateway_procs={
+                pid: 100.0 * (seconds - a[5][pid]) / wall
+                for pid, seconds in b[5].items()
+                if pid in a[5]
+            },
         )
 
 
@@ -448,7 +530,17 @@ class Results:
     rss_baseline_kib: int = 0
     rss_connected_kib: int = 0
     rss_per_conn_bytes: float = 0.0
+    pss_baseline_kib: int = 0  # Pss: fork-shared pages counted once over the process tree
+    pss_connected_kib: int = 0
+    pss_per_conn_bytes: float = 0.0
     rss_end_kib: int = 0
+    tcp_kernel_baseline_kib: int = 0  # every TCP socket of the machine, kernel buffers
+    tcp_kernel_connected_kib: int = 0
+    slab_baseline_kib: int = 0  # kernel slab of the machine
+    slab_connected_kib: int = 0
+    # each gateway process once all clients connected (and idled), and at the end of the phases
+    processes_connected: list[ProcessUsage] = field(default_factory=list)
+    processes_end: list[ProcessUsage] = field(default_factory=list)
     rss_after_close_kib: int = 0
     connect: dict[str, Any] = field(default_factory=dict)
     connect_cpu: CpuWindow = field(default_factory=CpuWindow)
@@ -831,10 +923,18 @@ def render(res: Results) -> str:
         _render_tail(L, res)
         return "\n".join(L)
     per_conn = res.rss_per_conn_bytes / 1024
+    n_procs = len(res.processes_connected)
+    procs = f" (sum of {n_procs} processes)" if n_procs > 1 else ""
+    pss = (
+        f"; Pss {res.pss_baseline_kib / 1024:.1f} -> {res.pss_connected_kib / 1024:.1f} MiB "
+        f"= {res.pss_per_conn_bytes / 1024:.2f} KiB each"
+        if res.pss_connected_kib
+        else ""
+    )
     L.append(
-        f"| (a) RSS per idle connection | **{per_conn:.2f} KiB** | gateway VmRSS "
+        f"| (a) RSS per idle connection | **{per_conn:.2f} KiB** | gateway VmRSS{procs} "
         f"{res.rss_baseline_kib / 1024:.1f} MiB -> {res.rss_connected_kib / 1024:.1f} MiB "
-        f"with {c.get('connected', 0):,} open |"
+        f"with {c.get('connected', 0):,} open{pss} |"
     )
     ttc = c.get("time_to_connected_ms", {})
     L.append(
@@ -902,6 +1002,7 @@ def render(res: Results) -> str:
             f"{fmt_cores(f.cpu)} | {fmt_probe(f.healthz_ms)} |"
         )
     L.append("")
+    _render_processes(L, res)
     L.append("### Latency detail (ms)")
     L.append("")
     L.append(
@@ -938,6 +1039,14 @@ def render(res: Results) -> str:
                 for name, got, wall in hb
             )
         )
+    if res.tcp_kernel_connected_kib:
+        L.append(
+            "- kernel TCP memory, every socket of the machine (both ends of each connection; "
+            f"in no process's RSS): {res.tcp_kernel_baseline_kib:,} KiB before the clients, "
+            f"{res.tcp_kernel_connected_kib:,} KiB with {c.get('connected', 0):,} open; kernel "
+            f"slab (socket, inode, file, epoll structures, both ends): "
+            f"{res.slab_baseline_kib / 1024:,.1f} -> {res.slab_connected_kib / 1024:,.1f} MiB"
+        )
     if res.final_open >= 0:
         L.append(
             f"- open at the end: {res.final_open:,}/{res.connections:,}; gateway RSS at the end "
@@ -951,6 +1060,48 @@ def render(res: Results) -> str:
         L.append(f"- metrics @ max rate: {f.gateway_metrics}")
     _render_tail(L, res)
     return "\n".join(L)
+
+
+def _render_processes(L: list[str], res: Results) -> None:
+    """Each gateway process: memory with every client connected, CPU in each phase."""
+    procs = res.processes_connected
+    if not procs:
+        return
+    windows = [("connect", res.connect_cpu)]
+    windows += [(f"{lr.target_rate:,.0f} ev/s", lr.cpu) for lr in res.latency]
+    if res.flood is not None:
+        windows.append(("max rate", res.flood.cpu))
+    L.append("### Gateway processes")
+    L.append("")
+    L.append(
+        f"Open files (a worker: its streams + ~21 others), VmRSS and Pss of each process with "
+        f"{res.connect.get('connected', 0):,} connections open, and CPU in % of one core per "
+        "phase. The VmRSS sum counts a page that workers still share with the supervisor "
+        "(copy-on-write after fork) once per process: an upper bound. Pss divides each shared "
+        "page among the processes that map it, so the Pss sum is what the instance holds; it "
+        "also grows as workers write to inherited pages."
+    )
+    L.append("")
+    L.append(
+        "| process | open files | VmRSS | Pss | "
+        + " | ".join(f"CPU {name}" for name, _ in windows)
+        + " |"
+    )
+    L.append("|---|---|---|---|" + "---|" * len(windows))
+    for pu in procs:
+        cpus = [fmt_pct(w.gateway_procs.get(pu.pid, math.nan)) for _, w in windows]
+        L.append(
+            f"| {pu.role} {pu.pid} | {pu.fds:,} | {pu.rss_kib / 1024:.1f} MiB | "
+            f"{pu.pss_kib / 1024:.1f} MiB | " + " | ".join(cpus) + " |"
+        )
+    L.append(
+        f"| **all** | **{sum(p.fds for p in procs):,}** | "
+        f"**{sum(p.rss_kib for p in procs) / 1024:.1f} MiB** | "
+        f"**{sum(p.pss_kib for p in procs) / 1024:.1f} MiB** | "
+        + " | ".join(f"**{fmt_pct(w.gateway)}**" for _, w in windows)
+        + " |"
+    )
+    L.append("")
 
 
 def _render_tail(L: list[str], res: Results) -> None:
@@ -1146,6 +1297,9 @@ def main(argv: list[str] | None = None) -> int:
         sampler = CpuSampler(gateway.pid, services[0].pid)
         time.sleep(0.5)
         res.rss_baseline_kib = rss_kib(gateway.pid)
+        res.pss_baseline_kib = pss_kib(gateway.pid)
+        res.tcp_kernel_baseline_kib = tcp_kernel_kib()
+        res.slab_baseline_kib = slab_kib()
 
         if not args.replay:  # scenarios (a)-(d)
             conf = ClientConfig(
@@ -1175,9 +1329,16 @@ def main(argv: list[str] | None = None) -> int:
             lc.reset(measure_latency=True)
             time.sleep(args.idle_seconds)
             res.rss_connected_kib = rss_kib(gateway.pid)
+            res.pss_connected_kib = pss_kib(gateway.pid)
+            res.tcp_kernel_connected_kib = tcp_kernel_kib()
+            res.slab_connected_kib = slab_kib()
+            res.processes_connected = gateway_processes(gateway.pid)
             if report.connected:
                 res.rss_per_conn_bytes = (
                     (res.rss_connected_kib - res.rss_baseline_kib) * 1024 / report.connected
+                )
+                res.pss_per_conn_bytes = (
+                    (res.pss_connected_kib - res.pss_baseline_kib) * 1024 / report.connected
                 )
             idle = lc.stats()
             res.idle = {k: v for k, v in asdict(idle).items() if k != "latency_ms"}
@@ -1214,6 +1375,7 @@ def main(argv: list[str] | None = None) -> int:
             final = lc.stats()
             res.final_open = final.open
             res.rss_end_kib = rss_kib(gateway.pid)
+            res.processes_end = gateway_processes(gateway.pid)
             res.gateway_alive = gateway.alive()
             lc.close()
             lc = None

@@ -130,3 +130,78 @@ def test_hotpath_runs_the_real_path_to_every_stream(args: list[str]) -> None:
     # Every event (or every stream's `connected`) went through a Stream to a transport.
     count = "3,000 events" if "--connect" not in args else "300 streams"
     assert count in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_c50k_scenario_sums_every_gateway_process(tmp_path: Path) -> None:
+    """Issue 11's scenario at 300 streams: the figures cover the supervisor and each worker."""
+    results = tmp_path / "c50k.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "c50k.py"),
+            "--connections",
+            "300",
+            "--workers",
+            "2",
+            "--rate",
+            "200",
+            "--seconds",
+            "2",
+            "--json",
+            str(results),
+            "--",
+            "--idle-seconds",
+            "0.5",
+            "--max-seconds",
+            "110",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        stdin=subprocess.DEVNULL,
+    )
+    output = proc.stdout + proc.stderr
+    assert "## Issue 11 scenario: 300 streams" in proc.stdout, output[-6000:]
+    assert "| events | published 400 " in proc.stdout, output[-6000:]
+    data = json.loads(results.read_text())
+    roles = sorted(p["role"] for p in data["processes_connected"])
+    assert roles == ["supervisor", "worker", "worker"], data["processes_connected"]
+    assert data["rss_connected_kib"] == sum(p["rss_kib"] for p in data["processes_connected"])
+    phase = data["latency"][0]
+    assert phase["received"] == phase["routed"] == phase["published"] == 400
+    worker_pids = {str(p["pid"]) for p in data["processes_connected"] if p["role"] == "worker"}
+    assert worker_pids <= set(phase["cpu"]["gateway_procs"]), phase["cpu"]
+    assert proc.returncode == 0, output[-6000:]
+
+
+@pytest.mark.timeout(120)
+def test_redis_cost_counts_every_event_and_the_history() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "redis_cost.py"),
+            "--players",
+            "500",
+            "--events",
+            "5000",
+            "--history-players",
+            "20",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    modes = {line["mode"]: line for line in lines if "mode" in line}
+    assert set(modes) == {"publish", "lua"}
+    for result in modes.values():
+        assert result["received"] == result["receivers"] == 5000
+    history = lines[-1]
+    assert history["entries_per_player"] == 101
+    # 101 entries of data were kept per player (a history of one entry would be ~100x less)
+    assert history["bytes_per_player"] > 101 * history["data_bytes"] // 2, history
