@@ -37,7 +37,8 @@ from sse_gateway.wire.control import BLOCK_INDEX, CONTROL_CHANNEL
 log = logging.getLogger("sse_gateway.broker")
 
 _MOVED = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
-_COMMAND_FAILED = (redis.exceptions.RedisError, OSError)
+# RedisClusterException is no RedisError: a cluster with no reachable node raises it.
+_COMMAND_FAILED = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 _CLUSTER_SHARDS = encode_command(b"CLUSTER", b"SHARDS")
 # The block of a disconnect, on the block key's own slot (the index is on another).
 _BLOCK_SCRIPT = resources.files("sse_gateway").joinpath("lua/block.lua").read_text()
@@ -225,8 +226,14 @@ class ClusterCommands:
             raise BrokerUnavailable(f"redis did not run the disconnect: {exc}") from exc
         return DisconnectOutcome(receivers, None if pttl == -2 else pttl)
 
+    async def _node_of(self, key: bytes) -> ClusterNode | None:
+        # The client reads the slot map on its first command: before it, a process that has
+        # not published yet (most workers) would find no slot covered.
+        await self._client.initialize()
+        return self._client.get_node_from_key(key.decode())
+
     async def _index_time_ms(self) -> int:
-        node = self._client.get_node_from_key(BLOCK_INDEX.decode())
+        node = await self._node_of(BLOCK_INDEX)
         seconds, micros = await self._client.execute_command("TIME", target_nodes=node)
         return int(seconds) * 1000 + int(micros) // 1000
 
@@ -234,7 +241,7 @@ class ClusterCommands:
         # On the node every gateway's control connection is on (ClusterBroker._control_node):
         # PUBLISH counts only the subscribers of the node it runs on.
         try:
-            node = self._client.get_node_from_key(CONTROL_CHANNEL.decode())
+            node = await self._node_of(CONTROL_CHANNEL)
             return int(
                 await self._client.execute_command(
                     "PUBLISH", CONTROL_CHANNEL, message, target_nodes=node
