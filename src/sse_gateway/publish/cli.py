@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import redis.exceptions
+
 from sse_gateway.publish import (
     DEFAULT_HISTORY_SIZE,
     DEFAULT_HISTORY_TTL,
@@ -65,6 +67,9 @@ def publish_command(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # SettingsError, or a bad Redis address
         return _fail(str(exc))
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+        # A cluster client connects as it is made (a single Redis only on the publish).
+        return _fail(f"redis unavailable: {exc}", EXIT_UNAVAILABLE)
     try:
         event_id = publisher.publish(args.brand, args.player, args.event_type, data)
     except PublishUnavailable as exc:
