@@ -65,6 +65,8 @@ def publish_command(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # SettingsError, or a bad Redis address
         return _fail(str(exc))
+    except PublishUnavailable as exc:  # a cluster client reads the slots when made
+        return _fail(str(exc), EXIT_UNAVAILABLE)
     try:
         event_id = publisher.publish(args.brand, args.player, args.event_type, data)
     except PublishUnavailable as exc:

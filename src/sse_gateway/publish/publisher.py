@@ -48,7 +48,13 @@ PUBLISH_SCRIPT_PATH = str(resources.files("sse_gateway").joinpath("lua/publish.l
 PUBLISH_SCRIPT = resources.files("sse_gateway").joinpath("lua/publish.lua").read_text()
 PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# RedisClusterException: no seed node answered as a cluster's (down, or not a cluster node).
+_REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    redis.exceptions.RedisClusterException,
+)
 
 
 def async_no_retry() -> redis.asyncio.retry.Retry:
@@ -67,6 +73,14 @@ def cluster_kwargs(address: RedisAddress) -> dict[str, Any]:
 
 
 def _result(reply: Any) -> PublishedEvent:
+    if isinstance(reply, redis.exceptions.AskError):
+        # redis-py drops the word itself ("15953 127.0.0.1:7001"): only a cluster node
+        # answers this, to a client that was given one Redis's URL.
+        kind = "MOVED" if isinstance(reply, redis.exceptions.MovedError) else "ASK"
+        raise PublishUnavailable(
+            f"redis refused the publish: {kind} {reply}: this is a Redis Cluster node;"
+            " use redis+cluster://"
+        )
     if isinstance(reply, Exception):  # READONLY after a failover, OOM, NOPERM, WRONGTYPE...
         raise PublishUnavailable(f"redis refused the publish: {reply}")
     event_id, receivers = reply
@@ -195,14 +209,17 @@ class SyncPublisher(_PublisherBase):
         address = parse_redis_address(url)
         if address.mode == "cluster":
             options.setdefault("sharded", True)
-            cluster = redis.RedisCluster(
-                startup_nodes=[
-                    redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
-                    for h, p in address.all_nodes
-                ],
-                retry=redis.retry.Retry(NoBackoff(), 0),
-                **cluster_kwargs(address),
-            )
+            try:  # redis-py's sync client reads the slots now, not at the first command
+                cluster = redis.RedisCluster(
+                    startup_nodes=[
+                        redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                        for h, p in address.all_nodes
+                    ],
+                    retry=redis.retry.Retry(NoBackoff(), 0),
+                    **cluster_kwargs(address),
+                )
+            except _REDIS_DOWN as exc:
+                raise PublishUnavailable(f"redis cluster unavailable: {exc}") from exc
             return cls(cluster, **options)
         client = sync_client(address, redis.retry.Retry(NoBackoff(), 0))
         return cls(client, **options)
