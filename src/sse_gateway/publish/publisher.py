@@ -57,6 +57,10 @@ _REDIS_DOWN = (
 )
 
 
+# Refusals of a command Redis did not run: safe to send again once the slots are read anew.
+_NOT_RUN = (redis.exceptions.AskError, redis.exceptions.TryAgainError)
+
+
 def async_no_retry() -> redis.asyncio.retry.Retry:
     # A retried EVALSHA after a lost reply would store and deliver the event twice.
     return redis.asyncio.retry.Retry(NoBackoff(), 0)
@@ -78,8 +82,8 @@ def _result(reply: Any) -> PublishedEvent:
         # answers this, to a client that was given one Redis's URL.
         kind = "MOVED" if isinstance(reply, redis.exceptions.MovedError) else "ASK"
         raise PublishUnavailable(
-            f"redis refused the publish: {kind} {reply}: this is a Redis Cluster node;"
-            " use redis+cluster://"
+            f"redis refused the publish: {kind} {reply}: the slot is another node's (given"
+            " a Redis Cluster node as one Redis? use redis+cluster://)"
         )
     if isinstance(reply, Exception):  # READONLY after a failover, OOM, NOPERM, WRONGTYPE...
         raise PublishUnavailable(f"redis refused the publish: {reply}")
@@ -249,10 +253,39 @@ class SyncPublisher(_PublisherBase):
         return [_result(reply) for reply in replies]
 
     def _send(self, events: list[PreparedEvent]) -> list[Any]:
+        if isinstance(self._client, redis.RedisCluster):
+            return self._send_by_node(self._client, events)
         with self._client.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.execute_command("EVALSHA", *self._evalsha_args(event))
+                pipe.execute_command("EVALSHA", *self._evalsha_args(event))  # type: ignore[no-untyped-call]
             return list(pipe.execute(raise_on_error=False))
+
+    def _send_by_node(self, client: redis.RedisCluster, events: list[PreparedEvent]) -> list[Any]:
+        """One plain pipeline per master, not redis-py's sync ClusterPipeline: after a lost
+        reply (a timeout, a connection cut) that one sends each command again, one by one, so
+        an event Redis ran would be stored twice, and a stuck master holds the batch for
+        `socket_timeout` per event. Only what Redis did not run (MOVED, ASK, TRYAGAIN) is
+        sent again here, once, after the slots are read anew."""
+        replies: list[Any] = [None] * len(events)
+        todo = list(range(len(events)))
+        for attempt in (1, 2):
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for position in todo:
+                node = client.get_node_from_key(events[position].channel)  # type: ignore[no-untyped-call]
+                groups.setdefault(node.name, (node, []))[1].append(position)
+            for node, positions in groups.values():
+                with node.redis_connection.pipeline(transaction=False) as pipe:
+                    for position in positions:
+                        pipe.execute_command("EVALSHA", *self._evalsha_args(events[position]))
+                    for position, reply in zip(
+                        positions, pipe.execute(raise_on_error=False), strict=True
+                    ):
+                        replies[position] = reply
+            todo = [i for i in todo if isinstance(replies[i], _NOT_RUN)]
+            if not todo or attempt == 2:
+                break
+            client.nodes_manager.initialize()
+        return replies
 
     def close(self) -> None:
         self._client.close()
