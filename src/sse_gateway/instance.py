@@ -5,6 +5,7 @@ snapshot there, `<pid>.json`, every `SNAPSHOT_PERIOD` seconds and whenever it an
 (written to a temporary name, then renamed: a reader never sees half a file):
 
     {"pid": 4242, "ready": null | "draining" | "broker_disconnected" | "starting",
+     "taken": <time.monotonic() when taken, seconds>,
      "families": [{"name", "type", "help", "unit", "samples": [[name, {labels}, value], ...]}]}
 
 The worker the kernel hands a scrape merges every snapshot (`merge`): counters and histograms
@@ -19,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,16 @@ from prometheus_client.samples import Sample
 
 from sse_gateway.metrics import PREFIX
 
+log = logging.getLogger("sse_gateway")
+
 SNAPSHOT_PERIOD = 1.0
 """Seconds between a worker's snapshots; another worker's figures are at most this old."""
 READY_CHECK_PERIOD = 0.1
 """Seconds between checks of a worker's readiness: a change is written at once, so another
 worker's `/readyz` learns it within about this."""
+STALE_AFTER = 10.0
+"""Seconds without a new snapshot after which a live worker is `worker_unresponsive`: stopped
+(SIGSTOP) or its loop stuck, it still gets its share of new connections from the kernel."""
 RETIRED = "retired.json"
 # Gauges that are not summed over live workers: the instance is as late as its latest loop,
 # connected only while every worker is, and started when its oldest worker started.
@@ -159,7 +167,17 @@ def merge(live: list[Snapshot], dead: list[Snapshot]) -> list[Family]:
 def expect_worker(directory: Path, pid: int) -> None:
     """The supervisor's part when it has started worker `pid`: until the worker writes its
     first snapshot, the instance is not ready (`starting`). Never replaces a snapshot the
-    worker wrote first."""
+    worker wrote first. A directory that cannot be written ($TMPDIR full) is logged, not
+    raised: the supervisor must live on to tend its workers."""
+    try:
+        _expect_worker(directory, pid)
+    except OSError as exc:
+        log.warning(
+            "instance directory %s: %s; /metrics and /readyz may miss a worker", directory, exc
+        )
+
+
+def _expect_worker(directory: Path, pid: int) -> None:
     retired = _read(directory / RETIRED)
     if retired is not None and pid in retired["folded"]:
         # A pid used again (pid_max reached): the retired worker's file went long ago, and
@@ -174,7 +192,17 @@ def expect_worker(directory: Path, pid: int) -> None:
 
 def retire(directory: Path, pid: int) -> None:
     """The supervisor's part when worker `pid` has exited: its counters and histograms join
-    `retired.json` (which names it, so it is never counted twice), then its file goes."""
+    `retired.json` (which names it, so it is never counted twice), then its file goes. As
+    `expect_worker`, logs an OSError rather than raising it."""
+    try:
+        _retire(directory, pid)
+    except OSError as exc:
+        log.warning(
+            "instance directory %s: %s; worker %d's counts may be lost", directory, exc, pid
+        )
+
+
+def _retire(directory: Path, pid: int) -> None:
     path = directory / f"{pid}.json"
     retired = _read(directory / RETIRED) or {"folded": [], "families": []}
     last = _read(path)
@@ -231,7 +259,10 @@ class InstanceView:
         found = families(self._gateway)
         if with_process:
             found += families(self._process)
-        return self._taken, {"pid": self.pid, "ready": self._ready_reason(), "families": found}
+        # monotonic: CLOCK_MONOTONIC, one clock for every process of the host.
+        taken = time.monotonic()
+        ready = self._ready_reason()
+        return self._taken, {"pid": self.pid, "ready": ready, "taken": taken, "families": found}
 
     def _store(self, number: int, data: Snapshot, *, with_process: bool) -> None:
         if not with_process:
@@ -294,11 +325,15 @@ class InstanceView:
 
     def readiness(self) -> dict[str, Any] | None:
         """None while every live worker is ready; else `{"reason": …, "worker": pid}` of the
-        first that is not (this worker first)."""
+        first that is not (this worker first): its own reason, or `worker_unresponsive` when
+        its last snapshot is older than STALE_AFTER."""
         reason = self._ready_reason()
         if reason is not None:
             return {"reason": reason, "worker": self.pid}
+        now = time.monotonic()
         for data in self._others()[0]:
             if data["ready"] is not None:
                 return {"reason": data["ready"], "worker": data["pid"]}
+            if now - data.get("taken", now) > STALE_AFTER:
+                return {"reason": "worker_unresponsive", "worker": data["pid"]}
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sse_gateway.instance import (
     RETIRED,
+    STALE_AFTER,
     InstanceView,
     expect_worker,
     merge,
@@ -127,3 +129,24 @@ def test_a_worker_with_a_retired_workers_pid_is_seen(tmp_path: Path) -> None:
     live, _ = read_snapshots(tmp_path)
     assert [d["pid"] for d in live] == [os.getpid()]
     assert _values(merge(*read_snapshots(tmp_path)))["sse_gateway_connections_opened_total"] == 10
+
+
+def test_a_live_worker_whose_snapshots_stopped_is_named_not_ready(tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP) or stuck in its loop still gets its share of the
+    connections from the kernel, and answers none: the instance is not ready."""
+    exposition = Exposition(Metrics())
+    view = InstanceView(tmp_path, exposition.gateway, exposition.process, lambda: None)
+    stuck = _snapshot(os.getppid(), 1, 1, 0.0, 1) | {"taken": time.monotonic() - STALE_AFTER - 1}
+    (tmp_path / f"{os.getppid()}.json").write_text(json.dumps(stuck))
+    assert view.readiness() == {"reason": "worker_unresponsive", "worker": os.getppid()}
+    fresh = stuck | {"taken": time.monotonic()}
+    (tmp_path / f"{os.getppid()}.json").write_text(json.dumps(fresh))
+    assert view.readiness() is None
+
+
+def test_the_supervisor_survives_an_instance_directory_it_cannot_write(tmp_path: Path) -> None:
+    """$TMPDIR full or removed: the workers run on, each answering for the instance as it
+    can; the supervisor must not die of it (its workers would be left unsupervised)."""
+    gone = tmp_path / "gone"
+    expect_worker(gone, os.getpid())
+    retire(gone, DEAD_PID)

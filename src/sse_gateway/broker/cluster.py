@@ -345,7 +345,12 @@ class ClusterBroker(ControlMethods):
                 topology = None
             if topology is None or self._homeless or failed:
                 if attempt == 0 or attempt % 20 == 0:
-                    log.warning("redis cluster: topology not settled yet", extra=_DOWN)
+                    reason = self._commands.topology_error if topology is None else None
+                    log.warning(
+                        "redis cluster: topology not settled yet%s",
+                        f" ({reason})" if reason else "",
+                        extra=_DOWN,
+                    )
                 attempt += 1
                 self._refresh.set()
                 delay = random.uniform(0.5, 1.0) * min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)

@@ -63,6 +63,8 @@ class ClusterCommands:
         self._topology = topology
         self._refresh = refresh
         self._reads: dict[Node, HistoryReads] = {}
+        self.topology_error: str | None = None
+        """Why the last topology read found none (the last node's answer), or None."""
         self._client = aioredis.RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in address.all_nodes],
             retry=async_no_retry(),
@@ -85,16 +87,21 @@ class ClusterCommands:
         return reads
 
     async def read_topology(self, candidates: Sequence[Node]) -> Topology | None:
-        """CLUSTER SHARDS from the first of `candidates` that answers; None if none does."""
+        """CLUSTER SHARDS from the first of `candidates` that answers; None if none does
+        (`topology_error` then says why, for the log: a node that is not a cluster's, TLS
+        to a node without it, a refused password)."""
         for node in candidates:
             try:
                 (reply,) = await self.node_reads(node).run([_CLUSTER_SHARDS])
                 topology = parse_shards(reply, tls=self._address.tls)
             except (BrokerUnavailable, ValueError) as exc:
                 log.debug("CLUSTER SHARDS from %s:%d failed: %s", *node, exc)
+                self.topology_error = f"{node[0]}:{node[1]}: {exc}"
                 continue
             if topology.masters:
+                self.topology_error = None
                 return topology
+            self.topology_error = f"{node[0]}:{node[1]}: no shard has a master online"
         return None
 
     async def close(self) -> None:

@@ -67,6 +67,8 @@ def publish_command(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # SettingsError, or a bad Redis address
         return _fail(str(exc))
+    except PublishUnavailable as exc:  # a cluster client reads the slots when made
+        return _fail(str(exc), EXIT_UNAVAILABLE)
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         # A cluster client connects as it is made (a single Redis only on the publish).
         return _fail(f"redis unavailable: {exc}", EXIT_UNAVAILABLE)

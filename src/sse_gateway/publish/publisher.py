@@ -48,7 +48,17 @@ PUBLISH_SCRIPT_PATH = str(resources.files("sse_gateway").joinpath("lua/publish.l
 PUBLISH_SCRIPT = resources.files("sse_gateway").joinpath("lua/publish.lua").read_text()
 PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# RedisClusterException: no seed node answered as a cluster's (down, or not a cluster node).
+_REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    redis.exceptions.RedisClusterException,
+)
+
+
+# Refusals of a command Redis did not run: safe to send again once the slots are read anew.
+_NOT_RUN = (redis.exceptions.AskError, redis.exceptions.TryAgainError)
 
 
 def async_no_retry() -> redis.asyncio.retry.Retry:
@@ -67,6 +77,14 @@ def cluster_kwargs(address: RedisAddress) -> dict[str, Any]:
 
 
 def _result(reply: Any) -> PublishedEvent:
+    if isinstance(reply, redis.exceptions.AskError):
+        # redis-py drops the word itself ("15953 127.0.0.1:7001"): only a cluster node
+        # answers this, to a client that was given one Redis's URL.
+        kind = "MOVED" if isinstance(reply, redis.exceptions.MovedError) else "ASK"
+        raise PublishUnavailable(
+            f"redis refused the publish: {kind} {reply}: the slot is another node's (given"
+            " a Redis Cluster node as one Redis? use redis+cluster://)"
+        )
     if isinstance(reply, Exception):  # READONLY after a failover, OOM, NOPERM, WRONGTYPE...
         raise PublishUnavailable(f"redis refused the publish: {reply}")
     event_id, receivers = reply
@@ -195,14 +213,17 @@ class SyncPublisher(_PublisherBase):
         address = parse_redis_address(url)
         if address.mode == "cluster":
             options.setdefault("sharded", True)
-            cluster = redis.RedisCluster(
-                startup_nodes=[
-                    redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
-                    for h, p in address.all_nodes
-                ],
-                retry=redis.retry.Retry(NoBackoff(), 0),
-                **cluster_kwargs(address),
-            )
+            try:  # redis-py's sync client reads the slots now, not at the first command
+                cluster = redis.RedisCluster(
+                    startup_nodes=[
+                        redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                        for h, p in address.all_nodes
+                    ],
+                    retry=redis.retry.Retry(NoBackoff(), 0),
+                    **cluster_kwargs(address),
+                )
+            except _REDIS_DOWN as exc:
+                raise PublishUnavailable(f"redis cluster unavailable: {exc}") from exc
             return cls(cluster, **options)
         client = sync_client(address, redis.retry.Retry(NoBackoff(), 0))
         return cls(client, **options)
@@ -232,10 +253,39 @@ class SyncPublisher(_PublisherBase):
         return [_result(reply) for reply in replies]
 
     def _send(self, events: list[PreparedEvent]) -> list[Any]:
+        if isinstance(self._client, redis.RedisCluster):
+            return self._send_by_node(self._client, events)
         with self._client.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.execute_command("EVALSHA", *self._evalsha_args(event))
+                pipe.execute_command("EVALSHA", *self._evalsha_args(event))  # type: ignore[no-untyped-call]
             return list(pipe.execute(raise_on_error=False))
+
+    def _send_by_node(self, client: redis.RedisCluster, events: list[PreparedEvent]) -> list[Any]:
+        """One plain pipeline per master, not redis-py's sync ClusterPipeline: after a lost
+        reply (a timeout, a connection cut) that one sends each command again, one by one, so
+        an event Redis ran would be stored twice, and a stuck master holds the batch for
+        `socket_timeout` per event. Only what Redis did not run (MOVED, ASK, TRYAGAIN) is
+        sent again here, once, after the slots are read anew."""
+        replies: list[Any] = [None] * len(events)
+        todo = list(range(len(events)))
+        for attempt in (1, 2):
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for position in todo:
+                node = client.get_node_from_key(events[position].channel)  # type: ignore[no-untyped-call]
+                groups.setdefault(node.name, (node, []))[1].append(position)
+            for node, positions in groups.values():
+                with node.redis_connection.pipeline(transaction=False) as pipe:
+                    for position in positions:
+                        pipe.execute_command("EVALSHA", *self._evalsha_args(events[position]))
+                    for position, reply in zip(
+                        positions, pipe.execute(raise_on_error=False), strict=True
+                    ):
+                        replies[position] = reply
+            todo = [i for i in todo if isinstance(replies[i], _NOT_RUN)]
+            if not todo or attempt == 2:
+                break
+            client.nodes_manager.initialize()
+        return replies
 
     def close(self) -> None:
         self._client.close()
