@@ -111,9 +111,7 @@ class ClusterBroker(ControlMethods):
 
     def shard_channels(self) -> dict[str, tuple[bool, int]]:
         """{"host:port" of a master: (its subscriber connection is up, channels wanted there)}."""
-        return {
-            f"{h}:{p}": (s.connected, s.book.wanted_count) for (h, p), s in self._shards.items()
-        }
+        return {f"{h}:{p}": (s.connected, s.wanted_count) for (h, p), s in self._shards.items()}
 
     @property
     def subscribe_batches(self) -> int:

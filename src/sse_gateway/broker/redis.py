@@ -32,6 +32,7 @@ from sse_gateway.broker.base import (
     MessageHandler,
     StateHandler,
 )
+from sse_gateway.broker.batching import TurnBatched
 from sse_gateway.broker.control import (
     CONTROL_REPLY_KINDS,
     ControlCommands,
@@ -65,7 +66,7 @@ COMMAND_CONNECTIONS = 4
 _PUBSUB_KINDS = frozenset({b"subscribe", b"unsubscribe", b"pong", *CONTROL_REPLY_KINDS})
 
 
-class RedisBroker(ControlMethods):
+class RedisBroker(ControlMethods, TurnBatched):
     """The broker for EVENTS_REDIS_STORAGE: one Pub/Sub connection, redis-py for commands.
 
     Each method keeps the contract written on `broker.base.Broker`; those of session control
@@ -293,20 +294,6 @@ class RedisBroker(ControlMethods):
 
     # --- subscriptions -----------------------------------------------------------------------
 
-    def subscribe(self, channel: bytes) -> None:
-        self._book.subscribe(channel)
-        # One flush per loop tick: a tick's subscribes go out as one batch. Inlined rather than
-        # a helper, as this runs once per stream set up.
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def unsubscribe(self, channel: bytes) -> None:
-        self._book.unsubscribe(channel)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
     def when_subscribed(self, channel: bytes, callback: Callable[[], None]) -> None:
         if channel == CONTROL_CHANNEL and self._control_channel is not None:
             self._control_channel.when_active(callback)
@@ -314,10 +301,8 @@ class RedisBroker(ControlMethods):
         if self._book.when_subscribed(channel, callback):
             callback()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._connected:  # else kept dirty: _on_connected resubscribes every wanted channel
-            self._write(self._book.flush())
+    def _subscriber_up(self) -> bool:
+        return self._connected
 
     def _write(self, commands: Sequence[SubscriptionCommand]) -> None:
         if not commands:
@@ -328,9 +313,7 @@ class RedisBroker(ControlMethods):
         protocol.transport.write(
             b"".join([encode_command(verb, *channels) for verb, channels in commands])
         )
-        subscribes = sum(b"UNSUB" not in verb for verb, _ in commands)  # SSUBSCRIBE too
-        self.subscribe_batches += subscribes
-        self.unsubscribe_batches += len(commands) - subscribes
+        self._count_batches(commands)
 
     # --- replies -----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from sse_gateway.broker.base import MessageHandler
+from sse_gateway.broker.batching import TurnBatched
 from sse_gateway.broker.pubsub import PubSubProtocol, encode_command
 from sse_gateway.broker.slots import Node, split_by_slot
 from sse_gateway.broker.subscriptions import Callback, SubscriptionBook, SubscriptionCommand
@@ -172,7 +173,7 @@ class ShardHandler(Protocol):
     ) -> None: ...
 
 
-class ShardConnection(Connection):
+class ShardConnection(Connection, TurnBatched):
     """The sharded subscriptions on one master (see the module docstring)."""
 
     message_kind = b"smessage"
@@ -185,7 +186,7 @@ class ShardConnection(Connection):
         handler: ShardHandler,
     ) -> None:
         super().__init__(node, address, on_message)
-        self.book = SubscriptionBook(b"SSUBSCRIBE", b"SUNSUBSCRIBE")
+        self._book = SubscriptionBook(b"SSUBSCRIBE", b"SUNSUBSCRIBE")
         self.connected = False
         self.closing = False
         self.subscribe_batches = self.unsubscribe_batches = 0
@@ -204,7 +205,7 @@ class ShardConnection(Connection):
             if self.closing:
                 return
             self.connected = was_connected = True
-            self._write(self.book.on_connected())
+            self._write(self._book.on_connected())
             log.info("redis shard %s:%d: subscriber connected", *self.node)
             self._handler.shard_up(self)
             await self.run_until_lost()
@@ -220,29 +221,25 @@ class ShardConnection(Connection):
             self.connected = False
             self.abort()
             self.fail_waiters()
-            self.book.on_disconnected()
+            self._book.on_disconnected()
             self._due.clear()
             if not self.closing:
                 self._handler.shard_lost(self, was_connected)
 
     # --- subscriptions -----------------------------------------------------------------------
 
-    def subscribe(self, channel: bytes) -> None:
-        self.book.subscribe(channel)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _subscriber_up(self) -> bool:
+        return self.connected
 
-    def unsubscribe(self, channel: bytes) -> None:
-        self.book.unsubscribe(channel)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    @property
+    def book(self) -> SubscriptionBook:
+        """This master's subscriptions (the cluster broker moves waiters and channels)."""
+        return self._book
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self.connected:  # else kept dirty: the connect subscribes every wanted channel
-            self._write(self.book.flush())
+    @property
+    def wanted_count(self) -> int:
+        """Channels this master should hold (subscribed, or to be)."""
+        return self._book.wanted_count
 
     def _write(self, commands: Sequence[SubscriptionCommand]) -> None:
         if not commands:
@@ -252,12 +249,9 @@ class ShardConnection(Connection):
         if not self.write(data):
             return  # the connection is going; on_disconnected forgets what was not written
         for verb, channels in commands:
-            subscribe = verb == b"SSUBSCRIBE"
-            self._due.append(_Due(_SSUBSCRIBE if subscribe else _SUNSUBSCRIBE, channels))
-            if subscribe:
-                self.subscribe_batches += 1
-            else:
-                self.unsubscribe_batches += 1
+            kind = _SSUBSCRIBE if verb == b"SSUBSCRIBE" else _SUNSUBSCRIBE
+            self._due.append(_Due(kind, channels))
+        self._count_batches(commands)
 
     # --- replies -----------------------------------------------------------------------------
 
@@ -281,7 +275,7 @@ class ShardConnection(Connection):
         if due.index == len(due.channels):
             self._due.popleft()
         if kind == _SSUBSCRIBE:
-            commands, callbacks = self.book.subscribe_confirmed(channel)
+            commands, callbacks = self._book.subscribe_confirmed(channel)
             self._write(commands)
             for callback in callbacks:
                 try:
@@ -289,7 +283,7 @@ class ShardConnection(Connection):
                 except Exception:  # one waiter's failure must not starve the others
                     log.exception("redis pubsub: error in a subscription waiter")
         else:
-            self._write(self.book.unsubscribe_confirmed(channel))
+            self._write(self._book.unsubscribe_confirmed(channel))
         return True
 
     def _refused(self, error: str) -> bool:
@@ -299,11 +293,11 @@ class ShardConnection(Connection):
         channels = due.channels[due.index :]
         if due.kind == _SUNSUBSCRIBE:
             for channel in channels:
-                self._write(self.book.unsubscribe_confirmed(channel))
+                self._write(self._book.unsubscribe_confirmed(channel))
             return True
         refused: dict[bytes, list[Callback]] = {}
         for channel in channels:
-            commands, callbacks = self.book.subscribe_failed(channel)
+            commands, callbacks = self._book.subscribe_failed(channel)
             self._write(commands)
             refused[channel] = list(callbacks)
         self._handler.subscribe_refused(self, refused, error)
@@ -312,11 +306,11 @@ class ShardConnection(Connection):
     @property
     def wanted(self) -> bool:
         """Whether this connection is asked to hold any channel."""
-        return self.book.wanted_count > 0
+        return self._book.wanted_count > 0
 
     def book_channels(self) -> list[bytes]:
         """Every channel this connection is asked to hold."""
-        return self.book.wanted()
+        return self._book.wanted()
 
     def close(self) -> None:
         self.closing = True
