@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from support.asserts import assert_error, assert_retry_after
-from support.procs import Gateway, GatewayFactory, RedisServer, wait_for
+from support.procs import Gateway, GatewayFactory, RedisServer, running_pair, wait_for
 from support.sse import Response, read_events
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,15 +25,8 @@ def pair(
 ) -> Iterator[tuple[Gateway, Gateway]]:
     """Two gateway processes on one Redis, with the publish API key."""
     flags = ["--redis", redis_server.url, "--publish-api-key", KEY, "--keepalive-period", "1s"]
-    workdir = tmp_path_factory.mktemp("presence")
-    gateways = [Gateway(flags, workdir=workdir / name) for name in ("a", "b")]
-    try:
-        for gateway in gateways:
-            gateway.start()
-        yield gateways[0], gateways[1]
-    finally:
-        for gateway in gateways:
-            gateway.stop()
+    with running_pair(flags, workdir=tmp_path_factory.mktemp("presence")) as pair:
+        yield pair
 
 
 def ok(response: Response, status: int = 200) -> dict[str, Any]:

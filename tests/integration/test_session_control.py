@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 from support.asserts import assert_error, assert_www_authenticate
-from support.procs import Gateway, GatewayFactory, RedisServer, publish, wait_for
+from support.procs import Gateway, GatewayFactory, RedisServer, publish, running_pair, wait_for
 from support.sse import Response, SSEClient, SSEEvent, read_events, request
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,15 +44,8 @@ def pair(
         "--cors-origins",
         ORIGIN,
     ]
-    workdir = tmp_path_factory.mktemp("session-control")
-    gateways = [Gateway(flags, workdir=workdir / name) for name in ("a", "b")]
-    try:
-        for gateway in gateways:
-            gateway.start()
-        yield gateways[0], gateways[1]
-    finally:
-        for gateway in gateways:
-            gateway.stop()
+    with running_pair(flags, workdir=tmp_path_factory.mktemp("session-control")) as pair:
+        yield pair
 
 
 def post_disconnect(

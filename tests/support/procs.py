@@ -413,6 +413,16 @@ def running_gateway(
         gateway.stop()
 
 
+@contextlib.contextmanager
+def running_pair(flags: Sequence[str], *, workdir: Path) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two gateway instances with the same flags (in `workdir`/a and /b); both stopped after."""
+    with (
+        running_gateway(flags, workdir=workdir / "a") as a,
+        running_gateway(flags, workdir=workdir / "b") as b,
+    ):
+        yield a, b
+
+
 def publish(client: redis.Redis, brand: str, player: str, message: Any) -> int:
     """PUBLISH on the player's channel: dicts/lists are JSON-encoded, bytes/str sent as is."""
     payload: bytes | str
