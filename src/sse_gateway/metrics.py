@@ -139,10 +139,8 @@ class Metrics:
         if brand not in self.labelled_brands and len(self.labelled_brands) < self.max_brands:
             self.labelled_brands.add(brand)
 
-    def stream_closed(self, brand: str | None, reason: str) -> None:
+    def stream_closed(self, brand: str, reason: str) -> None:
         self.closed[reason] += 1
-        if brand is None:
-            return
         left = self.open_by_brand[brand] - 1
         if left > 0:
             self.open_by_brand[brand] = left

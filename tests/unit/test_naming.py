@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_gateway.wire.naming import CHANNEL_PREFIX, channel_name, is_valid_id, split_channel
+from sse_gateway.wire.naming import (
+    CHANNEL_PREFIX,
+    brand_of,
+    channel_name,
+    is_valid_id,
+    split_channel,
+)
 
 valid_ids = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 
@@ -90,3 +96,8 @@ def test_split_channel_accepts_only_what_channel_name_produces(channel: bytes) -
     if parts is not None:
         assert channel_name(*parts) == channel
         assert all(is_valid_id(part) for part in parts)
+
+
+@pytest.mark.parametrize("brand", ["b", "casino.1", "a-b_c", "x" * 64])
+def test_brand_of_a_channel_name_is_its_brand(brand: str) -> None:
+    assert brand_of(channel_name(brand, "player-42")) == brand

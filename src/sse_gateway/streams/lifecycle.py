@@ -55,7 +55,7 @@ from sse_gateway.wire.ids import (
     is_position,
     parse_stream_id,
 )
-from sse_gateway.wire.naming import Identity, channel_name, split_channel
+from sse_gateway.wire.naming import Identity, brand_of, channel_name, split_channel
 
 conn_log = logging.getLogger("sse_gateway.connection")
 
@@ -297,8 +297,7 @@ class StreamLifecycle:
     def stream_closed(self, stream: Stream, reason: str) -> None:
         """Bookkeeping for a stream that ends, whoever ended it. Called once per stream."""
         self.open_streams -= 1
-        brand_player = split_channel(stream.channel)
-        self._metrics.stream_closed(brand_player and brand_player[0], reason)
+        self._metrics.stream_closed(brand_of(stream.channel), reason)
         self._hub.leave(stream)
         if stream.hb_slot >= 0:
             self._heartbeats.remove(stream)
@@ -307,7 +306,7 @@ class StreamLifecycle:
         level = logging.WARNING if reason == "slow_consumer" else logging.INFO
         if not conn_log.isEnabledFor(level):
             return
-        brand_player = brand_player or ("?", "?")
+        brand_player = split_channel(stream.channel) or ("?", "?")
         conn_id = self.connection_id(stream.conn_no)
         duration = time.monotonic() - stream.opened_at
         conn_log.log(

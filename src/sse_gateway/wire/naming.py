@@ -33,6 +33,15 @@ def split_channel(channel: bytes) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
+_BRAND_START = len(CHANNEL_PREFIX)
+
+
+def brand_of(channel: bytes) -> str:
+    """The brand id of a channel `channel_name` made (not checked again: see `split_channel`
+    for a name from outside). Cheap: it runs once per stream that closes."""
+    return channel[_BRAND_START : channel.index(b"::", _BRAND_START)].decode("ascii")
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Whom a stream is for: the brand and the player (a token's `brand_id` and `sub`).
