@@ -255,3 +255,15 @@ def test_the_embedded_broker_stamps_too(
         assert answer.status == 202, answer
         live.wait_event("t")
     assert gw.metrics().value(LATENCY + "_count", event="t") == 1
+
+
+def test_metrics_max_brands_sums_the_rest_under_other(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, ids: Callable[..., str]
+) -> None:
+    gw = gateway_factory("--metrics-max-brands", "1", redis=redis_server)
+    first, second, third = ids("b"), ids("b"), ids("b")
+    with gw.stream(first, ids("p")), gw.stream(second, ids("p")), gw.stream(third, ids("p")):
+        metrics = gw.metrics()
+        assert metrics.value("sse_gateway_connections", brand=first) == 1
+        assert metrics.value("sse_gateway_connections", brand="other") == 2
+        assert metrics.get("sse_gateway_connections", brand=second) is None
